@@ -1,0 +1,224 @@
+//! The session cookie: taking it out of the request, verifying it, and building the
+//! `Set-Cookie` that sets or deletes it.
+//!
+//! With `secret_key` the value is signed with the cookie crate's HMAC-SHA256 signing (constant
+//! time verification); `secret_key_fallbacks` still verify so a key can be rotated.
+
+use cookie::{Cookie, CookieJar, Key};
+use http::header::{COOKIE, HeaderMap, HeaderValue};
+use time::OffsetDateTime;
+
+use crate::config::{CookieConfig, SameSite};
+use crate::session::{Millis, id};
+
+/// What the request carried under our cookie name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Presented {
+    /// The request carried at least one cookie with our name.
+    pub carried: bool,
+    /// The first value that verified and is shaped like one of our keys.
+    pub key: Option<String>,
+}
+
+pub struct SessionCookie {
+    config: CookieConfig,
+    /// Signing keys, newest first; empty when cookies are unsigned.
+    keys: Vec<Key>,
+}
+
+/// Stretches an operator's secret of any length into the 64 bytes the cookie crate wants.
+fn derive_key(secret: &str) -> Key {
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"session-sidecar cookie"), secret.as_bytes());
+    let mut okm = [0u8; 64];
+    hk.expand(b"signing", &mut okm)
+        .expect("64 bytes is a valid HKDF-SHA256 output length");
+    Key::from(&okm)
+}
+
+impl SessionCookie {
+    pub fn new(config: CookieConfig, secret: Option<&str>, fallbacks: &[String]) -> SessionCookie {
+        let keys = secret
+            .into_iter()
+            .chain(fallbacks.iter().map(String::as_str))
+            .map(derive_key)
+            .collect();
+        SessionCookie { config, keys }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Removes our cookie from the request's `Cookie` headers (other cookies pass as they were)
+    /// and says what it held.
+    pub fn take(&self, headers: &mut HeaderMap) -> Presented {
+        let mut presented = Presented::default();
+        let name = self.config.name.as_str();
+        let ours = |pair: &str| pair.split_once('=').map_or(pair, |(n, _)| n).trim() == name;
+        if !headers
+            .get_all(COOKIE)
+            .iter()
+            .any(|v| v.to_str().map_or(false, |s| s.split(';').any(|p| ours(p))))
+        {
+            return presented;
+        }
+        let mut kept: Vec<String> = Vec::new();
+        for value in headers.get_all(COOKIE) {
+            let Ok(text) = value.to_str() else { continue };
+            for pair in text.split(';') {
+                if ours(pair) {
+                    presented.carried = true;
+                    if presented.key.is_none() {
+                        let raw = pair.split_once('=').map_or("", |(_, v)| v).trim();
+                        presented.key = self.verify(raw.trim_matches('"'));
+                    }
+                } else if !pair.trim().is_empty() {
+                    kept.push(pair.trim().to_string());
+                }
+            }
+        }
+        headers.remove(COOKIE);
+        if !kept.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                headers.insert(COOKIE, v);
+            }
+        }
+        presented
+    }
+
+    /// The session key inside a cookie value, if it verifies.
+    pub fn verify(&self, raw: &str) -> Option<String> {
+        let key = if self.keys.is_empty() {
+            raw.to_string()
+        } else {
+            let cookie = Cookie::new(self.config.name.clone(), raw.to_string());
+            let jar = CookieJar::new();
+            self.keys
+                .iter()
+                .find_map(|k| jar.signed(k).verify(cookie.clone()))?
+                .value()
+                .to_string()
+        };
+        id::is_well_formed(&key).then_some(key)
+    }
+
+    /// The cookie value for `key`, signed with the newest secret when signing is on.
+    pub fn encode(&self, key: &str) -> String {
+        match self.keys.first() {
+            None => key.to_string(),
+            Some(k) => {
+                let mut jar = CookieJar::new();
+                jar.signed_mut(k)
+                    .add(Cookie::new(self.config.name.clone(), key.to_string()));
+                jar.get(&self.config.name)
+                    .expect("just added")
+                    .value()
+                    .to_string()
+            }
+        }
+    }
+
+    /// `Set-Cookie` for `key`; `max_age` in seconds, `None` for a browser-session cookie.
+    pub fn set(&self, key: &str, max_age: Option<u64>, now: Millis) -> HeaderValue {
+        let mut c = self.base(self.encode(key));
+        if let Some(secs) = max_age {
+            c.set_max_age(time::Duration::seconds(secs as i64));
+            c.set_expires(at(now) + time::Duration::seconds(secs as i64));
+        }
+        header(&c)
+    }
+
+    /// `Set-Cookie` that makes the browser drop the cookie (same Path and Domain).
+    pub fn removal(&self) -> HeaderValue {
+        let mut c = self.base(String::new());
+        c.set_max_age(time::Duration::ZERO);
+        c.set_expires(OffsetDateTime::UNIX_EPOCH);
+        header(&c)
+    }
+
+    fn base(&self, value: String) -> Cookie<'static> {
+        let cfg = &self.config;
+        let mut c = Cookie::new(cfg.name.clone(), value);
+        c.set_path(cfg.path.clone());
+        if let Some(d) = &cfg.domain {
+            c.set_domain(d.clone());
+        }
+        c.set_secure(cfg.secure);
+        c.set_http_only(cfg.http_only);
+        c.set_same_site(match cfg.same_site {
+            SameSite::Strict => cookie::SameSite::Strict,
+            SameSite::Lax => cookie::SameSite::Lax,
+            SameSite::None => cookie::SameSite::None,
+        });
+        c
+    }
+}
+
+fn at(now: Millis) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(now / 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn header(c: &Cookie) -> HeaderValue {
+    HeaderValue::from_str(&c.to_string()).expect("cookie attributes are validated visible ASCII")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jar(secret: Option<&str>, fallbacks: &[&str]) -> SessionCookie {
+        let cfg = crate::config::Config::from_toml("").unwrap();
+        let fb: Vec<String> = fallbacks.iter().map(|s| s.to_string()).collect();
+        SessionCookie::new(cfg.cookie, secret, &fb)
+    }
+
+    fn headers(cookie: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_str(cookie).unwrap());
+        h
+    }
+
+    #[test]
+    fn our_cookie_is_removed_and_others_pass() {
+        let key = id::generate();
+        let mut h = headers(&format!("a=1; sessionid={key}; b=\"x y\""));
+        let p = jar(None, &[]).take(&mut h);
+        assert_eq!(p.key.as_deref(), Some(key.as_str()));
+        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=\"x y\"");
+    }
+
+    #[test]
+    fn only_our_cookie_leaves_no_cookie_header() {
+        let mut h = headers("sessionid=garbage");
+        let p = jar(None, &[]).take(&mut h);
+        assert!(p.carried && p.key.is_none());
+        assert!(h.get(COOKIE).is_none());
+    }
+
+    #[test]
+    fn signed_values_verify_and_forgeries_do_not() {
+        let j = jar(Some("new secret"), &["old secret"]);
+        let key = id::generate();
+        let value = j.encode(&key);
+        assert_ne!(value, key);
+        assert_eq!(j.verify(&value).as_deref(), Some(key.as_str()));
+        assert_eq!(j.verify(&key), None, "an unsigned key is a forgery");
+        let old = jar(Some("old secret"), &[]).encode(&key);
+        assert_eq!(j.verify(&old).as_deref(), Some(key.as_str()), "fallback verifies");
+        let other = jar(Some("someone else"), &[]).encode(&key);
+        assert_eq!(j.verify(&other), None);
+    }
+
+    #[test]
+    fn set_cookie_carries_the_configured_attributes() {
+        let j = jar(None, &[]);
+        let v = j.set("k", Some(60), 0).to_str().unwrap().to_string();
+        for part in ["sessionid=k", "HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=60", "Expires=Thu, 01 Jan 1970 00:01:00 GMT"] {
+            assert!(v.contains(part), "{part} missing in {v}");
+        }
+        let v = j.set("k", None, 0).to_str().unwrap().to_string();
+        assert!(!v.contains("Max-Age") && !v.contains("Expires"), "{v}");
+        let v = j.removal().to_str().unwrap().to_string();
+        assert!(v.contains("Max-Age=0") && v.contains("Path=/"), "{v}");
+    }
+}

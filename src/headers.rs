@@ -1,0 +1,326 @@
+//! Header work that is not about cookies: hop-by-hop removal, `X-Forwarded-*`, recognising the
+//! sidecar's own `X-Session*` names, and parsing the upstream's change headers into a [`Change`].
+
+use std::net::IpAddr;
+
+use http::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, UPGRADE};
+
+use crate::session::changes::{Change, Op, diff};
+use crate::session::{Data, ExpiryMode};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded; names listed in `Connection` join them.
+pub static HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers. For an upgrade (WebSocket) the `Upgrade` header and
+/// `Connection: upgrade` are kept, because the next hop must see them to switch protocols.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
+/// Whether `name` (lower-case, as `HeaderName` keeps it) belongs to the sidecar.
+pub fn is_ours(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+}
+
+/// Removes every header that belongs to the sidecar and returns them in order.
+pub fn take_ours(headers: &mut HeaderMap, prefix: &str) -> Vec<(HeaderName, HeaderValue)> {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_ours(n.as_str(), prefix))
+        .cloned()
+        .collect();
+    let mut taken = Vec::new();
+    for name in names {
+        for value in headers.get_all(&name) {
+            taken.push((name.clone(), value.clone()));
+        }
+        headers.remove(&name);
+    }
+    taken
+}
+
+/// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto/-Host` unless a trusted
+/// proxy in front already did.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>, trust: bool) {
+    let mut chain: Vec<String> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    chain.push(peer.to_string());
+    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !(trust && headers.contains_key(&X_FORWARDED_HOST)) {
+        match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+            Some(v) => {
+                headers.insert(&X_FORWARDED_HOST, v);
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+/// A change header the upstream got wrong: answered with 502 naming it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{header}: {problem}")]
+pub struct BadHeader {
+    pub header: String,
+    pub problem: String,
+}
+
+/// `x-session-set` → `X-Session-Set`, for messages.
+pub fn display_name(name: &str) -> String {
+    name.split('-')
+        .map(|part| {
+            let mut c = part.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Parses the upstream's change headers (already taken out of the response).
+///
+/// `snapshot` is what the upstream was sent; a full `X-Session` is diffed against it (or against
+/// an empty session when the same response flushes). Returns the names of unknown headers too,
+/// for the caller to log.
+pub fn parse_changes(
+    taken: &[(HeaderName, HeaderValue)],
+    prefix: &str,
+    snapshot: &Data,
+) -> Result<(Change, Vec<String>), BadHeader> {
+    let mut change = Change::default();
+    let mut unknown = Vec::new();
+    let bad = |name: &HeaderName, problem: String| BadHeader {
+        header: display_name(name.as_str()),
+        problem,
+    };
+    for (name, value) in taken {
+        match &name.as_str()[prefix.len()..] {
+            "-flush" => change.flush |= flag(value).map_err(|p| bad(name, p))?,
+            "-cycle" => change.cycle |= flag(value).map_err(|p| bad(name, p))?,
+            _ => {}
+        }
+    }
+    let empty = Data::new();
+    let baseline = if change.flush { &empty } else { snapshot };
+    for (name, value) in taken {
+        match &name.as_str()[prefix.len()..] {
+            "" => {
+                let full = object(value).map_err(|p| bad(name, p))?;
+                change.ops.extend(diff(baseline, &full));
+            }
+            "-set" => {
+                let set = object(value).map_err(|p| bad(name, p))?;
+                change.ops.extend(set.into_iter().map(|(k, v)| Op::Set(k, v)));
+            }
+            "-delete" => {
+                let keys = string_list(value).map_err(|p| bad(name, p))?;
+                change.ops.extend(keys.into_iter().map(Op::Delete));
+            }
+            "-expiry" => change.expiry = Some(expiry(value).map_err(|p| bad(name, p))?),
+            "-subject" => change.subject = Some(subject(value).map_err(|p| bad(name, p))?),
+            "-flush" | "-cycle" => {}
+            _ => unknown.push(display_name(name.as_str())),
+        }
+    }
+    Ok((change, unknown))
+}
+
+fn flag(value: &HeaderValue) -> Result<bool, String> {
+    let text = std::str::from_utf8(value.as_bytes()).unwrap_or("").trim();
+    match text.to_ascii_lowercase().as_str() {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(format!("expected 1, true, 0 or false, got {:?}", shorten(text))),
+    }
+}
+
+fn object(value: &HeaderValue) -> Result<Data, String> {
+    match serde_json::from_slice::<serde_json::Value>(value.as_bytes()) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err("expected a JSON object".into()),
+        Err(e) => Err(format!("malformed JSON ({e})")),
+    }
+}
+
+fn string_list(value: &HeaderValue) -> Result<Vec<String>, String> {
+    serde_json::from_slice::<Vec<String>>(value.as_bytes())
+        .map_err(|e| format!("expected a JSON array of strings ({e})"))
+}
+
+fn expiry(value: &HeaderValue) -> Result<ExpiryMode, String> {
+    let text = std::str::from_utf8(value.as_bytes()).unwrap_or("").trim();
+    if text.eq_ignore_ascii_case("default") {
+        return Ok(ExpiryMode::Default);
+    }
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return match text.parse::<u64>() {
+            Ok(0) => Ok(ExpiryMode::BrowserClose),
+            Ok(n) if n <= 100 * 365 * 24 * 3600 => Ok(ExpiryMode::Seconds(n)),
+            _ => Err(format!("{text} seconds is too large")),
+        };
+    }
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| {
+            format!(
+                "expected seconds, 0, an RFC 3339 timestamp or \"default\", got {:?}",
+                shorten(text)
+            )
+        })?;
+    Ok(ExpiryMode::At((at.unix_timestamp_nanos() / 1_000_000) as i64))
+}
+
+fn subject(value: &HeaderValue) -> Result<Option<String>, String> {
+    let bytes = value.as_bytes();
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if bytes.len() > 200 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err("expected 1 to 200 visible ASCII characters".into());
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+fn shorten(text: &str) -> String {
+    text.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const P: &str = "x-session";
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(HeaderName, HeaderValue)> {
+        list.iter()
+            .map(|(n, v)| (HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn ownership_follows_the_prefix_and_a_dash() {
+        assert!(is_ours("x-session", P));
+        assert!(is_ours("x-session-set", P));
+        assert!(!is_ours("x-sessionfoo", P));
+        assert!(is_ours("x-sess-set", "x-sess"));
+        assert!(!is_ours("x-session-set", "x-sess"));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-public", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-public"));
+    }
+
+    #[test]
+    fn changes_parse_in_the_contract_order() {
+        let snap = json!({"a": 1, "b": 2}).as_object().unwrap().clone();
+        let (c, unknown) = parse_changes(
+            &pairs(&[
+                ("x-session", r#"{"a":1,"c":3}"#),
+                ("x-session-set", r#"{"d":"é"}"#),
+                ("x-session-delete", r#"["zz"]"#),
+                ("x-session-cycle", "TRUE"),
+                ("x-session-expiry", "0"),
+                ("x-session-subject", "user-7"),
+                ("x-session-foo", "1"),
+            ]),
+            P,
+            &snap,
+        )
+        .unwrap();
+        assert!(c.cycle && !c.flush);
+        assert_eq!(c.ops, vec![
+            Op::Set("c".into(), json!(3)),
+            Op::Delete("b".into()),
+            Op::Set("d".into(), json!("é")),
+            Op::Delete("zz".into()),
+        ]);
+        assert_eq!(c.expiry, Some(ExpiryMode::BrowserClose));
+        assert_eq!(c.subject, Some(Some("user-7".into())));
+        assert_eq!(unknown, vec!["X-Session-Foo".to_string()]);
+    }
+
+    #[test]
+    fn after_a_flush_the_full_session_is_the_fresh_content() {
+        let snap = json!({"user": 1}).as_object().unwrap().clone();
+        let (c, _) = parse_changes(&pairs(&[("x-session-flush", "1"), ("x-session", r#"{"user":1}"#)]), P, &snap).unwrap();
+        assert!(c.flush);
+        assert_eq!(c.ops, vec![Op::Set("user".into(), json!(1))]);
+    }
+
+    #[test]
+    fn bad_headers_are_named() {
+        let snap = Data::new();
+        for (name, value, named) in [
+            ("x-session-set", "{not json", "X-Session-Set"),
+            ("x-session", "[1]", "X-Session"),
+            ("x-session-delete", r#"{"a":1}"#, "X-Session-Delete"),
+            ("x-session-flush", "yes", "X-Session-Flush"),
+            ("x-session-expiry", "tomorrow", "X-Session-Expiry"),
+            ("x-session-expiry", "-5", "X-Session-Expiry"),
+        ] {
+            let e = parse_changes(&pairs(&[(name, value)]), P, &snap).unwrap_err();
+            assert_eq!(e.header, named, "{e}");
+        }
+    }
+
+    #[test]
+    fn expiry_accepts_seconds_zero_timestamps_and_default() {
+        let one = |v: &str| parse_changes(&pairs(&[("x-session-expiry", v)]), P, &Data::new()).unwrap().0.expiry.unwrap();
+        assert_eq!(one("300"), ExpiryMode::Seconds(300));
+        assert_eq!(one("0"), ExpiryMode::BrowserClose);
+        assert_eq!(one("Default"), ExpiryMode::Default);
+        assert_eq!(one("1970-01-01T00:01:00Z"), ExpiryMode::At(60_000));
+    }
+}

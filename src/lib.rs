@@ -1,0 +1,123 @@
+//! session-sidecar: a reverse proxy that gives a legacy web app Django-style sessions.
+//!
+//! The browser gets a cookie holding only a random key; the data lives in an embedded sled
+//! store; the app reads it from the `X-Session` request header and changes it with response
+//! headers that the sidecar applies atomically and strips. `shared/CONTRACT.md` is the spec.
+//!
+//! # Layout
+//! - [`config`]: the TOML file and `SESSION_SIDECAR_*` overrides, validated into [`Config`].
+//! - [`server`]: accept loop (HTTP/1.1 + h2c) and graceful drain.
+//! - [`proxy`]: the per-request pipeline, top to bottom.
+//! - [`upstream`]: the pooled client to the app, timeouts, 502/504.
+//! - [`headers`]: hop-by-hop, `X-Forwarded-*`, our header names, parsing the change headers.
+//! - [`cookie`]: taking, verifying, signing and setting the session cookie.
+//! - [`session`]: keys, records, the per-key merge, the store trait, sled, the sweeper.
+//! - [`error`]: the responses the sidecar makes itself and their status codes.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod cookie;
+pub mod error;
+pub mod headers;
+pub mod proxy;
+pub mod server;
+pub mod session;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+use session::sled_store::SledStore;
+use session::store::{Store, StoreError};
+use session::{Clock, Policy, SystemClock};
+
+/// The parts of a running sidecar that tests may swap: where sessions live and what time it is.
+#[derive(Clone)]
+pub struct Deps {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Deps {
+    /// The production wiring: sled at `store.path` and the system clock.
+    pub fn open(config: &Config) -> Result<Deps, StoreError> {
+        let store = SledStore::open(&config.store, Arc::new(policy(config)), config.max_session_bytes)?;
+        Ok(Deps {
+            store: Arc::new(store),
+            clock: Arc::new(SystemClock),
+        })
+    }
+}
+
+/// The expiry policy the config describes.
+pub fn policy(config: &Config) -> Policy {
+    Policy::new(&config.expiry, config.upstream_timeout)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("shutdown grace period ran out with {0} request(s) still in flight; they were cut")]
+    GraceExceeded(usize),
+    #[error("flushing the session store on shutdown failed: {0}")]
+    Flush(StoreError),
+}
+
+/// Serves `listener` until `shutdown` resolves, then drains and flushes the store.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    deps: Deps,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let policy = Arc::new(policy(&config));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(session::sweeper::run(
+        deps.store.clone(),
+        deps.clock.clone(),
+        config.expiry.sweep_interval,
+        stop_rx,
+    ));
+    let sidecar = Arc::new(proxy::Sidecar::new(
+        config.clone(),
+        deps.store.clone(),
+        deps.clock.clone(),
+        policy,
+    ));
+    let cut = server::serve(listener, sidecar, shutdown, config.shutdown_grace).await;
+    let _ = stop_tx.send(true);
+    let _ = sweeper.await;
+    deps.store.sync().await.map_err(RunError::Flush)?;
+    if cut > 0 {
+        tracing::error!(cut, "shutdown grace ran out; requests were cut");
+        return Err(RunError::GraceExceeded(cut));
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,44 @@
+//! Session keys: 256 bits from the operating system's CSPRNG, written as 64 lowercase hex digits.
+
+use rand::RngCore;
+
+/// Length of a key in characters.
+pub const KEY_LEN: usize = 64;
+
+/// A fresh random session key.
+pub fn generate() -> String {
+    let mut bytes = [0u8; KEY_LEN / 2];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let mut out = String::with_capacity(KEY_LEN);
+    for b in bytes {
+        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    out
+}
+
+/// Whether `text` has the shape of a key we issue; anything else is never looked up.
+pub fn is_well_formed(text: &str) -> bool {
+    text.len() == KEY_LEN && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_well_formed_and_distinct() {
+        let a = generate();
+        let b = generate();
+        assert!(is_well_formed(&a) && is_well_formed(&b));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn malformed_keys_are_rejected() {
+        assert!(!is_well_formed(""));
+        assert!(!is_well_formed(&"g".repeat(KEY_LEN)));
+        assert!(!is_well_formed(&"A".repeat(KEY_LEN)));
+        assert!(!is_well_formed(&"a".repeat(KEY_LEN + 1)));
+    }
+}

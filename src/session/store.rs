@@ -1,0 +1,90 @@
+//! The storage trait. Each method is one atomic step on the backing store, so that every clause
+//! of the contract (per-key merge, no resurrection, cycle forwarding) holds whatever the backend.
+
+use async_trait::async_trait;
+
+use super::changes::{Change, TooLarge};
+use super::{Millis, Record};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the session store at {path} is in use by another process (a running sidecar?); its sweeper clears expired sessions meanwhile")]
+    Locked { path: String },
+    #[error("cannot open the session store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("session store failure: {0}")]
+    Backend(String),
+    #[error("a stored session record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Why an update did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What [`Store::update`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Updated {
+    /// The session ended (flushed, expired) after the request loaded it: nothing was written.
+    Ended,
+    /// Nothing needed writing.
+    Unchanged { forwarded: bool },
+    /// The data became empty: the record was removed.
+    Removed { forwarded: bool },
+    /// The record was written under `key` (a new one after a cycle).
+    Saved {
+        key: String,
+        record: Record,
+        forwarded: bool,
+    },
+}
+
+/// How many records a sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub sessions: usize,
+    pub forwards: usize,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The live record under `key`, or `None` when there is none or it has expired.
+    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError>;
+
+    /// Stores a brand-new session; `false` if the key is taken (then nothing is written).
+    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError>;
+
+    /// Applies `change` (data, expiry, subject, and a cycle to `new_key`) to the latest live
+    /// record under `key`, following the forward a cycle left behind. `change.flush` is ignored.
+    async fn update(
+        &self,
+        key: &str,
+        change: &Change,
+        new_key: Option<&str>,
+        now: Millis,
+        force_save: bool,
+    ) -> Result<Updated, UpdateError>;
+
+    /// Records activity for the idle timeout, if the policy says it is due.
+    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError>;
+
+    /// Ends the session (flush); `false` if there was none.
+    async fn remove(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// The keys of the live sessions tagged with `subject`.
+    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError>;
+
+    /// Removes records whose deadline has passed.
+    async fn sweep(&self, now: Millis) -> Result<Swept, StoreError>;
+
+    /// Returns once every change acknowledged so far is durable (group-committed).
+    async fn sync(&self) -> Result<(), StoreError>;
+
+    /// Whether the store answers (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
