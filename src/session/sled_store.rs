@@ -38,7 +38,13 @@ pub struct SledStore {
     subjects: sled::Tree,
     policy: Arc<Policy>,
     max_bytes: usize,
-    committer: Option<mpsc::UnboundedSender<Reply>>,
+    committer: Option<Committer>,
+}
+
+/// The group-commit thread and the way to reach it; dropping the sender ends the thread.
+struct Committer {
+    sender: mpsc::UnboundedSender<Reply>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -247,9 +253,9 @@ impl SledStore {
 }
 
 /// The group-commit thread: one `flush` for everyone who asked since the last one began.
-fn spawn_committer(db: sled::Db) -> mpsc::UnboundedSender<Reply> {
+fn spawn_committer(db: sled::Db) -> Committer {
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("sled-commit".into())
         .spawn(move || {
             while let Some(first) = rx.blocking_recv() {
@@ -264,7 +270,10 @@ fn spawn_committer(db: sled::Db) -> mpsc::UnboundedSender<Reply> {
             }
         })
         .expect("spawning the commit thread");
-    tx
+    Committer {
+        sender: tx,
+        thread: Some(thread),
+    }
 }
 
 #[async_trait]
@@ -423,6 +432,7 @@ impl Store for SledStore {
         };
         let (tx, rx) = oneshot::channel();
         committer
+            .sender
             .send(tx)
             .map_err(|_| backend("the commit thread has stopped"))?;
         rx.await
@@ -436,7 +446,15 @@ impl Store for SledStore {
 }
 
 impl Drop for SledStore {
+    /// Flushes, and joins the commit thread so its handle on the database (and the directory
+    /// lock) is gone when the store is.
     fn drop(&mut self) {
         let _ = self.db.flush();
+        if let Some(mut c) = self.committer.take() {
+            drop(c.sender);
+            if let Some(t) = c.thread.take() {
+                let _ = t.join();
+            }
+        }
     }
 }

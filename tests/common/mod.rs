@@ -1,0 +1,399 @@
+//! Real parts for the integration tests: a real upstream app on 127.0.0.1:0, a real sidecar in
+//! front of it (in-process, on a temporary sled store, with a clock the test can move), and a
+//! real cookie-keeping HTTP client.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use session_sidecar::session::changes::Change;
+use session_sidecar::session::store::{Store, StoreError, Swept, UpdateError, Updated};
+use session_sidecar::session::{ManualClock, Millis, Record};
+use session_sidecar::{Config, Deps};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub type AppBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// What the test upstream saw, as its echo body reports it.
+#[derive(Debug, serde::Deserialize)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body_len: u64,
+    pub version: String,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.first()).map(String::as_str)
+    }
+    pub fn session(&self) -> Value {
+        serde_json::from_str(self.header("x-session").expect("x-session header")).unwrap()
+    }
+    pub fn status(&self) -> &str {
+        self.header("x-session-status").unwrap()
+    }
+}
+
+/// Starts an upstream with a custom handler.
+pub async fn start_app<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<AppBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+pub fn full(b: impl Into<Bytes>) -> AppBody {
+    Full::new(b.into()).boxed()
+}
+
+/// The echo app. It answers with a JSON description of the request it received, and obeys
+/// instructions in request headers:
+/// - `x-test-reply`: JSON array of `[name, value]` pairs to add to the response;
+/// - `x-test-incr: key`: answer `X-Session-Set: {key: received[key] + 1}`;
+/// - `x-test-full-set: {json}`: answer `X-Session` = received session with these keys set;
+/// - `x-test-status`, `x-test-delay-ms`, `x-test-body-size` (a streamed body of N bytes).
+pub async fn echo(req: Request<Incoming>) -> Response<AppBody> {
+    let h = req.headers().clone();
+    let get = |n: &str| h.get(n).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in h.iter() {
+        headers
+            .entry(name.as_str().to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let version = format!("{:?}", req.version());
+    let mut body = req.into_body();
+    let mut body_len = 0u64;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(_) => break,
+        }
+    }
+    if let Some(ms) = get("x-test-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+    }
+    let session: serde_json::Map<String, Value> = get("x-session")
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let mut builder = Response::builder();
+    if let Some(s) = get("x-test-status") {
+        builder = builder.status(s.parse::<u16>().unwrap());
+    }
+    if let Some(reply) = h.get("x-test-reply") {
+        let pairs: Vec<(String, String)> = serde_json::from_slice(reply.as_bytes()).unwrap();
+        for (n, v) in pairs {
+            builder = builder.header(n, hyper::header::HeaderValue::from_bytes(v.as_bytes()).unwrap());
+        }
+    }
+    if let Some(key) = get("x-test-incr") {
+        let n = session.get(&key).and_then(Value::as_i64).unwrap_or(0);
+        builder = builder.header("X-Session-Set", json!({ key: n + 1 }).to_string());
+    }
+    if let Some(set) = get("x-test-full-set") {
+        let mut all = session.clone();
+        let add: serde_json::Map<String, Value> = serde_json::from_str(&set).unwrap();
+        all.extend(add);
+        builder = builder.header("X-Session", Value::Object(all).to_string());
+    }
+    if let Some(size) = get("x-test-body-size") {
+        let size: u64 = size.parse().unwrap();
+        return builder.body(streamed(size)).unwrap();
+    }
+    let seen = json!({"method": method, "path": path, "query": query, "headers": headers,
+                      "body_len": body_len, "version": version});
+    builder
+        .header("content-type", "application/json")
+        .body(full(seen.to_string()))
+        .unwrap()
+}
+
+/// A body of `size` zero bytes, produced 64 KiB at a time, never held whole.
+pub fn streamed(size: u64) -> AppBody {
+    let chunk = Bytes::from(vec![0u8; 64 * 1024]);
+    let stream = futures_util_stream(size, chunk);
+    StreamBody::new(stream).boxed()
+}
+
+fn futures_util_stream(
+    size: u64,
+    chunk: Bytes,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if tx.send(Ok(Frame::data(chunk.slice(..n)))).await.is_err() {
+                return;
+            }
+            left -= n as u64;
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_core::Stream<Item = T> + Send + Sync {
+    struct S<T>(std::sync::Mutex<tokio::sync::mpsc::Receiver<T>>);
+    impl<T> futures_core::Stream for S<T> {
+        type Item = T;
+        fn poll_next(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<T>> {
+            self.0.lock().unwrap().poll_recv(cx)
+        }
+    }
+    let _ = &mut rx;
+    S(std::sync::Mutex::new(rx))
+}
+
+/// A store that fails on demand, wrapping the real sled store: fault injection for fail-closed.
+pub struct Faulty {
+    pub inner: Arc<dyn Store>,
+    pub failing: AtomicBool,
+}
+
+impl Faulty {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(StoreError::Backend("injected failure".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Faulty {
+    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
+        self.check()?;
+        self.inner.load(key, now).await
+    }
+    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.create(key, record).await
+    }
+    async fn update(&self, key: &str, change: &Change, new_key: Option<&str>, now: Millis, force: bool) -> Result<Updated, UpdateError> {
+        self.check()?;
+        self.inner.update(key, change, new_key, now, force).await
+    }
+    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.touch(key, now).await
+    }
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.remove(key).await
+    }
+    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
+        self.check()?;
+        self.inner.subject_keys(subject, now).await
+    }
+    async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
+        self.check()?;
+        self.inner.sweep(now).await
+    }
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.sync().await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.ping().await
+    }
+}
+
+/// A running sidecar in front of an app.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    pub app: SocketAddr,
+    pub clock: Arc<ManualClock>,
+    pub store: Arc<dyn Store>,
+    pub faulty: Arc<Faulty>,
+    /// Owns the temporary directory when the sidecar made it.
+    pub dir: Option<tempfile::TempDir>,
+    pub path: std::path::PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<Result<(), session_sidecar::RunError>>>,
+}
+
+impl Sidecar {
+    pub fn now(&self) -> Millis {
+        session_sidecar::session::Clock::now(&*self.clock)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGTERM, as far as `run` is concerned: stop and wait for the drain. The store is closed
+    /// once this returns (the temporary directory, if any, is handed back).
+    pub async fn stop(mut self) -> (Result<(), session_sidecar::RunError>, Option<tempfile::TempDir>) {
+        let _ = self.stop.take().unwrap().send(());
+        let result = self.task.take().unwrap().await.unwrap();
+        let dir = self.dir.take();
+        drop(self);
+        (result, dir)
+    }
+}
+
+/// A sidecar in front of the echo app, with extra TOML lines.
+pub async fn sidecar(extra: &str) -> Sidecar {
+    let app = start_app(echo).await;
+    sidecar_for(app, extra).await
+}
+
+pub async fn sidecar_for(app: SocketAddr, extra: &str) -> Sidecar {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = sidecar_at(app, extra, dir.path()).await;
+    s.dir = Some(dir);
+    s
+}
+
+/// A sidecar on an existing store directory (a restart).
+pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> Sidecar {
+    let (top, tables) = split_extra(extra);
+    let text = format!(
+        "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\nupstream_timeout = 5\n{top}\n[store]\npath = {path:?}\n[admin]\nlisten = \"\"\n{tables}",
+        path = dir.join("sessions").display().to_string(),
+    );
+    let config = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    // A sidecar stopped in this process may still be letting go of the directory lock.
+    let mut tries = 0;
+    let deps = loop {
+        match Deps::open(&config) {
+            Ok(d) => break d,
+            Err(session_sidecar::session::store::StoreError::Locked { .. }) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let clock = ManualClock::starting_now();
+    let faulty = Arc::new(Faulty {
+        inner: deps.store.clone(),
+        failing: AtomicBool::new(false),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let deps = Deps {
+        store: faulty.clone(),
+        clock: clock.clone(),
+    };
+    let store = deps.store.clone();
+    let task = tokio::spawn(session_sidecar::run(config, listener, async { let _ = rx.await; }, deps));
+    Sidecar { addr, app, clock, store, faulty, dir: None, path: dir.to_path_buf(), stop: Some(tx), task: Some(task) }
+}
+
+/// Extra TOML may carry top-level keys and tables; `[store]`/`[admin]` lines are merged.
+fn split_extra(extra: &str) -> (String, String) {
+    let mut top = String::new();
+    let mut tables = String::new();
+    let mut in_table = false;
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_table = true;
+        }
+        if in_table {
+            tables.push_str(line);
+            tables.push('\n');
+        } else {
+            top.push_str(line);
+            top.push('\n');
+        }
+    }
+    (top, tables)
+}
+
+/// A cookie-keeping client, like a browser.
+pub fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// A client that keeps no cookies, for raw Cookie headers.
+pub fn plain() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// `x-test-reply` value for a list of response headers.
+pub fn reply(pairs: &[(&str, &str)]) -> String {
+    serde_json::to_string(&pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>()).unwrap()
+}
+
+pub async fn seen(resp: reqwest::Response) -> Seen {
+    assert!(resp.status().is_success(), "status {}", resp.status());
+    resp.json().await.unwrap()
+}
+
+/// The `Set-Cookie` headers of a response, for our cookie.
+pub fn set_cookies(resp: &reqwest::Response) -> Vec<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .filter(|c| c.starts_with("sessionid="))
+        .collect()
+}
+
+/// The session key in a `Set-Cookie` value.
+pub fn cookie_value(set_cookie: &str) -> String {
+    set_cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_string()
+}
