@@ -16,7 +16,7 @@ use crate::cookie::{Presented, SessionCookie};
 use crate::error::{Body, ProxyError};
 use crate::headers;
 use crate::session::changes::{self, Change};
-use crate::session::store::{Store, UpdateError, Updated};
+use crate::session::store::{Liveness, Store, UpdateError, Updated};
 use crate::session::{Clock, Data, Millis, Policy, Record, id, json, seconds_until};
 use crate::upstream::Upstream;
 
@@ -230,6 +230,10 @@ impl Sidecar {
             return Ok(action);
         }
         if change.is_empty() && !force {
+            // The session may have ended while the upstream worked: then drop the stale cookie.
+            if self.store.liveness(&key, now).await? == Liveness::Ended {
+                return Ok(CookieAction::Remove);
+            }
             if self.policy.touch_due(&snapshot, now) {
                 if let Err(e) = self.store.touch(&key, now).await {
                     tracing::error!(error = %e, "recording session activity failed");

@@ -18,7 +18,7 @@ use sled::transaction::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::changes::{self, Change, TooLarge};
-use super::store::{Store, StoreError, Swept, UpdateError, Updated};
+use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
 use super::{Millis, Policy, Record};
 use crate::config::StoreConfig;
 
@@ -340,6 +340,30 @@ impl Store for SledStore {
                 forwarded,
             })
         })
+    }
+
+    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
+        let mut current = key.to_string();
+        for hop in 0..=MAX_HOPS {
+            if self.load(&current, now).await?.is_some() {
+                return Ok(if hop == 0 { Liveness::Live } else { Liveness::Forwarded });
+            }
+            if self.sessions.contains_key(&current).map_err(backend)? {
+                return Ok(Liveness::Ended);
+            }
+            match self.forwards.get(&current).map_err(backend)? {
+                Some(b) => {
+                    let f: Forward = serde_json::from_slice(&b)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    if f.until <= now {
+                        return Ok(Liveness::Ended);
+                    }
+                    current = f.to;
+                }
+                None => return Ok(Liveness::Ended),
+            }
+        }
+        Ok(Liveness::Ended)
     }
 
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {

@@ -44,6 +44,15 @@ pub enum Updated {
     },
 }
 
+/// Whether a key still reaches a live session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Live,
+    /// The key was cycled; its successor is live.
+    Forwarded,
+    Ended,
+}
+
 /// How many records a sweep removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Swept {
@@ -69,6 +78,9 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
         force_save: bool,
     ) -> Result<Updated, UpdateError>;
+
+    /// Whether `key` (or its successor after a cycle) is still live; read-only.
+    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError>;
 
     /// Records activity for the idle timeout, if the policy says it is due.
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError>;

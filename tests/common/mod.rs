@@ -18,7 +18,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use session_sidecar::session::changes::Change;
-use session_sidecar::session::store::{Store, StoreError, Swept, UpdateError, Updated};
+use session_sidecar::session::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
 use session_sidecar::session::{ManualClock, Millis, Record};
 use session_sidecar::{Config, Deps};
 use tokio::net::TcpListener;
@@ -218,6 +218,10 @@ impl Store for Faulty {
         self.check()?;
         self.inner.update(key, change, new_key, now, force).await
     }
+    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
+        self.check()?;
+        self.inner.liveness(key, now).await
+    }
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
         self.check()?;
         self.inner.touch(key, now).await
@@ -396,4 +400,39 @@ pub fn cookie_value(set_cookie: &str) -> String {
         .unwrap()
         .1
         .to_string()
+}
+
+/// An echo app whose `/gate...` requests report their arrival and then wait to be released, so a
+/// test can order concurrent requests without sleeping.
+pub struct Gate {
+    pub arrived: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>,
+    pub release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Gate {
+    pub async fn wait_arrival(&self) {
+        self.arrived.lock().await.recv().await.unwrap();
+    }
+    pub fn open(&self, n: usize) {
+        self.release.add_permits(n);
+    }
+}
+
+pub async fn gated_app() -> (SocketAddr, Arc<Gate>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = Arc::new(Gate { arrived: tokio::sync::Mutex::new(rx), release: release.clone() });
+    let addr = start_app(move |req: Request<Incoming>| {
+        let tx = tx.clone();
+        let release = release.clone();
+        async move {
+            if req.uri().path().starts_with("/gate") {
+                let _ = tx.send(());
+                release.acquire().await.unwrap().forget();
+            }
+            echo(req).await
+        }
+    })
+    .await;
+    (addr, gate)
 }
