@@ -299,8 +299,9 @@ pub async fn sidecar_for(app: SocketAddr, extra: &str) -> Sidecar {
 pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> Sidecar {
     let (top, tables) = split_extra(extra);
     let text = format!(
-        "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\nupstream_timeout = 5\n{top}\n[store]\npath = {path:?}\n[admin]\nlisten = \"\"\n{tables}",
+        "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\n{timeout}{top}\n[store]\npath = {path:?}\n[admin]\nlisten = \"\"\n{tables}",
         path = dir.join("sessions").display().to_string(),
+        timeout = if top.contains("upstream_timeout") { "" } else { "upstream_timeout = 5\n" },
     );
     let config = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     // A sidecar stopped in this process may still be letting go of the directory lock.

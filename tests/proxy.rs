@@ -1,0 +1,235 @@
+//! CONTRACT §6: transparent proxying — methods, bodies, streaming, hop-by-hop, X-Forwarded-*,
+//! WebSocket upgrades, h2c, keep-alive, skip_paths, and 502/504 from the upstream.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+#[tokio::test]
+async fn method_path_query_body_status_and_headers_pass_unchanged() {
+    let s = sidecar("").await;
+    let resp = plain()
+        .post(s.url("/a/b%20c?x=1&y=%C3%A9"))
+        .header("x-custom", "v1")
+        .header("x-test-status", "201")
+        .header("x-test-reply", reply(&[("X-Reply", "r1")]))
+        .body("hello body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers().get("x-reply").unwrap(), "r1");
+    let seen: Seen = resp.json().await.unwrap();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.path, "/a/b%20c");
+    assert_eq!(seen.query.as_deref(), Some("x=1&y=%C3%A9"));
+    assert_eq!(seen.header("x-custom"), Some("v1"));
+    assert_eq!(seen.body_len, 10);
+}
+
+#[tokio::test]
+async fn the_host_is_preserved_and_x_forwarded_headers_are_set() {
+    let s = sidecar("").await;
+    let resp = plain()
+        .get(s.url("/"))
+        .header("host", "shop.example")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    let seen = seen(resp).await;
+    assert_eq!(seen.header("host"), Some("shop.example"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"), "untrusted: replaced");
+    assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
+}
+
+#[tokio::test]
+async fn trust_forwarded_keeps_what_the_proxy_in_front_set() {
+    let s = sidecar("trust_forwarded = true").await;
+    let resp = plain()
+        .get(s.url("/"))
+        .header("host", "inner:8080")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "shop.example")
+        .send()
+        .await
+        .unwrap();
+    let seen = seen(resp).await;
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+/// Sends a raw HTTP/1.1 request and returns the response head and body as text.
+async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_and_those_named_in_connection_are_dropped_both_ways() {
+    let s = sidecar("").await;
+    let reply_hdrs = reply(&[("Connection", "x-up-private"), ("X-Up-Private", "1"), ("Keep-Alive", "timeout=5")]);
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nConnection: close, x-private\r\nX-Private: secret\r\nKeep-Alive: timeout=9\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\nx-test-reply: {reply_hdrs}\r\n\r\n"
+    );
+    let out = raw(s.addr, &req).await;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("x-up-private") && !head.contains("keep-alive"), "{head}");
+    let body = body.rsplit_once('}').map(|(b, _)| format!("{b}}}")).unwrap();
+    let body = &body[body.find('{').unwrap()..];
+    let seen: Seen = serde_json::from_str(body).unwrap();
+    for name in ["x-private", "keep-alive", "proxy-authorization", "te"] {
+        assert!(seen.header(name).is_none(), "{name} forwarded");
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_serves_several_requests_on_one_connection() {
+    let s = sidecar("").await;
+    let stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    for i in 0..3 {
+        w.write_all(format!("GET /k{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes()).await.unwrap();
+        let mut status = String::new();
+        r.read_line(&mut status).await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).await.unwrap();
+        assert!(String::from_utf8(body).unwrap().contains(&format!("/k{i}")));
+    }
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served_with_sessions() {
+    let s = sidecar("").await;
+    let c = reqwest::Client::builder().http2_prior_knowledge().cookie_store(true).build().unwrap();
+    let resp = c.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(set_cookies(&resp).len(), 1);
+    let seen = seen(c.get(s.url("/")).send().await.unwrap()).await;
+    assert_eq!(seen.status(), "existing");
+    assert_eq!(seen.version, "HTTP/1.1", "the upstream still speaks HTTP/1.1");
+    assert!(seen.header("host").is_some());
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_with_a_plain_text_body() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let s = sidecar_for(dead, "").await;
+    let resp = plain().get(s.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(resp.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/plain"));
+    assert!(set_cookies(&resp).is_empty());
+    assert!(resp.text().await.unwrap().contains("unreachable"));
+}
+
+#[tokio::test]
+async fn an_upstream_slower_than_the_timeout_is_a_504() {
+    let s = sidecar("upstream_timeout = 1").await;
+    let resp = browser().get(s.url("/")).header("x-test-delay-ms", "3000").header("x-test-incr", "n").send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(set_cookies(&resp).is_empty());
+    assert!(resp.text().await.unwrap().contains("did not answer within 1 seconds"));
+}
+
+#[tokio::test]
+async fn skip_paths_get_no_session_work_but_are_still_scrubbed() {
+    let s = sidecar("skip_paths = [\"/static/\"]").await;
+    let resp = plain().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let key = cookie_value(&set_cookies(&resp)[0]);
+    let resp = plain()
+        .get(s.url("/static/app.css"))
+        .header("cookie", format!("sessionid={key}; other=1"))
+        .header("x-session", r#"{"spoof":1}"#)
+        .header("x-test-reply", reply(&[("X-Session-Set", r#"{"n":99}"#), ("X-Session-Flush", "1")]))
+        .send()
+        .await
+        .unwrap();
+    assert!(set_cookies(&resp).is_empty());
+    assert!(resp.headers().get("vary").is_none());
+    assert!(resp.headers().keys().all(|k| !k.as_str().starts_with("x-session")));
+    let seen1 = seen(resp).await;
+    assert!(seen1.headers.keys().all(|k| !k.starts_with("x-session")), "{:?}", seen1.headers);
+    assert_eq!(seen1.header("cookie"), Some("other=1"));
+    let after = seen(plain().get(s.url("/")).header("cookie", format!("sessionid={key}")).send().await.unwrap()).await;
+    assert_eq!(after.session(), serde_json::json!({"n": 1}), "nothing applied on the skip path");
+}
+
+/// An app that accepts a WebSocket-style upgrade and echoes bytes, reporting the session status
+/// it saw on the handshake.
+async fn upgrade_app(mut req: Request<Incoming>) -> Response<AppBody> {
+    let status = req.headers().get("x-session-status").cloned();
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let up = on.await.unwrap();
+        let mut io = hyper_util::rt::TokioIo::new(up);
+        let mut buf = [0u8; 5];
+        io.read_exact(&mut buf).await.unwrap();
+        io.write_all(&buf).await.unwrap();
+    });
+    let mut b = Response::builder()
+        .status(101)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("X-Session-Set", r#"{"ws":true}"#);
+    if let Some(st) = status {
+        b = b.header("x-seen-status", st);
+    }
+    b.body(full("")).unwrap()
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through_with_session_headers_on_the_handshake() {
+    let app = start_app(upgrade_app).await;
+    let s = sidecar_for(app, "").await;
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("x-seen-status: new"), "{head}");
+    assert!(head.contains("set-cookie: sessionid="), "the handshake can start a session: {head}");
+    assert!(!head.contains("x-session-set"), "{head}");
+    stream.write_all(b"hello").await.unwrap();
+    let mut echo = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"hello");
+}
