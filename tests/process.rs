@@ -1,0 +1,265 @@
+//! The real binary as operators run it: SIGKILL durability, SIGTERM drain, the CLI commands and
+//! start-up errors (CONTRACT §4, §6, §7).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_session-sidecar");
+
+struct Proc {
+    child: Child,
+    addr: std::net::SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+    fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let log = self.log.lock().unwrap().clone();
+        (status, log)
+    }
+}
+
+fn write_config(dir: &Path, app: std::net::SocketAddr, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("sidecar.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"http://{app}\"\n{extra}\n[store]\npath = {:?}\n[admin]\nlisten = \"\"\n",
+        dir.join("sessions").display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts the binary and waits for its "serving" log line to learn the port.
+fn start(config: &Path) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--config", config.to_str().unwrap()]);
+    start_with(cmd)
+}
+
+fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn acknowledged_changes_survive_sigkill() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), app, "");
+    let p = start(&config);
+    let sessions: Vec<reqwest::Client> = (0..8).map(|_| browser()).collect();
+    let mut acked = vec![0u32; sessions.len()];
+    for round in 0..5 {
+        // Concurrent increments, one per session, so the commits are grouped.
+        let tasks: Vec<_> = sessions
+            .iter()
+            .map(|b| {
+                let req = b.get(p.url("/")).header("x-test-incr", "n");
+                tokio::spawn(async move { req.send().await.unwrap().status() })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap(), 200, "round {round}");
+            acked[i] += 1;
+        }
+    }
+    p.signal("-KILL");
+    let (status, _) = p.wait();
+    assert!(!status.success());
+    let p = start(&config);
+    for (i, b) in sessions.iter().enumerate() {
+        // The cookie jars hold host-only cookies for 127.0.0.1, so they go to the new port too.
+        let seen = seen(b.get(p.url("/")).send().await.unwrap()).await;
+        assert_eq!(seen.status(), "existing", "session {i} lost");
+        assert_eq!(seen.session()["n"], serde_json::json!(acked[i]), "session {i}");
+    }
+    p.signal("-KILL");
+    let _ = p.wait();
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
+    let (app, gate) = gated_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), app, "shutdown_grace = 20");
+    let p = start(&config);
+    let url = p.url("/gate");
+    let inflight = tokio::spawn(async move {
+        plain().get(url).header("x-test-incr", "n").send().await.unwrap()
+    });
+    gate.wait_arrival().await;
+    p.signal("-TERM");
+    // The listener closes: new connections are refused.
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(p.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "new connections are refused during the drain");
+    gate.open(1);
+    let resp = inflight.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(set_cookies(&resp).len(), 1);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("\"method\""), "the whole response arrived");
+    let (status, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
+    assert!(status.success(), "exit 0 after a clean drain: {log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+}
+
+#[tokio::test]
+async fn a_drain_that_runs_out_of_grace_exits_non_zero_and_says_how_many_were_cut() {
+    let (app, gate) = gated_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), app, "shutdown_grace = 1");
+    let p = start(&config);
+    let url = p.url("/gate");
+    let _stuck = tokio::spawn(async move { plain().get(url).send().await });
+    gate.wait_arrival().await;
+    p.signal("-TERM");
+    let (status, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
+    assert!(!status.success());
+    assert!(log.contains("1 request(s) still in flight"), "{log}");
+}
+
+#[tokio::test]
+async fn session_keys_never_appear_in_the_logs() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), app, "[security]\nsecret_key = \"log-test-secret\"");
+    let p = start(&config);
+    let b = browser();
+    let resp = b.get(p.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let cookie = cookie_value(&set_cookies(&resp)[0]);
+    b.get(p.url("/")).header("x-test-reply", reply(&[("X-Session-Cycle", "1")])).send().await.unwrap();
+    b.get(p.url("/")).header("x-test-reply", reply(&[("X-Session-Set", "{bad")])).send().await.unwrap();
+    b.get(p.url("/")).header("x-test-reply", reply(&[("X-Session-Flush", "1")])).send().await.unwrap();
+    p.signal("-TERM");
+    let (_, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
+    let key = &cookie[cookie.len() - 64..];
+    assert!(!log.contains(key) && !log.contains("log-test-secret"), "{log}");
+    assert!(log.contains("X-Session-Set"), "the bad header was logged: {log}");
+}
+
+#[test]
+fn check_config_validates_masks_secrets_and_names_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[security]\nsecret_key = \"hunter2hunter2\"\n").unwrap();
+    let (ok, out) = run_cli(&["check-config", "--config", good.to_str().unwrap()], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("********") && !out.contains("hunter2"), "{out}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[cookie]\nsame_site = \"Sometimes\"\n").unwrap();
+    let (ok, out) = run_cli(&["check-config", "--config", bad.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.contains("cookie.same_site") && out.contains("Sometimes"), "{out}");
+    let (ok, out) = run_cli(&["check-config", "--config", good.to_str().unwrap()], &[("SESSION_SIDECAR_NOPE", "1")]);
+    assert!(!ok && out.contains("SESSION_SIDECAR_NOPE"), "{out}");
+    let (ok, out) = run_cli(&["check-config", "--config", good.to_str().unwrap()], &[("SESSION_SIDECAR_EXPIRY__COOKIE_AGE", "60")]);
+    assert!(ok && out.contains("cookie_age = 60"), "{out}");
+}
+
+#[test]
+fn the_documented_example_config_checks_out() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sidecar.toml");
+    let (ok, out) = run_cli(&["check-config", "--config", cfg], &[]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn an_invalid_config_exits_before_binding_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = \"127.0.0.1:0\"\nupstream_timeout = -3\n").unwrap();
+    let (ok, out) = run_cli(&["--config", bad.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.contains("upstream_timeout"), "{out}");
+    let (ok, out) = run_cli(&["--config", dir.path().join("missing.toml").to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("missing.toml"), "{out}");
+}
+
+#[tokio::test]
+async fn environment_overrides_configure_the_running_sidecar() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The file points at a dead upstream; the environment fixes it.
+    let config = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--config", config.to_str().unwrap()])
+        .env("SESSION_SIDECAR_UPSTREAM", format!("http://{app}"))
+        .env("SESSION_SIDECAR_COOKIE__NAME", "sid");
+    let p = start_with(cmd);
+    let resp = plain().get(p.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let c = resp.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
+    assert!(c.starts_with("sid="), "{c}");
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+}
+
+fn start_with(mut cmd: Command) -> Proc {
+    let mut child = cmd.env("RUST_LOG", "info").env("NO_COLOR", "1").stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("listen=").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
+            }
+            log2.lock().unwrap().push_str(&line);
+            log2.lock().unwrap().push('\n');
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("started");
+    Proc { child, addr: addr.parse().unwrap(), log }
+}
+
+#[tokio::test]
+async fn clear_expired_removes_expired_sessions_and_refuses_a_held_store() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), app, "");
+    let cfg = config.to_str().unwrap().to_string();
+    let p = start(&config);
+    // Two sessions that expire after one second of inactivity, one that lives on.
+    for _ in 0..2 {
+        plain().get(p.url("/")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Expiry", "1")])).send().await.unwrap();
+    }
+    plain().get(p.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let (ok, out) = run_cli(&["clear-expired", "--config", &cfg], &[]);
+    assert!(!ok, "the running sidecar holds the store: {out}");
+    assert!(out.contains("in use by another process"), "{out}");
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+    // Real time has to pass here: the binary runs on the system clock.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (ok, out) = run_cli(&["clear-expired", "--config", &cfg], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("removed 2 expired session(s)"), "{out}");
+    let (ok, out) = run_cli(&["clear-expired", "--config", &cfg], &[]);
+    assert!(ok && out.contains("removed 0 expired"), "{out}");
+}
