@@ -396,8 +396,9 @@ fn convert(text: &str, kind: Kind) -> Result<toml::Value, String> {
             _ => Err(format!("expected true or false, got {text:?}")),
         },
         Kind::List => {
-            let doc: toml::Table = toml::from_str(&format!("v = {text}"))
-                .map_err(|_| format!("expected a TOML array such as [\"a\", \"b\"], got {text:?}"))?;
+            let doc: toml::Table = toml::from_str(&format!("v = {text}")).map_err(|_| {
+                format!("expected a TOML array such as [\"a\", \"b\"], got {text:?}")
+            })?;
             match doc.get("v") {
                 Some(v @ toml::Value::Array(_)) => Ok(v.clone()),
                 _ => Err(format!("expected a TOML array, got {text:?}")),
@@ -419,31 +420,38 @@ fn secs(key: &str, v: u64, allow_zero: bool) -> Result<Duration, ConfigError> {
 }
 
 fn optional_secs(key: &str, v: u64) -> Result<Option<Duration>, ConfigError> {
-    Ok((v > 0).then(|| secs(key, v, false)).transpose()?)
+    (v > 0).then(|| secs(key, v, false)).transpose()
 }
 
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 impl RawConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let listen: SocketAddr = self.listen.parse().map_err(|_| {
-            invalid("listen", format!("{:?} is not an address like 127.0.0.1:8080", self.listen))
+            invalid(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
+            )
         })?;
         let upstream = parse_upstream(&self.upstream)?;
         let header_prefix = self.header_prefix.to_ascii_lowercase();
-        if !is_token(&header_prefix) || http::HeaderName::from_bytes(header_prefix.as_bytes()).is_err() {
+        if !is_token(&header_prefix)
+            || http::HeaderName::from_bytes(header_prefix.as_bytes()).is_err()
+        {
             return Err(invalid(
                 "header_prefix",
                 format!("{:?} is not a valid header name", self.header_prefix),
             ));
         }
         if self.max_session_bytes < 2 {
-            return Err(invalid("max_session_bytes", "must be at least 2 (the size of `{}`)"));
+            return Err(invalid(
+                "max_session_bytes",
+                "must be at least 2 (the size of `{}`)",
+            ));
         }
         for p in &self.skip_paths {
             if !p.starts_with('/') {
@@ -455,7 +463,10 @@ impl RawConfig {
         let store = self.store.validate()?;
         let sec = self.security;
         if sec.secret_key.as_deref() == Some("") {
-            return Err(invalid("security.secret_key", "must not be empty (omit it instead)"));
+            return Err(invalid(
+                "security.secret_key",
+                "must not be empty (omit it instead)",
+            ));
         }
         if sec.secret_key.is_none() && !sec.secret_key_fallbacks.is_empty() {
             return Err(invalid(
@@ -464,7 +475,10 @@ impl RawConfig {
             ));
         }
         if sec.secret_key_fallbacks.iter().any(|k| k.is_empty()) {
-            return Err(invalid("security.secret_key_fallbacks", "keys must not be empty"));
+            return Err(invalid(
+                "security.secret_key_fallbacks",
+                "keys must not be empty",
+            ));
         }
         let admin = self.admin.validate()?;
         Ok(Config {
@@ -492,7 +506,11 @@ fn parse_upstream(text: &str) -> Result<http::uri::Authority, ConfigError> {
     let uri: http::Uri = text.parse().map_err(|_| bad("is not a URL"))?;
     match uri.scheme_str() {
         Some("http") => {}
-        Some(other) => return Err(bad(&format!("uses scheme {other:?}; only http:// is supported"))),
+        Some(other) => {
+            return Err(bad(&format!(
+                "uses scheme {other:?}; only http:// is supported"
+            )));
+        }
         None => return Err(bad("needs a scheme, e.g. http://127.0.0.1:8000")),
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
@@ -508,10 +526,18 @@ fn parse_upstream(text: &str) -> Result<http::uri::Authority, ConfigError> {
 impl RawCookie {
     fn validate(self) -> Result<CookieConfig, ConfigError> {
         if !is_token(&self.name) {
-            return Err(invalid("cookie.name", format!("{:?} is not a valid cookie name", self.name)));
+            return Err(invalid(
+                "cookie.name",
+                format!("{:?} is not a valid cookie name", self.name),
+            ));
         }
-        if !self.path.starts_with('/') || self.path.bytes().any(|b| b == b';' || b.is_ascii_control()) {
-            return Err(invalid("cookie.path", format!("{:?} must start with '/' and hold no ';'", self.path)));
+        if !self.path.starts_with('/')
+            || self.path.bytes().any(|b| b == b';' || b.is_ascii_control())
+        {
+            return Err(invalid(
+                "cookie.path",
+                format!("{:?} must start with '/' and hold no ';'", self.path),
+            ));
         }
         if let Some(d) = &self.domain {
             if d.is_empty() || d.bytes().any(|b| b == b';' || b <= b' ' || b >= 0x7f) {
@@ -525,7 +551,10 @@ impl RawCookie {
             _ => {
                 return Err(invalid(
                     "cookie.same_site",
-                    format!("{:?} is not one of \"Strict\", \"Lax\", \"None\"", self.same_site),
+                    format!(
+                        "{:?} is not one of \"Strict\", \"Lax\", \"None\"",
+                        self.same_site
+                    ),
                 ));
             }
         };
@@ -558,15 +587,26 @@ impl RawStore {
         match self.backend.as_str() {
             "sled" => {}
             "redis" => {
-                return Err(invalid("store.backend", "\"redis\" is not available in this version yet; use \"sled\""));
+                return Err(invalid(
+                    "store.backend",
+                    "\"redis\" is not available in this version yet; use \"sled\"",
+                ));
             }
-            other => return Err(invalid("store.backend", format!("{other:?} is not one of \"sled\""))),
+            other => {
+                return Err(invalid(
+                    "store.backend",
+                    format!("{other:?} is not one of \"sled\""),
+                ));
+            }
         }
         if self.path.is_empty() {
             return Err(invalid("store.path", "must not be empty"));
         }
         if self.cache_capacity < 1024 * 1024 {
-            return Err(invalid("store.cache_capacity", format!("{} bytes is below the 1 MiB minimum", self.cache_capacity)));
+            return Err(invalid(
+                "store.cache_capacity",
+                format!("{} bytes is below the 1 MiB minimum", self.cache_capacity),
+            ));
         }
         Ok(StoreConfig {
             path: PathBuf::from(self.path),
@@ -582,24 +622,40 @@ impl RawAdmin {
             None
         } else {
             Some(self.listen.parse::<SocketAddr>().map_err(|_| {
-                invalid("admin.listen", format!("{:?} is not an address like 127.0.0.1:9091", self.listen))
+                invalid(
+                    "admin.listen",
+                    format!("{:?} is not an address like 127.0.0.1:9091", self.listen),
+                )
             })?)
         };
         if self.token.as_deref() == Some("") {
-            return Err(invalid("admin.token", "must not be empty (omit it instead)"));
+            return Err(invalid(
+                "admin.token",
+                "must not be empty (omit it instead)",
+            ));
         }
         if let Some(addr) = listen {
             if !addr.ip().is_loopback() && self.token.is_none() {
-                return Err(invalid("admin.token", format!("admin.listen = {addr} is not loopback, so a token is required")));
+                return Err(invalid(
+                    "admin.token",
+                    format!("admin.listen = {addr} is not loopback, so a token is required"),
+                ));
             }
         }
-        Ok(AdminConfig { listen, token: self.token })
+        Ok(AdminConfig {
+            listen,
+            token: self.token,
+        })
     }
 }
 
 /// The effective configuration as TOML with secrets masked, for `check-config`.
-pub fn effective_toml(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<String, ConfigError> {
-    let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+pub fn effective_toml(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<String, ConfigError> {
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
     apply_env(&mut table, env)?;
     let mut raw = to_raw(table)?;
     raw.clone().validate()?;
@@ -654,7 +710,10 @@ mod tests {
         let e = err("listen = \"nowhere\"");
         assert!(e.contains("`listen`") && e.contains("nowhere"), "{e}");
         let e = err("[cookie]\nsame_site = \"Sometimes\"");
-        assert!(e.contains("cookie.same_site") && e.contains("Sometimes"), "{e}");
+        assert!(
+            e.contains("cookie.same_site") && e.contains("Sometimes"),
+            "{e}"
+        );
         let e = err("upstream = \"https://x\"");
         assert!(e.contains("upstream"), "{e}");
         let e = err("[expiry]\ncookie_age = 0");
@@ -710,7 +769,10 @@ mod tests {
             std::iter::empty(),
         )
         .unwrap();
-        assert!(!out.contains("topsecretvalue") && !out.contains("oldsecretvalue"), "{out}");
+        assert!(
+            !out.contains("topsecretvalue") && !out.contains("oldsecretvalue"),
+            "{out}"
+        );
         assert!(out.contains("********"));
     }
 }

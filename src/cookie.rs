@@ -58,7 +58,7 @@ impl SessionCookie {
         if !headers
             .get_all(COOKIE)
             .iter()
-            .any(|v| v.to_str().map_or(false, |s| s.split(';').any(|p| ours(p))))
+            .any(|v| v.to_str().is_ok_and(|s| s.split(';').any(&ours)))
         {
             return presented;
         }
@@ -204,7 +204,11 @@ mod tests {
         assert_eq!(j.verify(&value).as_deref(), Some(key.as_str()));
         assert_eq!(j.verify(&key), None, "an unsigned key is a forgery");
         let old = jar(Some("old secret"), &[]).encode(&key);
-        assert_eq!(j.verify(&old).as_deref(), Some(key.as_str()), "fallback verifies");
+        assert_eq!(
+            j.verify(&old).as_deref(),
+            Some(key.as_str()),
+            "fallback verifies"
+        );
         let other = jar(Some("someone else"), &[]).encode(&key);
         assert_eq!(j.verify(&other), None);
     }
@@ -213,7 +217,14 @@ mod tests {
     fn set_cookie_carries_the_configured_attributes() {
         let j = jar(None, &[]);
         let v = j.set("k", Some(60), 0).to_str().unwrap().to_string();
-        for part in ["sessionid=k", "HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=60", "Expires=Thu, 01 Jan 1970 00:01:00 GMT"] {
+        for part in [
+            "sessionid=k",
+            "HttpOnly",
+            "SameSite=Lax",
+            "Path=/",
+            "Max-Age=60",
+            "Expires=Thu, 01 Jan 1970 00:01:00 GMT",
+        ] {
             assert!(v.contains(part), "{part} missing in {v}");
         }
         let v = j.set("k", None, 0).to_str().unwrap().to_string();

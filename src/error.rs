@@ -19,7 +19,9 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 pub enum ProxyError {
     /// The session ended (flushed elsewhere, expired) while this request was in flight, and
     /// storing its changes would bring it back.
-    #[error("your session ended while this request was being handled (logged out in another tab, or expired); please retry")]
+    #[error(
+        "your session ended while this request was being handled (logged out in another tab, or expired); please retry"
+    )]
     SessionEnded,
     #[error("the application sent a bad session header: {0}")]
     BadHeader(#[from] BadHeader),
@@ -54,7 +56,9 @@ impl ProxyError {
         }
         // Store errors can carry paths and backend details; the client only needs the gist.
         let text = match &self {
-            ProxyError::Store(_) => "the session store is unavailable; please retry later".to_string(),
+            ProxyError::Store(_) => {
+                "the session store is unavailable; please retry later".to_string()
+            }
             other => other.to_string(),
         };
         text_response(status, text)
@@ -74,5 +78,7 @@ pub fn text_response(status: StatusCode, text: impl Into<String>) -> Response<Bo
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }

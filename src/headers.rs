@@ -154,7 +154,9 @@ pub fn parse_changes(
             }
             "-set" => {
                 let set = object(value).map_err(|p| bad(name, p))?;
-                change.ops.extend(set.into_iter().map(|(k, v)| Op::Set(k, v)));
+                change
+                    .ops
+                    .extend(set.into_iter().map(|(k, v)| Op::Set(k, v)));
             }
             "-delete" => {
                 let keys = string_list(value).map_err(|p| bad(name, p))?;
@@ -174,7 +176,10 @@ fn flag(value: &HeaderValue) -> Result<bool, String> {
     match text.to_ascii_lowercase().as_str() {
         "1" | "true" => Ok(true),
         "0" | "false" => Ok(false),
-        _ => Err(format!("expected 1, true, 0 or false, got {:?}", shorten(text))),
+        _ => Err(format!(
+            "expected 1, true, 0 or false, got {:?}",
+            shorten(text)
+        )),
     }
 }
 
@@ -210,7 +215,9 @@ fn expiry(value: &HeaderValue) -> Result<ExpiryMode, String> {
                 shorten(text)
             )
         })?;
-    Ok(ExpiryMode::At((at.unix_timestamp_nanos() / 1_000_000) as i64))
+    Ok(ExpiryMode::At(
+        (at.unix_timestamp_nanos() / 1_000_000) as i64,
+    ))
 }
 
 fn subject(value: &HeaderValue) -> Result<Option<String>, String> {
@@ -237,7 +244,12 @@ mod tests {
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(HeaderName, HeaderValue)> {
         list.iter()
-            .map(|(n, v)| (HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap()))
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
             .collect()
     }
 
@@ -280,12 +292,15 @@ mod tests {
         )
         .unwrap();
         assert!(c.cycle && !c.flush);
-        assert_eq!(c.ops, vec![
-            Op::Set("c".into(), json!(3)),
-            Op::Delete("b".into()),
-            Op::Set("d".into(), json!("é")),
-            Op::Delete("zz".into()),
-        ]);
+        assert_eq!(
+            c.ops,
+            vec![
+                Op::Set("c".into(), json!(3)),
+                Op::Delete("b".into()),
+                Op::Set("d".into(), json!("é")),
+                Op::Delete("zz".into()),
+            ]
+        );
         assert_eq!(c.expiry, Some(ExpiryMode::BrowserClose));
         assert_eq!(c.subject, Some(Some("user-7".into())));
         assert_eq!(unknown, vec!["X-Session-Foo".to_string()]);
@@ -294,7 +309,12 @@ mod tests {
     #[test]
     fn after_a_flush_the_full_session_is_the_fresh_content() {
         let snap = json!({"user": 1}).as_object().unwrap().clone();
-        let (c, _) = parse_changes(&pairs(&[("x-session-flush", "1"), ("x-session", r#"{"user":1}"#)]), P, &snap).unwrap();
+        let (c, _) = parse_changes(
+            &pairs(&[("x-session-flush", "1"), ("x-session", r#"{"user":1}"#)]),
+            P,
+            &snap,
+        )
+        .unwrap();
         assert!(c.flush);
         assert_eq!(c.ops, vec![Op::Set("user".into(), json!(1))]);
     }
@@ -317,7 +337,13 @@ mod tests {
 
     #[test]
     fn expiry_accepts_seconds_zero_timestamps_and_default() {
-        let one = |v: &str| parse_changes(&pairs(&[("x-session-expiry", v)]), P, &Data::new()).unwrap().0.expiry.unwrap();
+        let one = |v: &str| {
+            parse_changes(&pairs(&[("x-session-expiry", v)]), P, &Data::new())
+                .unwrap()
+                .0
+                .expiry
+                .unwrap()
+        };
         assert_eq!(one("300"), ExpiryMode::Seconds(300));
         assert_eq!(one("0"), ExpiryMode::BrowserClose);
         assert_eq!(one("Default"), ExpiryMode::Default);

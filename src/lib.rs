@@ -45,7 +45,11 @@ pub struct Deps {
 impl Deps {
     /// The production wiring: sled at `store.path` and the system clock.
     pub fn open(config: &Config) -> Result<Deps, StoreError> {
-        let store = SledStore::open(&config.store, Arc::new(policy(config)), config.max_session_bytes)?;
+        let store = SledStore::open(
+            &config.store,
+            Arc::new(policy(config)),
+            config.max_session_bytes,
+        )?;
         Ok(Deps {
             store: Arc::new(store),
             clock: Arc::new(SystemClock),

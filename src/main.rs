@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use session_sidecar::{Config, Deps};
 
 #[derive(Parser)]
-#[command(name = "session-sidecar", version, about = "Django-style sessions for a legacy web app, as a reverse proxy")]
+#[command(
+    name = "session-sidecar",
+    version,
+    about = "Django-style sessions for a legacy web app, as a reverse proxy"
+)]
 struct Cli {
     /// The TOML configuration file.
     #[arg(long, global = true, default_value = "config/sidecar.toml")]
@@ -29,8 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

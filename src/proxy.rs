@@ -130,7 +130,12 @@ impl Sidecar {
             .map(str::to_string)
             .or_else(|| parts.uri.authority().map(|a| a.to_string()));
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        headers::set_forwarded(&mut parts.headers, peer.ip(), host.as_deref(), self.config.trust_forwarded);
+        headers::set_forwarded(
+            &mut parts.headers,
+            peer.ip(),
+            host.as_deref(),
+            self.config.trust_forwarded,
+        );
         if !parts.headers.contains_key(HOST) {
             if let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
                 parts.headers.insert(HOST, v);
@@ -138,10 +143,15 @@ impl Sidecar {
         }
 
         if skip {
-            let (mut rparts, rbody, upgrades) = self.forward(Request::from_parts(parts, body), client_upgrade).await?;
+            let (mut rparts, rbody, upgrades) = self
+                .forward(Request::from_parts(parts, body), client_upgrade)
+                .await?;
             let taken = headers::take_ours(&mut rparts.headers, prefix);
             if !taken.is_empty() {
-                tracing::warn!(status = rparts.status.as_u16(), "ignored session headers from the upstream on a skip path");
+                tracing::warn!(
+                    status = rparts.status.as_u16(),
+                    "ignored session headers from the upstream on a skip path"
+                );
             }
             return Ok(finish(rparts, rbody, upgrades));
         }
@@ -154,7 +164,10 @@ impl Sidecar {
         let empty = Data::new();
         let snapshot = loaded.as_ref().map_or(&empty, |(_, r)| &r.data);
         let h = &mut parts.headers;
-        h.insert(&self.names.data, HeaderValue::from_str(&json::encode_ascii(snapshot)).expect("ASCII JSON"));
+        h.insert(
+            &self.names.data,
+            HeaderValue::from_str(&json::encode_ascii(snapshot)).expect("ASCII JSON"),
+        );
         let (status, age) = match &loaded {
             Some((_, r)) => ("existing", self.expiry_age(r, now)),
             None => ("new", self.policy.new_session_age()),
@@ -167,17 +180,25 @@ impl Sidecar {
             }
         }
 
-        let (mut rparts, rbody, upgrades) = self.forward(Request::from_parts(parts, body), client_upgrade).await?;
+        let (mut rparts, rbody, upgrades) = self
+            .forward(Request::from_parts(parts, body), client_upgrade)
+            .await?;
         let taken = headers::take_ours(&mut rparts.headers, prefix);
         if rparts.status.is_server_error() {
             if !taken.is_empty() {
-                tracing::warn!(status = rparts.status.as_u16(), "upstream answered 5xx: its session headers were ignored");
+                tracing::warn!(
+                    status = rparts.status.as_u16(),
+                    "upstream answered 5xx: its session headers were ignored"
+                );
             }
             return Ok(finish(rparts, rbody, upgrades));
         }
         let (change, unknown) = headers::parse_changes(&taken, prefix, snapshot)?;
         for name in unknown {
-            tracing::warn!(header = name, "ignored an unknown session header from the upstream");
+            tracing::warn!(
+                header = name,
+                "ignored an unknown session header from the upstream"
+            );
         }
         let action = self.apply(loaded, &presented, &change, now).await?;
         let mut resp = finish(rparts, rbody, upgrades);
@@ -253,15 +274,19 @@ impl Sidecar {
         let action = match updated {
             Updated::Ended => {
                 let mut would = snapshot;
-                let effect = changes::apply(&mut would, change, &self.policy, now, usize::MAX, force)
-                    .expect("no size limit");
+                let effect =
+                    changes::apply(&mut would, change, &self.policy, now, usize::MAX, force)
+                        .expect("no size limit");
                 if effect.save {
                     return Err(ProxyError::SessionEnded);
                 }
                 return Ok(CookieAction::Remove);
             }
             Updated::Unchanged { .. } => return Ok(CookieAction::Keep),
-            Updated::Removed { forwarded: true } | Updated::Saved { forwarded: true, .. } => CookieAction::Keep,
+            Updated::Removed { forwarded: true }
+            | Updated::Saved {
+                forwarded: true, ..
+            } => CookieAction::Keep,
             Updated::Removed { forwarded: false } => CookieAction::Remove,
             Updated::Saved { key, record, .. } => {
                 if change.cycle {
@@ -275,7 +300,12 @@ impl Sidecar {
     }
 
     /// A visitor without a live session: store a new one if the change leaves data.
-    async fn fresh(&self, change: &Change, now: Millis, stale: bool) -> Result<CookieAction, ProxyError> {
+    async fn fresh(
+        &self,
+        change: &Change,
+        now: Millis,
+        stale: bool,
+    ) -> Result<CookieAction, ProxyError> {
         let mut record = Record::new(now);
         let effect = changes::apply(
             &mut record,
@@ -286,7 +316,11 @@ impl Sidecar {
             self.policy.save_every_request,
         )?;
         if !effect.save || record.deadline <= now {
-            return Ok(if stale { CookieAction::Remove } else { CookieAction::Keep });
+            return Ok(if stale {
+                CookieAction::Remove
+            } else {
+                CookieAction::Keep
+            });
         }
         loop {
             let key = id::generate();
@@ -303,7 +337,14 @@ impl Sidecar {
         &self,
         req: Request<Incoming>,
         client_upgrade: Option<OnUpgrade>,
-    ) -> Result<(http::response::Parts, Incoming, Option<(OnUpgrade, OnUpgrade)>), ProxyError> {
+    ) -> Result<
+        (
+            http::response::Parts,
+            Incoming,
+            Option<(OnUpgrade, OnUpgrade)>,
+        ),
+        ProxyError,
+    > {
         let mut resp = self.upstream.send(req).await?;
         let upgrades = match client_upgrade {
             Some(c) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {

@@ -42,7 +42,10 @@ pub async fn serve(
     let in_flight = Arc::new(AtomicUsize::new(0));
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(true).timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new());
     builder.http1().header_read_timeout(Duration::from_secs(30));
     tokio::pin!(shutdown);
     loop {
@@ -84,7 +87,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    tracing::info!(grace_s = grace.as_secs(), "shutting down: listener closed, draining requests");
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "shutting down: listener closed, draining requests"
+    );
     tokio::select! {
         _ = graceful.shutdown() => 0,
         _ = tokio::time::sleep(grace) => in_flight.load(Ordering::SeqCst).max(1),

@@ -11,14 +11,27 @@ const N: usize = 48;
 async fn concurrent_requests_setting_their_own_keys_lose_none() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"start":0}"#)])).send().await.unwrap();
+    b.get(s.url("/"))
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Set", r#"{"start":0}"#)]),
+        )
+        .send()
+        .await
+        .unwrap();
     let tasks: Vec<_> = (0..N)
         .map(|i| {
             let b = b.clone();
             let url = s.url("/");
             tokio::spawn(async move {
                 let set = format!(r#"{{"k{i}":{i}}}"#);
-                let resp = b.get(url).header("x-test-delay-ms", "50").header("x-test-reply", reply(&[("X-Session-Set", &set)])).send().await.unwrap();
+                let resp = b
+                    .get(url)
+                    .header("x-test-delay-ms", "50")
+                    .header("x-test-reply", reply(&[("X-Session-Set", &set)]))
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(resp.status(), 200);
             })
         })
@@ -26,7 +39,9 @@ async fn concurrent_requests_setting_their_own_keys_lose_none() {
     for t in tasks {
         t.await.unwrap();
     }
-    let data = seen(b.get(s.url("/")).send().await.unwrap()).await.session();
+    let data = seen(b.get(s.url("/")).send().await.unwrap())
+        .await
+        .session();
     assert_eq!(data.as_object().unwrap().len(), N + 1, "{data}");
     for i in 0..N {
         assert_eq!(data[format!("k{i}")], json!(i));
@@ -37,7 +52,14 @@ async fn concurrent_requests_setting_their_own_keys_lose_none() {
 async fn concurrent_full_session_echoes_lose_none() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"start":0}"#)])).send().await.unwrap();
+    b.get(s.url("/"))
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Set", r#"{"start":0}"#)]),
+        )
+        .send()
+        .await
+        .unwrap();
     let tasks: Vec<_> = (0..N)
         .map(|i| {
             let b = b.clone();
@@ -46,7 +68,13 @@ async fn concurrent_full_session_echoes_lose_none() {
                 // Each answers the whole dictionary it was sent plus its own key, as a
                 // Django-style app that saves the full session would.
                 let add = format!(r#"{{"k{i}":{i}}}"#);
-                let resp = b.get(url).header("x-test-delay-ms", "50").header("x-test-full-set", add).send().await.unwrap();
+                let resp = b
+                    .get(url)
+                    .header("x-test-delay-ms", "50")
+                    .header("x-test-full-set", add)
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(resp.status(), 200);
             })
         })
@@ -54,7 +82,9 @@ async fn concurrent_full_session_echoes_lose_none() {
     for t in tasks {
         t.await.unwrap();
     }
-    let data = seen(b.get(s.url("/")).send().await.unwrap()).await.session();
+    let data = seen(b.get(s.url("/")).send().await.unwrap())
+        .await
+        .session();
     assert_eq!(data.as_object().unwrap().len(), N + 1, "{data}");
 }
 
@@ -62,14 +92,23 @@ async fn concurrent_full_session_echoes_lose_none() {
 async fn concurrent_counters_on_one_session_count_every_increment_of_distinct_keys() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "warmup").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "warmup")
+        .send()
+        .await
+        .unwrap();
     let tasks: Vec<_> = (0..8)
         .map(|i| {
             let b = b.clone();
             let url = s.url("/");
             tokio::spawn(async move {
                 for _ in 0..10 {
-                    let r = b.get(&url).header("x-test-incr", format!("c{i}")).send().await.unwrap();
+                    let r = b
+                        .get(&url)
+                        .header("x-test-incr", format!("c{i}"))
+                        .send()
+                        .await
+                        .unwrap();
                     assert_eq!(r.status(), 200);
                 }
             })
@@ -78,7 +117,9 @@ async fn concurrent_counters_on_one_session_count_every_increment_of_distinct_ke
     for t in tasks {
         t.await.unwrap();
     }
-    let data = seen(b.get(s.url("/")).send().await.unwrap()).await.session();
+    let data = seen(b.get(s.url("/")).send().await.unwrap())
+        .await
+        .session();
     for i in 0..8 {
         assert_eq!(data[format!("c{i}")], json!(10), "{data}");
     }
@@ -88,29 +129,66 @@ async fn concurrent_counters_on_one_session_count_every_increment_of_distinct_ke
 async fn a_request_in_flight_during_a_cycle_lands_in_the_renamed_session() {
     let (app, gate) = gated_app().await;
     let s = sidecar_for(app, "").await;
-    let resp = plain().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let old = cookie_value(&set_cookies(&resp)[0]);
     let old_cookie = format!("sessionid={old}");
 
     let slow = {
         let (url, c) = (s.url("/gate"), old_cookie.clone());
         tokio::spawn(async move {
-            plain().get(url).header("cookie", c).header("x-test-reply", reply(&[("X-Session-Set", r#"{"late":true}"#)])).send().await.unwrap()
+            plain()
+                .get(url)
+                .header("cookie", c)
+                .header(
+                    "x-test-reply",
+                    reply(&[("X-Session-Set", r#"{"late":true}"#)]),
+                )
+                .send()
+                .await
+                .unwrap()
         })
     };
     gate.wait_arrival().await;
-    let login = plain().get(s.url("/login")).header("cookie", &old_cookie).header("x-test-reply", reply(&[("X-Session-Cycle", "1")])).send().await.unwrap();
+    let login = plain()
+        .get(s.url("/login"))
+        .header("cookie", &old_cookie)
+        .header("x-test-reply", reply(&[("X-Session-Cycle", "1")]))
+        .send()
+        .await
+        .unwrap();
     let new = cookie_value(&set_cookies(&login)[0]);
     assert_ne!(new, old);
     // A request that starts with the old key after the cycle is new.
-    let after = plain().get(s.url("/")).header("cookie", &old_cookie).send().await.unwrap();
+    let after = plain()
+        .get(s.url("/"))
+        .header("cookie", &old_cookie)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(seen(after).await.status(), "new");
 
     gate.open(1);
     let slow = slow.await.unwrap();
     assert_eq!(slow.status(), 200);
-    assert!(set_cookies(&slow).is_empty(), "the cycle response already gave the new key");
-    let data = seen(plain().get(s.url("/")).header("cookie", format!("sessionid={new}")).send().await.unwrap()).await.session();
+    assert!(
+        set_cookies(&slow).is_empty(),
+        "the cycle response already gave the new key"
+    );
+    let data = seen(
+        plain()
+            .get(s.url("/"))
+            .header("cookie", format!("sessionid={new}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .session();
     assert_eq!(data, json!({"n": 1, "late": true}));
 }
 
@@ -118,13 +196,27 @@ async fn a_request_in_flight_during_a_cycle_lands_in_the_renamed_session() {
 async fn a_slow_request_cannot_resurrect_a_session_flushed_meanwhile() {
     let (app, gate) = gated_app().await;
     let s = sidecar_for(app, "").await;
-    let resp = plain().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let cookie = format!("sessionid={}", cookie_value(&set_cookies(&resp)[0]));
 
     let writer = {
         let (url, c) = (s.url("/gate/cart"), cookie.clone());
         tokio::spawn(async move {
-            plain().get(url).header("cookie", c).header("x-test-reply", reply(&[("X-Session-Set", r#"{"cart":[1]}"#)])).send().await.unwrap()
+            plain()
+                .get(url)
+                .header("cookie", c)
+                .header(
+                    "x-test-reply",
+                    reply(&[("X-Session-Set", r#"{"cart":[1]}"#)]),
+                )
+                .send()
+                .await
+                .unwrap()
         })
     };
     gate.wait_arrival().await;
@@ -133,7 +225,13 @@ async fn a_slow_request_cannot_resurrect_a_session_flushed_meanwhile() {
         tokio::spawn(async move { plain().get(url).header("cookie", c).send().await.unwrap() })
     };
     gate.wait_arrival().await;
-    let logout = plain().get(s.url("/logout")).header("cookie", &cookie).header("x-test-reply", reply(&[("X-Session-Flush", "1")])).send().await.unwrap();
+    let logout = plain()
+        .get(s.url("/logout"))
+        .header("cookie", &cookie)
+        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
+        .send()
+        .await
+        .unwrap();
     assert!(set_cookies(&logout)[0].contains("Max-Age=0"));
 
     gate.open(2);
@@ -145,7 +243,15 @@ async fn a_slow_request_cannot_resurrect_a_session_flushed_meanwhile() {
     let reader = reader.await.unwrap();
     assert_eq!(reader.status(), 200);
     assert!(set_cookies(&reader)[0].contains("Max-Age=0"));
-    let after = seen(plain().get(s.url("/")).header("cookie", &cookie).send().await.unwrap()).await;
+    let after = seen(
+        plain()
+            .get(s.url("/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(after.status(), "new");
     assert_eq!(after.session(), Value::Object(Default::default()));
 }

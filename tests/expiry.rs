@@ -22,7 +22,12 @@ fn max_age(set_cookie: &str) -> Option<u64> {
 async fn a_session_expires_cookie_age_after_its_last_save() {
     let s = sidecar("[expiry]\ncookie_age = 1000").await;
     let b = browser();
-    let resp = b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(max_age(&set_cookies(&resp)[0]), Some(1000));
     s.clock.advance(secs(400));
     let seen1 = seen(b.get(s.url("/")).send().await.unwrap()).await;
@@ -38,19 +43,38 @@ async fn a_session_expires_cookie_age_after_its_last_save() {
 async fn a_save_pushes_the_expiry_out_again() {
     let s = sidecar("[expiry]\ncookie_age = 1000").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     for _ in 0..3 {
         s.clock.advance(secs(900));
-        let resp = b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+        let resp = b
+            .get(s.url("/"))
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(max_age(&set_cookies(&resp)[0]), Some(1000));
     }
-    assert_eq!(seen(b.get(s.url("/")).send().await.unwrap()).await.session(), json!({"n": 4}));
+    assert_eq!(
+        seen(b.get(s.url("/")).send().await.unwrap())
+            .await
+            .session(),
+        json!({"n": 4})
+    );
 }
 
 #[tokio::test]
 async fn expire_at_browser_close_sets_a_cookie_without_max_age() {
     let s = sidecar("[expiry]\nexpire_at_browser_close = true").await;
-    let resp = browser().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = browser()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let c = &set_cookies(&resp)[0];
     assert!(!c.contains("Max-Age") && !c.contains("Expires"), "{c}");
 }
@@ -60,44 +84,96 @@ async fn set_expiry_takes_seconds_zero_a_timestamp_and_default() {
     let s = sidecar("[expiry]\ncookie_age = 1000").await;
     let b = browser();
     let exp = |v: &str| reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Expiry", v)]);
-    let resp = b.get(s.url("/")).header("x-test-reply", exp("60")).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", exp("60"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(max_age(&set_cookies(&resp)[0]), Some(60));
-    let resp = b.get(s.url("/")).header("x-test-reply", exp("0")).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", exp("0"))
+        .send()
+        .await
+        .unwrap();
     let c = &set_cookies(&resp)[0];
-    assert!(!c.contains("Max-Age") && !c.contains("Expires"), "browser-close: {c}");
+    assert!(
+        !c.contains("Max-Age") && !c.contains("Expires"),
+        "browser-close: {c}"
+    );
     let at = time::OffsetDateTime::from_unix_timestamp(s.now() / 1000 + 500).unwrap();
-    let ts = at.format(&time::format_description::well_known::Rfc3339).unwrap();
-    let resp = b.get(s.url("/")).header("x-test-reply", exp(&ts)).send().await.unwrap();
+    let ts = at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", exp(&ts))
+        .send()
+        .await
+        .unwrap();
     let m = max_age(&set_cookies(&resp)[0]).unwrap();
     assert!((499..=500).contains(&m), "{m}");
-    let resp = b.get(s.url("/")).header("x-test-reply", exp("default")).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", exp("default"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(max_age(&set_cookies(&resp)[0]), Some(1000));
     // Seconds mean inactivity after the last save: 60 s later the session is gone.
-    b.get(s.url("/")).header("x-test-reply", exp("60")).send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-reply", exp("60"))
+        .send()
+        .await
+        .unwrap();
     s.clock.advance(secs(61));
-    assert_eq!(seen(b.get(s.url("/")).send().await.unwrap()).await.status(), "new");
+    assert_eq!(
+        seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
+        "new"
+    );
 }
 
 #[tokio::test]
 async fn an_expiry_in_the_past_ends_the_session() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let r = reply(&[("X-Session-Expiry", "2001-01-01T00:00:00Z")]);
-    let resp = b.get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
     assert!(set_cookies(&resp)[0].contains("Max-Age=0"));
-    assert_eq!(seen(b.get(s.url("/")).send().await.unwrap()).await.status(), "new");
+    assert_eq!(
+        seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
+        "new"
+    );
 }
 
 #[tokio::test]
 async fn save_every_request_refreshes_cookie_and_expiry_on_reads() {
     let s = sidecar("[expiry]\ncookie_age = 1000\nsave_every_request = true").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     for _ in 0..3 {
         s.clock.advance(secs(900));
         let resp = b.get(s.url("/")).send().await.unwrap();
-        assert_eq!(max_age(&set_cookies(&resp)[0]), Some(1000), "cookie refreshed on a read");
+        assert_eq!(
+            max_age(&set_cookies(&resp)[0]),
+            Some(1000),
+            "cookie refreshed on a read"
+        );
         assert_eq!(seen(resp).await.status(), "existing");
     }
     // Still nothing for a visitor without data.
@@ -109,15 +185,27 @@ async fn save_every_request_refreshes_cookie_and_expiry_on_reads() {
 async fn idle_timeout_ends_an_unused_session_without_a_write_per_request() {
     let s = sidecar("[expiry]\ncookie_age = 100000\nidle_timeout = 100").await;
     let b = browser();
-    let resp = b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let key = cookie_value(&set_cookies(&resp)[0]);
-    assert_eq!(max_age(&set_cookies(&resp)[0]), Some(100000), "the cookie follows cookie_age");
+    assert_eq!(
+        max_age(&set_cookies(&resp)[0]),
+        Some(100000),
+        "the cookie follows cookie_age"
+    );
     let created = s.store.load(&key, s.now()).await.unwrap().unwrap().accessed;
     // Reads within the touch interval (10 s here) write nothing.
     s.clock.advance(secs(5));
     let r = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(r.header("x-session-expiry-age"), Some("95"));
-    assert_eq!(s.store.load(&key, s.now()).await.unwrap().unwrap().accessed, created);
+    assert_eq!(
+        s.store.load(&key, s.now()).await.unwrap().unwrap().accessed,
+        created
+    );
     // Activity keeps it alive past the idle timeout.
     for _ in 0..4 {
         s.clock.advance(secs(60));
@@ -126,27 +214,44 @@ async fn idle_timeout_ends_an_unused_session_without_a_write_per_request() {
         assert_eq!(r.header("x-session-expiry-age"), Some("100"));
     }
     s.clock.advance(secs(101));
-    assert_eq!(seen(b.get(s.url("/")).send().await.unwrap()).await.status(), "new");
+    assert_eq!(
+        seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
+        "new"
+    );
 }
 
 #[tokio::test]
 async fn absolute_timeout_ends_a_session_whatever_the_activity() {
     let s = sidecar("[expiry]\nabsolute_timeout = 300").await;
     let b = browser();
-    let resp = b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(max_age(&set_cookies(&resp)[0]), Some(300));
     for _ in 0..2 {
         s.clock.advance(secs(100));
-        let resp = b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+        let resp = b
+            .get(s.url("/"))
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
     }
     s.clock.advance(secs(100));
-    assert_eq!(seen(b.get(s.url("/")).send().await.unwrap()).await.status(), "new");
+    assert_eq!(
+        seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
+        "new"
+    );
 }
 
 #[tokio::test]
 async fn a_new_visitor_is_told_the_smallest_age_in_force() {
-    let s = sidecar("[expiry]\ncookie_age = 1000\nidle_timeout = 600\nabsolute_timeout = 800").await;
+    let s =
+        sidecar("[expiry]\ncookie_age = 1000\nidle_timeout = 600\nabsolute_timeout = 800").await;
     let r = seen(plain().get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(r.header("x-session-expiry-age"), Some("600"));
 }
@@ -156,7 +261,12 @@ async fn the_sweeper_removes_expired_records_through_the_index() {
     let s = sidecar("[expiry]\ncookie_age = 1000\nsweep_interval = 1").await;
     let mut keys = Vec::new();
     for i in 0..5 {
-        let resp = plain().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+        let resp = plain()
+            .get(s.url("/"))
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap();
         keys.push(cookie_value(&set_cookies(&resp)[0]));
         if i == 2 {
             s.clock.advance(secs(500));
@@ -175,7 +285,10 @@ async fn the_sweeper_removes_expired_records_through_the_index() {
     }
     assert!(gone, "the background sweeper removed the expired record");
     let swept = s.store.sweep(s.now()).await.unwrap();
-    assert_eq!(swept.sessions, 0, "the background sweeper already took all three");
+    assert_eq!(
+        swept.sessions, 0,
+        "the background sweeper already took all three"
+    );
     for k in &keys[3..] {
         assert!(s.store.load(k, s.now()).await.unwrap().is_some());
     }

@@ -24,7 +24,10 @@ impl Proc {
         format!("http://{}{}", self.addr, path)
     }
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
     fn wait(mut self) -> (std::process::ExitStatus, String) {
@@ -53,8 +56,13 @@ fn start(config: &Path) -> Proc {
 }
 
 fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -88,7 +96,11 @@ async fn acknowledged_changes_survive_sigkill() {
         // The cookie jars hold host-only cookies for 127.0.0.1, so they go to the new port too.
         let seen = seen(b.get(p.url("/")).send().await.unwrap()).await;
         assert_eq!(seen.status(), "existing", "session {i} lost");
-        assert_eq!(seen.session()["n"], serde_json::json!(acked[i]), "session {i}");
+        assert_eq!(
+            seen.session()["n"],
+            serde_json::json!(acked[i]),
+            "session {i}"
+        );
     }
     p.signal("-KILL");
     let _ = p.wait();
@@ -102,7 +114,12 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     let p = start(&config);
     let url = p.url("/gate");
     let inflight = tokio::spawn(async move {
-        plain().get(url).header("x-test-incr", "n").send().await.unwrap()
+        plain()
+            .get(url)
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap()
     });
     gate.wait_arrival().await;
     p.signal("-TERM");
@@ -146,19 +163,46 @@ async fn a_drain_that_runs_out_of_grace_exits_non_zero_and_says_how_many_were_cu
 async fn session_keys_never_appear_in_the_logs() {
     let app = start_app(echo).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), app, "[security]\nsecret_key = \"log-test-secret\"");
+    let config = write_config(
+        dir.path(),
+        app,
+        "[security]\nsecret_key = \"log-test-secret\"",
+    );
     let p = start(&config);
     let b = browser();
-    let resp = b.get(p.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = b
+        .get(p.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let cookie = cookie_value(&set_cookies(&resp)[0]);
-    b.get(p.url("/")).header("x-test-reply", reply(&[("X-Session-Cycle", "1")])).send().await.unwrap();
-    b.get(p.url("/")).header("x-test-reply", reply(&[("X-Session-Set", "{bad")])).send().await.unwrap();
-    b.get(p.url("/")).header("x-test-reply", reply(&[("X-Session-Flush", "1")])).send().await.unwrap();
+    b.get(p.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Cycle", "1")]))
+        .send()
+        .await
+        .unwrap();
+    b.get(p.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Set", "{bad")]))
+        .send()
+        .await
+        .unwrap();
+    b.get(p.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
+        .send()
+        .await
+        .unwrap();
     p.signal("-TERM");
     let (_, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
     let key = &cookie[cookie.len() - 64..];
-    assert!(!log.contains(key) && !log.contains("log-test-secret"), "{log}");
-    assert!(log.contains("X-Session-Set"), "the bad header was logged: {log}");
+    assert!(
+        !log.contains(key) && !log.contains("log-test-secret"),
+        "{log}"
+    );
+    assert!(
+        log.contains("X-Session-Set"),
+        "the bad header was logged: {log}"
+    );
 }
 
 #[test]
@@ -168,15 +212,27 @@ fn check_config_validates_masks_secrets_and_names_bad_keys() {
     std::fs::write(&good, "[security]\nsecret_key = \"hunter2hunter2\"\n").unwrap();
     let (ok, out) = run_cli(&["check-config", "--config", good.to_str().unwrap()], &[]);
     assert!(ok, "{out}");
-    assert!(out.contains("********") && !out.contains("hunter2"), "{out}");
+    assert!(
+        out.contains("********") && !out.contains("hunter2"),
+        "{out}"
+    );
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[cookie]\nsame_site = \"Sometimes\"\n").unwrap();
     let (ok, out) = run_cli(&["check-config", "--config", bad.to_str().unwrap()], &[]);
     assert!(!ok);
-    assert!(out.contains("cookie.same_site") && out.contains("Sometimes"), "{out}");
-    let (ok, out) = run_cli(&["check-config", "--config", good.to_str().unwrap()], &[("SESSION_SIDECAR_NOPE", "1")]);
+    assert!(
+        out.contains("cookie.same_site") && out.contains("Sometimes"),
+        "{out}"
+    );
+    let (ok, out) = run_cli(
+        &["check-config", "--config", good.to_str().unwrap()],
+        &[("SESSION_SIDECAR_NOPE", "1")],
+    );
     assert!(!ok && out.contains("SESSION_SIDECAR_NOPE"), "{out}");
-    let (ok, out) = run_cli(&["check-config", "--config", good.to_str().unwrap()], &[("SESSION_SIDECAR_EXPIRY__COOKIE_AGE", "60")]);
+    let (ok, out) = run_cli(
+        &["check-config", "--config", good.to_str().unwrap()],
+        &[("SESSION_SIDECAR_EXPIRY__COOKIE_AGE", "60")],
+    );
     assert!(ok && out.contains("cookie_age = 60"), "{out}");
 }
 
@@ -195,7 +251,13 @@ fn an_invalid_config_exits_before_binding_naming_the_key() {
     let (ok, out) = run_cli(&["--config", bad.to_str().unwrap()], &[]);
     assert!(!ok);
     assert!(out.contains("upstream_timeout"), "{out}");
-    let (ok, out) = run_cli(&["--config", dir.path().join("missing.toml").to_str().unwrap()], &[]);
+    let (ok, out) = run_cli(
+        &[
+            "--config",
+            dir.path().join("missing.toml").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(!ok && out.contains("missing.toml"), "{out}");
 }
 
@@ -210,16 +272,33 @@ async fn environment_overrides_configure_the_running_sidecar() {
         .env("SESSION_SIDECAR_UPSTREAM", format!("http://{app}"))
         .env("SESSION_SIDECAR_COOKIE__NAME", "sid");
     let p = start_with(cmd);
-    let resp = plain().get(p.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(p.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let c = resp.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
+    let c = resp
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(c.starts_with("sid="), "{c}");
     p.signal("-TERM");
     let _ = tokio::task::spawn_blocking(move || p.wait()).await;
 }
 
 fn start_with(mut cmd: Command) -> Proc {
-    let mut child = cmd.env("RUST_LOG", "info").env("NO_COLOR", "1").stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -235,7 +314,11 @@ fn start_with(mut cmd: Command) -> Proc {
         }
     });
     let addr = rx.recv_timeout(Duration::from_secs(20)).expect("started");
-    Proc { child, addr: addr.parse().unwrap(), log }
+    Proc {
+        child,
+        addr: addr.parse().unwrap(),
+        log,
+    }
 }
 
 #[tokio::test]
@@ -247,9 +330,22 @@ async fn clear_expired_removes_expired_sessions_and_refuses_a_held_store() {
     let p = start(&config);
     // Two sessions that expire after one second of inactivity, one that lives on.
     for _ in 0..2 {
-        plain().get(p.url("/")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Expiry", "1")])).send().await.unwrap();
+        plain()
+            .get(p.url("/"))
+            .header(
+                "x-test-reply",
+                reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Expiry", "1")]),
+            )
+            .send()
+            .await
+            .unwrap();
     }
-    plain().get(p.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    plain()
+        .get(p.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let (ok, out) = run_cli(&["clear-expired", "--config", &cfg], &[]);
     assert!(!ok, "the running sidecar holds the store: {out}");
     assert!(out.contains("in use by another process"), "{out}");

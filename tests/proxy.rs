@@ -46,8 +46,15 @@ async fn the_host_is_preserved_and_x_forwarded_headers_are_set() {
         .unwrap();
     let seen = seen(resp).await;
     assert_eq!(seen.header("host"), Some("shop.example"));
-    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
-    assert_eq!(seen.header("x-forwarded-proto"), Some("http"), "untrusted: replaced");
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(
+        seen.header("x-forwarded-proto"),
+        Some("http"),
+        "untrusted: replaced"
+    );
     assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
 }
 
@@ -80,7 +87,11 @@ async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
 #[tokio::test]
 async fn hop_by_hop_headers_and_those_named_in_connection_are_dropped_both_ways() {
     let s = sidecar("").await;
-    let reply_hdrs = reply(&[("Connection", "x-up-private"), ("X-Up-Private", "1"), ("Keep-Alive", "timeout=5")]);
+    let reply_hdrs = reply(&[
+        ("Connection", "x-up-private"),
+        ("X-Up-Private", "1"),
+        ("Keep-Alive", "timeout=5"),
+    ]);
     let req = format!(
         "GET / HTTP/1.1\r\nHost: h\r\nConnection: close, x-private\r\nX-Private: secret\r\nKeep-Alive: timeout=9\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\nx-test-reply: {reply_hdrs}\r\n\r\n"
     );
@@ -88,8 +99,14 @@ async fn hop_by_hop_headers_and_those_named_in_connection_are_dropped_both_ways(
     let (head, body) = out.split_once("\r\n\r\n").unwrap();
     let head = head.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(!head.contains("x-up-private") && !head.contains("keep-alive"), "{head}");
-    let body = body.rsplit_once('}').map(|(b, _)| format!("{b}}}")).unwrap();
+    assert!(
+        !head.contains("x-up-private") && !head.contains("keep-alive"),
+        "{head}"
+    );
+    let body = body
+        .rsplit_once('}')
+        .map(|(b, _)| format!("{b}}}"))
+        .unwrap();
     let body = &body[body.find('{').unwrap()..];
     let seen: Seen = serde_json::from_str(body).unwrap();
     for name in ["x-private", "keep-alive", "proxy-authorization", "te"] {
@@ -104,7 +121,9 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     for i in 0..3 {
-        w.write_all(format!("GET /k{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes()).await.unwrap();
+        w.write_all(format!("GET /k{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut status = String::new();
         r.read_line(&mut status).await.unwrap();
         assert!(status.starts_with("HTTP/1.1 200"), "{status}");
@@ -128,13 +147,25 @@ async fn keep_alive_serves_several_requests_on_one_connection() {
 #[tokio::test]
 async fn h2c_clients_are_served_with_sessions() {
     let s = sidecar("").await;
-    let c = reqwest::Client::builder().http2_prior_knowledge().cookie_store(true).build().unwrap();
-    let resp = c.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let resp = c
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(set_cookies(&resp).len(), 1);
     let seen = seen(c.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(seen.status(), "existing");
-    assert_eq!(seen.version, "HTTP/1.1", "the upstream still speaks HTTP/1.1");
+    assert_eq!(
+        seen.version, "HTTP/1.1",
+        "the upstream still speaks HTTP/1.1"
+    );
     assert!(seen.header("host").is_some());
 }
 
@@ -147,7 +178,14 @@ async fn an_unreachable_upstream_is_a_502_with_a_plain_text_body() {
     let s = sidecar_for(dead, "").await;
     let resp = plain().get(s.url("/")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
-    assert!(resp.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        resp.headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     assert!(set_cookies(&resp).is_empty());
     assert!(resp.text().await.unwrap().contains("unreachable"));
 }
@@ -155,33 +193,72 @@ async fn an_unreachable_upstream_is_a_502_with_a_plain_text_body() {
 #[tokio::test]
 async fn an_upstream_slower_than_the_timeout_is_a_504() {
     let s = sidecar("upstream_timeout = 1").await;
-    let resp = browser().get(s.url("/")).header("x-test-delay-ms", "3000").header("x-test-incr", "n").send().await.unwrap();
+    let resp = browser()
+        .get(s.url("/"))
+        .header("x-test-delay-ms", "3000")
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 504);
     assert!(set_cookies(&resp).is_empty());
-    assert!(resp.text().await.unwrap().contains("did not answer within 1 seconds"));
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("did not answer within 1 seconds")
+    );
 }
 
 #[tokio::test]
 async fn skip_paths_get_no_session_work_but_are_still_scrubbed() {
     let s = sidecar("skip_paths = [\"/static/\"]").await;
-    let resp = plain().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let key = cookie_value(&set_cookies(&resp)[0]);
     let resp = plain()
         .get(s.url("/static/app.css"))
         .header("cookie", format!("sessionid={key}; other=1"))
         .header("x-session", r#"{"spoof":1}"#)
-        .header("x-test-reply", reply(&[("X-Session-Set", r#"{"n":99}"#), ("X-Session-Flush", "1")]))
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Set", r#"{"n":99}"#), ("X-Session-Flush", "1")]),
+        )
         .send()
         .await
         .unwrap();
     assert!(set_cookies(&resp).is_empty());
     assert!(resp.headers().get("vary").is_none());
-    assert!(resp.headers().keys().all(|k| !k.as_str().starts_with("x-session")));
+    assert!(
+        resp.headers()
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-session"))
+    );
     let seen1 = seen(resp).await;
-    assert!(seen1.headers.keys().all(|k| !k.starts_with("x-session")), "{:?}", seen1.headers);
+    assert!(
+        seen1.headers.keys().all(|k| !k.starts_with("x-session")),
+        "{:?}",
+        seen1.headers
+    );
     assert_eq!(seen1.header("cookie"), Some("other=1"));
-    let after = seen(plain().get(s.url("/")).header("cookie", format!("sessionid={key}")).send().await.unwrap()).await;
-    assert_eq!(after.session(), serde_json::json!({"n": 1}), "nothing applied on the skip path");
+    let after = seen(
+        plain()
+            .get(s.url("/"))
+            .header("cookie", format!("sessionid={key}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        after.session(),
+        serde_json::json!({"n": 1}),
+        "nothing applied on the skip path"
+    );
 }
 
 /// An app that accepts a WebSocket-style upgrade and echoes bytes, reporting the session status
@@ -226,10 +303,16 @@ async fn websocket_upgrades_pass_through_with_session_headers_on_the_handshake()
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(head.contains("x-seen-status: new"), "{head}");
-    assert!(head.contains("set-cookie: sessionid="), "the handshake can start a session: {head}");
+    assert!(
+        head.contains("set-cookie: sessionid="),
+        "the handshake can start a session: {head}"
+    );
     assert!(!head.contains("x-session-set"), "{head}");
     stream.write_all(b"hello").await.unwrap();
     let mut echo = [0u8; 5];
-    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echo)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&echo, b"hello");
 }

@@ -16,7 +16,11 @@ async fn a_new_visitor_gets_an_empty_session_and_no_cookie() {
     assert_eq!(seen.status(), "new");
     assert_eq!(seen.header("x-session-expiry-age"), Some("1209600"));
     assert!(seen.header("x-session-id").is_none());
-    assert_eq!(s.store.sweep(i64::MAX).await.unwrap().sessions, 0, "no record written");
+    assert_eq!(
+        s.store.sweep(i64::MAX).await.unwrap().sessions,
+        0,
+        "no record written"
+    );
 }
 
 #[tokio::test]
@@ -24,9 +28,21 @@ async fn the_visit_counter_counts_across_requests() {
     let s = sidecar("").await;
     let b = browser();
     for n in 1..=3 {
-        let resp = b.get(s.url("/")).header("x-test-incr", "visits").send().await.unwrap();
+        let resp = b
+            .get(s.url("/"))
+            .header("x-test-incr", "visits")
+            .send()
+            .await
+            .unwrap();
         let seen = seen(resp).await;
-        assert_eq!(seen.session(), if n == 1 { json!({}) } else { json!({"visits": n - 1}) });
+        assert_eq!(
+            seen.session(),
+            if n == 1 {
+                json!({})
+            } else {
+                json!({"visits": n - 1})
+            }
+        );
         assert_eq!(seen.status(), if n == 1 { "new" } else { "existing" });
     }
 }
@@ -36,7 +52,11 @@ async fn the_session_header_is_ascii_only_json() {
     let s = sidecar("").await;
     let b = browser();
     let set = reply(&[("X-Session-Set", r#"{"name":"Zoë 😀"}"#)]);
-    b.get(s.url("/")).header("x-test-reply", set).send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-reply", set)
+        .send()
+        .await
+        .unwrap();
     let raw = seen(b.get(s.url("/")).send().await.unwrap()).await;
     let header = raw.header("x-session").unwrap();
     assert!(header.is_ascii());
@@ -68,10 +88,23 @@ async fn client_session_headers_are_stripped_and_cannot_spoof() {
 #[tokio::test]
 async fn the_session_cookie_is_not_forwarded_but_other_cookies_are() {
     let s = sidecar("").await;
-    let resp = plain().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let key = cookie_value(&set_cookies(&resp)[0]);
     let cookies = format!("theme=dark; sessionid={key}; lang=en");
-    let seen = seen(plain().get(s.url("/")).header("cookie", cookies).send().await.unwrap()).await;
+    let seen = seen(
+        plain()
+            .get(s.url("/"))
+            .header("cookie", cookies)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(seen.status(), "existing");
     let cookie = seen.header("cookie").unwrap_or("");
     assert!(!cookie.contains("sessionid"), "{cookie}");
@@ -81,13 +114,28 @@ async fn the_session_cookie_is_not_forwarded_but_other_cookies_are() {
 #[tokio::test]
 async fn the_cookie_has_the_configured_attributes_and_a_long_random_key() {
     let s = sidecar("[cookie]\nname = \"sessionid\"\npath = \"/app\"\ndomain = \"127.0.0.1\"\nsecure = false\nsame_site = \"Strict\"").await;
-    let resp = plain().get(s.url("/app")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/app"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let c = set_cookies(&resp).pop().expect("a cookie");
-    for part in ["Path=/app", "Domain=127.0.0.1", "HttpOnly", "SameSite=Strict", "Max-Age=1209600", "Expires="] {
+    for part in [
+        "Path=/app",
+        "Domain=127.0.0.1",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Max-Age=1209600",
+        "Expires=",
+    ] {
         assert!(c.contains(part), "{part} in {c}");
     }
     let key = cookie_value(&c);
-    assert!(key.len() >= 32 && key.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+    assert!(
+        key.len() >= 32 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
+    );
     assert_eq!(resp.headers().get("vary").unwrap(), "Cookie");
 }
 
@@ -95,7 +143,12 @@ async fn the_cookie_has_the_configured_attributes_and_a_long_random_key() {
 async fn expose_id_sends_the_key_upstream() {
     let s = sidecar("expose_id = true").await;
     let b = browser();
-    let resp = b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let key = cookie_value(&set_cookies(&resp)[0]);
     let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(seen.header("x-session-id"), Some(key.as_str()));
@@ -104,10 +157,23 @@ async fn expose_id_sends_the_key_upstream() {
 #[tokio::test]
 async fn session_response_headers_are_stripped_and_unknown_ones_ignored() {
     let s = sidecar("").await;
-    let r = reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Foo", "bar"), ("X-Other", "kept")]);
-    let resp = browser().get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
+    let r = reply(&[
+        ("X-Session-Set", r#"{"a":1}"#),
+        ("X-Session-Foo", "bar"),
+        ("X-Other", "kept"),
+    ]);
+    let resp = browser()
+        .get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers().keys().all(|k| !k.as_str().starts_with("x-session")));
+    assert!(
+        resp.headers()
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-session"))
+    );
     assert_eq!(resp.headers().get("x-other").unwrap(), "kept");
     assert_eq!(set_cookies(&resp).len(), 1);
 }
@@ -116,10 +182,22 @@ async fn session_response_headers_are_stripped_and_unknown_ones_ignored() {
 async fn a_custom_prefix_owns_exactly_its_names() {
     let s = sidecar("header_prefix = \"X-Sess\"").await;
     let b = browser();
-    let r = reply(&[("X-Sess-Set", r#"{"a":1}"#), ("X-Session-Set", r#"{"b":2}"#)]);
-    let resp = b.get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
+    let r = reply(&[
+        ("X-Sess-Set", r#"{"a":1}"#),
+        ("X-Session-Set", r#"{"b":2}"#),
+    ]);
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
     assert!(resp.headers().get("x-sess-set").is_none());
-    assert_eq!(resp.headers().get("x-session-set").unwrap(), r#"{"b":2}"#, "not ours: passes");
+    assert_eq!(
+        resp.headers().get("x-session-set").unwrap(),
+        r#"{"b":2}"#,
+        "not ours: passes"
+    );
     let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(seen.header("x-sess"), Some(r#"{"a":1}"#));
     assert_eq!(seen.header("x-sess-status"), Some("existing"));
@@ -130,9 +208,20 @@ async fn set_delete_and_full_session_apply_in_order() {
     let s = sidecar("").await;
     let b = browser();
     let r = reply(&[("X-Session-Set", r#"{"a":1,"b":2,"c":3}"#)]);
-    b.get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
-    let r = reply(&[("X-Session", r#"{"a":10,"b":2,"c":3,"d":4}"#), ("X-Session-Delete", r#"["c","missing"]"#)]);
-    b.get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
+    let r = reply(&[
+        ("X-Session", r#"{"a":10,"b":2,"c":3,"d":4}"#),
+        ("X-Session-Delete", r#"["c","missing"]"#),
+    ]);
+    b.get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
     let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(seen.session(), json!({"a": 10, "b": 2, "d": 4}));
 }
@@ -141,19 +230,41 @@ async fn set_delete_and_full_session_apply_in_order() {
 async fn echoing_the_session_unchanged_writes_nothing_and_sets_no_cookie() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
-    let resp = b.get(s.url("/")).header("x-test-full-set", "{}").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-full-set", "{}")
+        .send()
+        .await
+        .unwrap();
     assert!(set_cookies(&resp).is_empty());
-    assert_eq!(resp.headers().get("vary").unwrap(), "Cookie", "request carried the cookie");
+    assert_eq!(
+        resp.headers().get("vary").unwrap(),
+        "Cookie",
+        "request carried the cookie"
+    );
 }
 
 #[tokio::test]
 async fn emptying_the_session_deletes_record_and_cookie() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let r = reply(&[("X-Session-Delete", r#"["n"]"#)]);
-    let resp = b.get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
     let c = set_cookies(&resp).pop().expect("removal cookie");
     assert!(c.contains("Max-Age=0") && c.contains("Path=/"), "{c}");
     let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
@@ -164,21 +275,57 @@ async fn emptying_the_session_deletes_record_and_cookie() {
 async fn flush_logs_out_and_can_start_a_fresh_session_with_a_new_key() {
     let s = sidecar("").await;
     let b = browser();
-    let resp = b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"user":"ann"}"#)])).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Set", r#"{"user":"ann"}"#)]),
+        )
+        .send()
+        .await
+        .unwrap();
     let old = cookie_value(&set_cookies(&resp)[0]);
     // Plain logout: record and cookie go.
-    let resp = b.get(s.url("/logout")).header("x-test-reply", reply(&[("X-Session-Flush", "true")])).send().await.unwrap();
+    let resp = b
+        .get(s.url("/logout"))
+        .header("x-test-reply", reply(&[("X-Session-Flush", "true")]))
+        .send()
+        .await
+        .unwrap();
     assert!(set_cookies(&resp)[0].contains("Max-Age=0"));
-    assert_eq!(seen(b.get(s.url("/")).send().await.unwrap()).await.status(), "new");
+    assert_eq!(
+        seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
+        "new"
+    );
     // Logout with a flash message: a fresh session under a new key; the old key is dead.
-    b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"user":"ann"}"#)])).send().await.unwrap();
-    let r = reply(&[("X-Session", r#"{"flash":"bye"}"#), ("X-Session-Flush", "1")]);
-    let resp = b.get(s.url("/logout")).header("x-test-reply", r).send().await.unwrap();
+    b.get(s.url("/"))
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Set", r#"{"user":"ann"}"#)]),
+        )
+        .send()
+        .await
+        .unwrap();
+    let r = reply(&[
+        ("X-Session", r#"{"flash":"bye"}"#),
+        ("X-Session-Flush", "1"),
+    ]);
+    let resp = b
+        .get(s.url("/logout"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
     let new = cookie_value(&set_cookies(&resp)[0]);
     assert_ne!(new, old);
     let seen2 = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(seen2.session(), json!({"flash": "bye"}));
-    let stale = plain().get(s.url("/")).header("cookie", format!("sessionid={old}")).send().await.unwrap();
+    let stale = plain()
+        .get(s.url("/"))
+        .header("cookie", format!("sessionid={old}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(seen(stale).await.status(), "new");
 }
 
@@ -186,10 +333,27 @@ async fn flush_logs_out_and_can_start_a_fresh_session_with_a_new_key() {
 async fn flush_and_cycle_accept_only_their_documented_values() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
-    let resp = b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Flush", "FALSE"), ("X-Session-Cycle", "0")])).send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Flush", "FALSE"), ("X-Session-Cycle", "0")]),
+        )
+        .send()
+        .await
+        .unwrap();
     assert!(set_cookies(&resp).is_empty(), "no-ops");
-    let resp = b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Cycle", "yes")])).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Cycle", "yes")]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 502);
     assert!(resp.text().await.unwrap().contains("X-Session-Cycle"));
 }
@@ -198,24 +362,49 @@ async fn flush_and_cycle_accept_only_their_documented_values() {
 async fn cycle_keeps_the_data_under_a_new_key_and_kills_the_old_one() {
     let s = sidecar("").await;
     let b = browser();
-    let resp = b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let old = cookie_value(&set_cookies(&resp)[0]);
-    let resp = b.get(s.url("/login")).header("x-test-reply", reply(&[("X-Session-Cycle", "1"), ("X-Session-Set", r#"{"user":7}"#)])).send().await.unwrap();
+    let resp = b
+        .get(s.url("/login"))
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Cycle", "1"), ("X-Session-Set", r#"{"user":7}"#)]),
+        )
+        .send()
+        .await
+        .unwrap();
     let new = cookie_value(&set_cookies(&resp)[0]);
     assert_ne!(old, new);
     let seen_new = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(seen_new.session(), json!({"n": 1, "user": 7}));
-    let stale = plain().get(s.url("/")).header("cookie", format!("sessionid={old}")).send().await.unwrap();
+    let stale = plain()
+        .get(s.url("/"))
+        .header("cookie", format!("sessionid={old}"))
+        .send()
+        .await
+        .unwrap();
     let stale_cookie = set_cookies(&stale);
     assert_eq!(seen(stale).await.status(), "new");
-    assert!(stale_cookie[0].contains("Max-Age=0"), "stale cookie deleted");
+    assert!(
+        stale_cookie[0].contains("Max-Age=0"),
+        "stale cookie deleted"
+    );
 }
 
 #[tokio::test]
 async fn bad_change_headers_are_a_502_naming_the_header_and_keep_the_session() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"keep":1}"#)])).send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Set", r#"{"keep":1}"#)]))
+        .send()
+        .await
+        .unwrap();
     for (name, value) in [
         ("X-Session-Set", "{oops"),
         ("X-Session", "[1,2]"),
@@ -225,10 +414,22 @@ async fn bad_change_headers_are_a_502_naming_the_header_and_keep_the_session() {
         ("X-Session-Subject", "has space"),
     ] {
         let r = reply(&[("X-Session-Set", r#"{"lost":1}"#), (name, value)]);
-        let resp = b.get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
+        let resp = b
+            .get(s.url("/"))
+            .header("x-test-reply", r)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 502, "{name}: {value}");
         assert!(set_cookies(&resp).is_empty());
-        assert!(resp.headers().get("content-type").unwrap().to_str().unwrap().starts_with("text/plain"));
+        assert!(
+            resp.headers()
+                .get("content-type")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain")
+        );
         let text = resp.text().await.unwrap();
         assert!(text.contains(name), "{text}");
     }
@@ -240,16 +441,30 @@ async fn bad_change_headers_are_a_502_naming_the_header_and_keep_the_session() {
 async fn a_session_over_the_size_cap_is_refused_with_502() {
     let s = sidecar("max_session_bytes = 100").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"keep":1}"#)])).send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Set", r#"{"keep":1}"#)]))
+        .send()
+        .await
+        .unwrap();
     // 30 two-byte characters: 60 bytes of UTF-8 but 180 once escaped, as the header carries it.
     let big = format!(r#"{{"big":"{}"}}"#, "é".repeat(30));
-    let resp = b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Set", &big)])).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Set", &big)]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 502);
     assert!(resp.text().await.unwrap().contains("max_session_bytes"));
     let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(seen.session(), json!({"keep": 1}));
     // A new visitor over the cap gets no session either.
-    let resp = plain().get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Set", &big)])).send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Set", &big)]))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 502);
 }
 
@@ -257,27 +472,55 @@ async fn a_session_over_the_size_cap_is_refused_with_502() {
 async fn a_5xx_from_the_upstream_applies_nothing_and_passes_through() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     for r in [
         reply(&[("X-Session-Set", r#"{"n":99}"#)]),
         reply(&[("X-Session-Flush", "1")]),
         reply(&[("X-Session-Cycle", "1")]),
         reply(&[("X-Session-Set", "{garbage")]),
     ] {
-        let resp = b.get(s.url("/")).header("x-test-reply", r).header("x-test-status", "503").send().await.unwrap();
+        let resp = b
+            .get(s.url("/"))
+            .header("x-test-reply", r)
+            .header("x-test-status", "503")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 503);
         assert!(set_cookies(&resp).is_empty());
-        assert!(resp.headers().keys().all(|k| !k.as_str().starts_with("x-session")));
+        assert!(
+            resp.headers()
+                .keys()
+                .all(|k| !k.as_str().starts_with("x-session"))
+        );
         assert_eq!(resp.headers().get("vary").unwrap(), "Cookie");
     }
-    assert_eq!(seen(b.get(s.url("/")).send().await.unwrap()).await.session(), json!({"n": 1}));
+    assert_eq!(
+        seen(b.get(s.url("/")).send().await.unwrap())
+            .await
+            .session(),
+        json!({"n": 1})
+    );
 }
 
 #[tokio::test]
 async fn unknown_malformed_and_forged_cookies_are_never_adopted() {
     let s = sidecar("").await;
-    for cookie in ["sessionid=garbage", &format!("sessionid={}", "a".repeat(64)), "sessionid="] {
-        let resp = plain().get(s.url("/")).header("cookie", cookie).send().await.unwrap();
+    for cookie in [
+        "sessionid=garbage",
+        &format!("sessionid={}", "a".repeat(64)),
+        "sessionid=",
+    ] {
+        let resp = plain()
+            .get(s.url("/"))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
         let removal = set_cookies(&resp);
         assert!(removal[0].contains("Max-Age=0"), "{cookie}: {removal:?}");
         assert_eq!(resp.headers().get("vary").unwrap(), "Cookie");
@@ -285,7 +528,13 @@ async fn unknown_malformed_and_forged_cookies_are_never_adopted() {
     }
     // Data stored on an unknown cookie goes to a fresh random key.
     let forged = "b".repeat(64);
-    let resp = plain().get(s.url("/")).header("cookie", format!("sessionid={forged}")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("cookie", format!("sessionid={forged}"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let key = cookie_value(&set_cookies(&resp)[0]);
     assert_ne!(key, forged);
 }
@@ -295,21 +544,35 @@ async fn signed_cookies_verify_rotate_and_reject_forgeries() {
     let app = start_app(echo).await;
     let old_secret = "[security]\nsecret_key = \"the old secret\"";
     let s = sidecar_for(app, old_secret).await;
-    let resp = plain().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let signed = cookie_value(&set_cookies(&resp)[0]);
     assert!(signed.len() > 64, "signature prepended: {signed}");
     // The raw key alone is a forgery.
     let raw = &signed[signed.len() - 64..];
-    let resp = plain().get(s.url("/")).header("cookie", format!("sessionid={raw}")).send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("cookie", format!("sessionid={raw}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(seen(resp).await.status(), "new");
     let (_, dir) = s.stop().await;
     let dir = dir.unwrap();
     // Rotate: the new secret signs, the old one still verifies.
-    let rotated = format!(
-        "[security]\nsecret_key = \"a brand new secret\"\nsecret_key_fallbacks = [\"the old secret\"]"
-    );
-    let s2 = sidecar_at(app, &rotated, dir.path()).await;
-    let resp = plain().get(s2.url("/")).header("cookie", format!("sessionid={signed}")).header("x-test-incr", "n").send().await.unwrap();
+    let rotated = "[security]\nsecret_key = \"a brand new secret\"\nsecret_key_fallbacks = [\"the old secret\"]";
+    let s2 = sidecar_at(app, rotated, dir.path()).await;
+    let resp = plain()
+        .get(s2.url("/"))
+        .header("cookie", format!("sessionid={signed}"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let resigned = cookie_value(&set_cookies(&resp)[0]);
     assert_ne!(resigned, signed, "re-signed with the new secret");
     let seen2 = seen(resp).await;
@@ -321,9 +584,18 @@ async fn signed_cookies_verify_rotate_and_reject_forgeries() {
 async fn vary_cookie_is_added_whatever_the_status() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     for status in ["200", "404", "302", "500"] {
-        let resp = b.get(s.url("/")).header("x-test-status", status).send().await.unwrap();
+        let resp = b
+            .get(s.url("/"))
+            .header("x-test-status", status)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.headers().get("vary").unwrap(), "Cookie", "{status}");
     }
 }
@@ -331,9 +603,22 @@ async fn vary_cookie_is_added_whatever_the_status() {
 #[tokio::test]
 async fn the_upstreams_own_set_cookie_passes_and_ours_is_appended() {
     let s = sidecar("").await;
-    let r = reply(&[("Set-Cookie", "theme=dark; Path=/"), ("X-Session-Set", r#"{"a":1}"#)]);
-    let resp = plain().get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
-    let all: Vec<_> = resp.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).collect();
+    let r = reply(&[
+        ("Set-Cookie", "theme=dark; Path=/"),
+        ("X-Session-Set", r#"{"a":1}"#),
+    ]);
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
+    let all: Vec<_> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0], "theme=dark; Path=/");
     assert!(all[1].starts_with("sessionid="));
@@ -343,31 +628,87 @@ async fn the_upstreams_own_set_cookie_passes_and_ours_is_appended() {
 async fn subject_tags_a_session_and_survives_a_cycle_but_not_a_flush() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/login")).header("x-test-reply", reply(&[("X-Session-Set", r#"{"u":1}"#), ("X-Session-Subject", "user-42")])).send().await.unwrap();
+    b.get(s.url("/login"))
+        .header(
+            "x-test-reply",
+            reply(&[
+                ("X-Session-Set", r#"{"u":1}"#),
+                ("X-Session-Subject", "user-42"),
+            ]),
+        )
+        .send()
+        .await
+        .unwrap();
     let now = s.now();
     assert_eq!(s.store.subject_keys("user-42", now).await.unwrap().len(), 1);
     let seen1 = seen(b.get(s.url("/")).send().await.unwrap()).await;
-    assert_eq!(seen1.session(), json!({"u": 1}), "the subject is not part of the data");
-    let resp = b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Cycle", "1")])).send().await.unwrap();
+    assert_eq!(
+        seen1.session(),
+        json!({"u": 1}),
+        "the subject is not part of the data"
+    );
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Cycle", "1")]))
+        .send()
+        .await
+        .unwrap();
     let key = cookie_value(&set_cookies(&resp)[0]);
-    assert_eq!(s.store.subject_keys("user-42", now).await.unwrap(), vec![key]);
-    b.get(s.url("/")).header("x-test-reply", reply(&[("X-Session-Flush", "1"), ("X-Session-Set", r#"{"flash":1}"#)])).send().await.unwrap();
-    assert!(s.store.subject_keys("user-42", now).await.unwrap().is_empty());
+    assert_eq!(
+        s.store.subject_keys("user-42", now).await.unwrap(),
+        vec![key]
+    );
+    b.get(s.url("/"))
+        .header(
+            "x-test-reply",
+            reply(&[
+                ("X-Session-Flush", "1"),
+                ("X-Session-Set", r#"{"flash":1}"#),
+            ]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        s.store
+            .subject_keys("user-42", now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn a_failing_store_answers_503_and_never_a_fresh_session() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
-    s.faulty.failing.store(true, std::sync::atomic::Ordering::SeqCst);
-    let resp = b.get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    s.faulty
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 503);
     assert!(set_cookies(&resp).is_empty());
     assert!(resp.text().await.unwrap().contains("session store"));
-    let resp = plain().get(s.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 503, "a new visitor's write fails closed too");
-    s.faulty.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    s.faulty
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(seen.session(), json!({"n": 1}), "the session was kept");
 }

@@ -100,10 +100,8 @@ pub fn apply(
     if let Some(subject) = &change.subject {
         record.subject = subject.clone();
     }
-    let modified = data_changed
-        || change.expiry.is_some()
-        || change.subject.is_some()
-        || change.cycle;
+    let modified =
+        data_changed || change.expiry.is_some() || change.subject.is_some() || change.cycle;
     let empty = record.data.is_empty();
     let save = !empty && (modified || force_save);
     if save {
@@ -185,7 +183,15 @@ mod tests {
     fn deleting_the_last_key_empties_the_record() {
         let mut r = Record::new(0);
         r.data = data(json!({"a": 1}));
-        let e = apply(&mut r, &set(vec![Op::Delete("a".into())]), &policy(), 1, 8192, false).unwrap();
+        let e = apply(
+            &mut r,
+            &set(vec![Op::Delete("a".into())]),
+            &policy(),
+            1,
+            8192,
+            false,
+        )
+        .unwrap();
         assert!(e.empty && !e.save);
     }
 
@@ -193,8 +199,15 @@ mod tests {
     fn a_change_over_the_size_cap_is_refused() {
         let mut r = Record::new(0);
         let big = "é".repeat(100); // 600 bytes once escaped
-        let err = apply(&mut r, &set(vec![Op::Set("k".into(), json!(big))]), &policy(), 1, 500, false)
-            .unwrap_err();
+        let err = apply(
+            &mut r,
+            &set(vec![Op::Set("k".into(), json!(big))]),
+            &policy(),
+            1,
+            500,
+            false,
+        )
+        .unwrap_err();
         assert!(err.size > 500);
     }
 

@@ -168,12 +168,16 @@ impl Policy {
 
     /// Whole seconds a new session would get: the smallest of `cookie_age` and the timeouts.
     pub fn new_session_age(&self) -> u64 {
-        [Some(self.cookie_age), self.idle_timeout, self.absolute_timeout]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(self.cookie_age)
-            .as_secs()
+        [
+            Some(self.cookie_age),
+            self.idle_timeout,
+            self.absolute_timeout,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.cookie_age)
+        .as_secs()
     }
 
     /// Whether a read-only request should record its activity now.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree, Transactional,
+    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -151,7 +151,8 @@ impl Tx<'_> {
         if let Some(old) = old {
             self.unindex(key, old)?;
         }
-        self.index.insert(index_key(new.deadline, KIND_SESSION, key), &[])?;
+        self.index
+            .insert(index_key(new.deadline, KIND_SESSION, key), &[])?;
         if let Some(s) = &new.subject {
             self.subjects.insert(subject_key(s, key), &[])?;
         }
@@ -166,7 +167,8 @@ impl Tx<'_> {
     }
 
     fn unindex(&self, key: &str, old: &Record) -> TxResult<()> {
-        self.index.remove(index_key(old.deadline, KIND_SESSION, key))?;
+        self.index
+            .remove(index_key(old.deadline, KIND_SESSION, key))?;
         if let Some(s) = &old.subject {
             self.subjects.remove(subject_key(s, key))?;
         }
@@ -180,7 +182,8 @@ impl Tx<'_> {
         };
         self.forwards
             .insert(from, serde_json::to_vec(&f).expect("serializes"))?;
-        self.index.insert(index_key(until, KIND_FORWARD, from), &[])?;
+        self.index
+            .insert(index_key(until, KIND_FORWARD, from), &[])?;
         Ok(())
     }
 }
@@ -313,8 +316,9 @@ impl Store for SledStore {
                 return Ok(Updated::Ended);
             };
             let mut record = old.clone();
-            let effect = changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)
-                .map_err(|t| ConflictableTransactionError::Abort(Abort::TooLarge(t)))?;
+            let effect =
+                changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)
+                    .map_err(|t| ConflictableTransactionError::Abort(Abort::TooLarge(t)))?;
             if effect.empty || (effect.save && record.deadline <= now) {
                 tx.delete(&current, &old)?;
                 return Ok(Updated::Removed { forwarded });
@@ -326,7 +330,11 @@ impl Store for SledStore {
                 Some(next) => {
                     tx.delete(&current, &old)?;
                     tx.put(next, None, &record)?;
-                    tx.forward(&current, next, now + policy.forward_ttl.as_millis() as Millis)?;
+                    tx.forward(
+                        &current,
+                        next,
+                        now + policy.forward_ttl.as_millis() as Millis,
+                    )?;
                     next.to_string()
                 }
                 None => {
@@ -346,7 +354,11 @@ impl Store for SledStore {
         let mut current = key.to_string();
         for hop in 0..=MAX_HOPS {
             if self.load(&current, now).await?.is_some() {
-                return Ok(if hop == 0 { Liveness::Live } else { Liveness::Forwarded });
+                return Ok(if hop == 0 {
+                    Liveness::Live
+                } else {
+                    Liveness::Forwarded
+                });
             }
             if self.sessions.contains_key(&current).map_err(backend)? {
                 return Ok(Liveness::Ended);

@@ -8,7 +8,9 @@ use super::{Millis, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the session store at {path} is in use by another process (a running sidecar?); its sweeper clears expired sessions meanwhile")]
+    #[error(
+        "the session store at {path} is in use by another process (a running sidecar?); its sweeper clears expired sessions meanwhile"
+    )]
     Locked { path: String },
     #[error("cannot open the session store at {path}: {reason}")]
     Open { path: String, reason: String },

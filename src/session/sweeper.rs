@@ -24,7 +24,11 @@ pub async fn run(
         }
         match store.sweep(clock.now()).await {
             Ok(s) if s.sessions + s.forwards > 0 => {
-                tracing::info!(sessions = s.sessions, forwards = s.forwards, "swept expired records");
+                tracing::info!(
+                    sessions = s.sessions,
+                    forwards = s.forwards,
+                    "swept expired records"
+                );
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "sweeping expired sessions failed"),

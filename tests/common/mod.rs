@@ -39,7 +39,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.first()).map(String::as_str)
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(String::as_str)
     }
     pub fn session(&self) -> Value {
         serde_json::from_str(self.header("x-session").expect("x-session header")).unwrap()
@@ -59,7 +62,9 @@ where
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
@@ -88,7 +93,10 @@ pub fn full(b: impl Into<Bytes>) -> AppBody {
 /// - `x-test-status`, `x-test-delay-ms`, `x-test-body-size` (a streamed body of N bytes).
 pub async fn echo(req: Request<Incoming>) -> Response<AppBody> {
     let h = req.headers().clone();
-    let get = |n: &str| h.get(n).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let get = |n: &str| {
+        h.get(n)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in h.iter() {
         headers
@@ -121,7 +129,10 @@ pub async fn echo(req: Request<Incoming>) -> Response<AppBody> {
     if let Some(reply) = h.get("x-test-reply") {
         let pairs: Vec<(String, String)> = serde_json::from_slice(reply.as_bytes()).unwrap();
         for (n, v) in pairs {
-            builder = builder.header(n, hyper::header::HeaderValue::from_bytes(v.as_bytes()).unwrap());
+            builder = builder.header(
+                n,
+                hyper::header::HeaderValue::from_bytes(v.as_bytes()).unwrap(),
+            );
         }
     }
     if let Some(key) = get("x-test-incr") {
@@ -214,7 +225,14 @@ impl Store for Faulty {
         self.check()?;
         self.inner.create(key, record).await
     }
-    async fn update(&self, key: &str, change: &Change, new_key: Option<&str>, now: Millis, force: bool) -> Result<Updated, UpdateError> {
+    async fn update(
+        &self,
+        key: &str,
+        change: &Change,
+        new_key: Option<&str>,
+        now: Millis,
+        force: bool,
+    ) -> Result<Updated, UpdateError> {
         self.check()?;
         self.inner.update(key, change, new_key, now, force).await
     }
@@ -273,7 +291,12 @@ impl Sidecar {
 
     /// SIGTERM, as far as `run` is concerned: stop and wait for the drain. The store is closed
     /// once this returns (the temporary directory, if any, is handed back).
-    pub async fn stop(mut self) -> (Result<(), session_sidecar::RunError>, Option<tempfile::TempDir>) {
+    pub async fn stop(
+        mut self,
+    ) -> (
+        Result<(), session_sidecar::RunError>,
+        Option<tempfile::TempDir>,
+    ) {
         let _ = self.stop.take().unwrap().send(());
         let result = self.task.take().unwrap().await.unwrap();
         let dir = self.dir.take();
@@ -301,7 +324,11 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
     let text = format!(
         "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\n{timeout}{top}\n[store]\npath = {path:?}\n[admin]\nlisten = \"\"\n{tables}",
         path = dir.join("sessions").display().to_string(),
-        timeout = if top.contains("upstream_timeout") { "" } else { "upstream_timeout = 5\n" },
+        timeout = if top.contains("upstream_timeout") {
+            ""
+        } else {
+            "upstream_timeout = 5\n"
+        },
     );
     let config = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     // A sidecar stopped in this process may still be letting go of the directory lock.
@@ -329,8 +356,25 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
         clock: clock.clone(),
     };
     let store = deps.store.clone();
-    let task = tokio::spawn(session_sidecar::run(config, listener, async { let _ = rx.await; }, deps));
-    Sidecar { addr, app, clock, store, faulty, dir: None, path: dir.to_path_buf(), stop: Some(tx), task: Some(task) }
+    let task = tokio::spawn(session_sidecar::run(
+        config,
+        listener,
+        async {
+            let _ = rx.await;
+        },
+        deps,
+    ));
+    Sidecar {
+        addr,
+        app,
+        clock,
+        store,
+        faulty,
+        dir: None,
+        path: dir.to_path_buf(),
+        stop: Some(tx),
+        task: Some(task),
+    }
 }
 
 /// Extra TOML may carry top-level keys and tables; `[store]`/`[admin]` lines are merged.
@@ -373,7 +417,13 @@ pub fn plain() -> reqwest::Client {
 
 /// `x-test-reply` value for a list of response headers.
 pub fn reply(pairs: &[(&str, &str)]) -> String {
-    serde_json::to_string(&pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>()).unwrap()
+    serde_json::to_string(
+        &pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap()
 }
 
 pub async fn seen(resp: reqwest::Response) -> Seen {
@@ -422,7 +472,10 @@ impl Gate {
 pub async fn gated_app() -> (SocketAddr, Arc<Gate>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let gate = Arc::new(Gate { arrived: tokio::sync::Mutex::new(rx), release: release.clone() });
+    let gate = Arc::new(Gate {
+        arrived: tokio::sync::Mutex::new(rx),
+        release: release.clone(),
+    });
     let addr = start_app(move |req: Request<Incoming>| {
         let tx = tx.clone();
         let release = release.clone();
