@@ -87,7 +87,7 @@ impl Sidecar {
         let mut carried = false;
         let result = self.proxy(req, peer, &mut carried).await;
         let mut resp = result.unwrap_or_else(ProxyError::into_response);
-        if carried && !resp.headers().get_all(VARY).iter().any(|v| v == "Cookie") {
+        if carried && !varies_on_cookie(resp.headers()) {
             resp.headers_mut()
                 .append(VARY, HeaderValue::from_static("Cookie"));
         }
@@ -200,7 +200,24 @@ impl Sidecar {
                 "ignored an unknown session header from the upstream"
             );
         }
-        let action = self.apply(loaded, &presented, &change, now).await?;
+        let action = match self.apply(loaded, &presented, &change, now).await {
+            // Name the headers that carried the oversized data, as for any bad change header.
+            Err(ProxyError::TooLarge(t)) => {
+                let names: Vec<String> = taken
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .filter(|n| matches!(&n[prefix.len()..], "" | "-set" | "-delete"))
+                    .map(headers::display_name)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                return Err(ProxyError::BadHeader(headers::BadHeader {
+                    header: names.join(", "),
+                    problem: t.to_string(),
+                }));
+            }
+            other => other?,
+        };
         let mut resp = finish(rparts, rbody, upgrades);
         let h = resp.headers_mut();
         match action {
@@ -244,6 +261,15 @@ impl Sidecar {
             return self.fresh(change, now, presented.carried).await;
         };
         if change.flush {
+            // Refuse an oversized fresh session before the old one is gone.
+            changes::apply(
+                &mut Record::new(now),
+                change,
+                &self.policy,
+                now,
+                self.config.max_session_bytes,
+                false,
+            )?;
             self.store.remove(&key).await?;
             tracing::info!("session flushed");
             let action = self.fresh(change, now, true).await?;
@@ -370,6 +396,16 @@ fn finish(
         tokio::spawn(splice(client, upstream));
     }
     Response::from_parts(rparts, rbody.map_err(Into::into).boxed())
+}
+
+/// Whether a `Vary` header already names `Cookie` (or `*`).
+fn varies_on_cookie(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("cookie") || t.trim() == "*")
 }
 
 async fn splice(client: OnUpgrade, upstream: OnUpgrade) {
