@@ -34,11 +34,18 @@ async fn app(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible
         .get("x-session")
         .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
         .unwrap_or_default();
-    let user = session.get("user").and_then(Value::as_str).unwrap_or("nobody");
+    let user = session
+        .get("user")
+        .and_then(Value::as_str)
+        .unwrap_or("nobody");
     let query = req.uri().query().unwrap_or("");
     Ok(match req.uri().path() {
         "/" => {
-            let visits = session.get("num_visits").and_then(Value::as_u64).unwrap_or(0) + 1;
+            let visits = session
+                .get("num_visits")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                + 1;
             respond(
                 200,
                 format!("<h1>Hello, {user}</h1><p>You have visited this page {visits} times.</p>"),

@@ -19,7 +19,10 @@ impl Drop for Killed {
 
 async fn wait_until_up(port: u16) {
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -28,7 +31,11 @@ async fn wait_until_up(port: u16) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
@@ -46,57 +53,158 @@ async fn the_python_legacy_app_counts_visits_keeps_a_cart_and_logs_in_and_out() 
     let s = sidecar_for(format!("127.0.0.1:{port}").parse().unwrap(), "").await;
     let b = browser();
     for n in 1..=3 {
-        let page = b.get(s.url("/")).send().await.unwrap().text().await.unwrap();
+        let page = b
+            .get(s.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         let want = format!("You have visited this page {n} time");
         assert!(page.contains(&want), "{page}");
     }
     b.get(s.url("/cart/add?item=book")).send().await.unwrap();
     b.get(s.url("/cart/add?item=pen")).send().await.unwrap();
-    let cart = b.get(s.url("/cart")).send().await.unwrap().text().await.unwrap();
+    let cart = b
+        .get(s.url("/cart"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(cart.contains("<li>book</li><li>pen</li>"), "{cart}");
 
     let login = b.get(s.url("/login?user=ann")).send().await.unwrap();
     assert_eq!(login.status(), 303);
     assert_eq!(set_cookies(&login).len(), 1, "a new key at login");
-    let home = b.get(s.url("/")).send().await.unwrap().text().await.unwrap();
-    assert!(home.contains("logged in as <b>ann</b>") && home.contains("Welcome, ann!"), "{home}");
-    assert!(home.contains("You have visited this page 4 times"), "data survives the cycle: {home}");
-    let home = b.get(s.url("/")).send().await.unwrap().text().await.unwrap();
+    let home = b
+        .get(s.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        home.contains("logged in as <b>ann</b>") && home.contains("Welcome, ann!"),
+        "{home}"
+    );
+    assert!(
+        home.contains("You have visited this page 4 times"),
+        "data survives the cycle: {home}"
+    );
+    let home = b
+        .get(s.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(!home.contains("Welcome, ann!"), "flash shown once: {home}");
 
     b.get(s.url("/logout")).send().await.unwrap();
-    let home = b.get(s.url("/")).send().await.unwrap().text().await.unwrap();
-    assert!(home.contains("You are logged out.") && home.contains("login as ann"), "{home}");
-    assert!(home.contains("You have visited this page 1 time."), "{home}");
+    let home = b
+        .get(s.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        home.contains("You are logged out.") && home.contains("login as ann"),
+        "{home}"
+    );
+    assert!(
+        home.contains("You have visited this page 1 time."),
+        "{home}"
+    );
 
     let fresh = browser();
-    let first = fresh.get(s.url("/test-cookie")).send().await.unwrap().text().await.unwrap();
+    let first = fresh
+        .get(s.url("/test-cookie"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(first.contains("Test cookie set"), "{first}");
-    let second = fresh.get(s.url("/test-cookie")).send().await.unwrap().text().await.unwrap();
+    let second = fresh
+        .get(s.url("/test-cookie"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(second.contains("Your browser accepts cookies"), "{second}");
 }
 
 #[tokio::test]
 async fn the_rust_legacy_app_counts_visits_behind_the_sidecar() {
     let port = free_port();
-    let exe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/legacy_app");
+    let exe =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/legacy_app");
     if !exe.exists() {
-        let ok = Command::new(env!("CARGO")).args(["build", "--example", "legacy_app"]).status().unwrap();
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "--example", "legacy_app"])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
-    let _app = Killed(Command::new(exe).arg(port.to_string()).stderr(Stdio::null()).spawn().unwrap());
+    let _app = Killed(
+        Command::new(exe)
+            .arg(port.to_string())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until_up(port).await;
     let s = sidecar_for(format!("127.0.0.1:{port}").parse().unwrap(), "").await;
     let b = browser();
     for n in 1..=2 {
-        let page = b.get(s.url("/")).send().await.unwrap().text().await.unwrap();
-        assert!(page.contains(&format!("visited this page {n} times")), "{page}");
+        let page = b
+            .get(s.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            page.contains(&format!("visited this page {n} times")),
+            "{page}"
+        );
     }
     let login = b.get(s.url("/login?user=bob")).send().await.unwrap();
     assert_eq!(login.status(), 303);
-    let page = b.get(s.url("/")).send().await.unwrap().text().await.unwrap();
-    assert!(page.contains("Hello, bob") && page.contains("3 times"), "{page}");
+    let page = b
+        .get(s.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Hello, bob") && page.contains("3 times"),
+        "{page}"
+    );
     b.get(s.url("/logout")).send().await.unwrap();
-    let page = b.get(s.url("/")).send().await.unwrap().text().await.unwrap();
-    assert!(page.contains("Hello, nobody") && page.contains("1 times"), "{page}");
+    let page = b
+        .get(s.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Hello, nobody") && page.contains("1 times"),
+        "{page}"
+    );
 }

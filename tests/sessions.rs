@@ -456,12 +456,20 @@ async fn a_session_over_the_size_cap_is_refused_with_502() {
         .unwrap();
     assert_eq!(resp.status(), 502);
     let text = resp.text().await.unwrap();
-    assert!(text.contains("max_session_bytes") && text.contains("X-Session-Set"), "{text}");
+    assert!(
+        text.contains("max_session_bytes") && text.contains("X-Session-Set"),
+        "{text}"
+    );
     let kept = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(kept.session(), json!({"keep": 1}));
     // A logout whose fresh session would be over the cap keeps the old session.
     let r = reply(&[("X-Session-Flush", "1"), ("X-Session-Set", &big)]);
-    let resp = b.get(s.url("/")).header("x-test-reply", r).send().await.unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 502);
     let after = seen(b.get(s.url("/")).send().await.unwrap()).await;
     assert_eq!(after.session(), json!({"keep": 1}));

@@ -27,7 +27,10 @@ fn record(data: serde_json::Value, now: Millis) -> Record {
 }
 
 fn set(k: &str, v: serde_json::Value) -> Change {
-    Change { ops: vec![Op::Set(k.into(), v)], ..Change::default() }
+    Change {
+        ops: vec![Op::Set(k.into(), v)],
+        ..Change::default()
+    }
 }
 
 /// The store contract. `open` gives a fresh, empty store.
@@ -47,7 +50,10 @@ async fn suite(open: impl Fn() -> Arc<dyn Store>) {
 async fn create_then_load(s: Arc<dyn Store>) {
     let k = id::generate();
     assert!(s.create(&k, &record(json!({"a": 1}), T0)).await.unwrap());
-    assert!(!s.create(&k, &record(json!({"b": 1}), T0)).await.unwrap(), "create-if-absent");
+    assert!(
+        !s.create(&k, &record(json!({"b": 1}), T0)).await.unwrap(),
+        "create-if-absent"
+    );
     let r = s.load(&k, T0 + 1).await.unwrap().unwrap();
     assert_eq!(r.data, *json!({"a": 1}).as_object().unwrap());
     assert!(s.load(&id::generate(), T0).await.unwrap().is_none());
@@ -63,20 +69,36 @@ async fn expired_records_are_never_loaded(s: Arc<dyn Store>) {
 async fn updates_merge_per_key_against_the_latest_state(s: Arc<dyn Store>) {
     let k = id::generate();
     s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
-    s.update(&k, &set("x", json!(1)), None, T0 + 1, false).await.unwrap();
-    s.update(&k, &set("y", json!(2)), None, T0 + 2, false).await.unwrap();
+    s.update(&k, &set("x", json!(1)), None, T0 + 1, false)
+        .await
+        .unwrap();
+    s.update(&k, &set("y", json!(2)), None, T0 + 2, false)
+        .await
+        .unwrap();
     let r = s.load(&k, T0 + 3).await.unwrap().unwrap();
-    assert_eq!(r.data, *json!({"a": 0, "x": 1, "y": 2}).as_object().unwrap());
+    assert_eq!(
+        r.data,
+        *json!({"a": 0, "x": 1, "y": 2}).as_object().unwrap()
+    );
     assert_eq!(r.saved, T0 + 2);
-    let again = s.update(&k, &set("y", json!(2)), None, T0 + 4, false).await.unwrap();
+    let again = s
+        .update(&k, &set("y", json!(2)), None, T0 + 4, false)
+        .await
+        .unwrap();
     assert_eq!(again, Updated::Unchanged { forwarded: false });
 }
 
 async fn emptying_removes_the_record(s: Arc<dyn Store>) {
     let k = id::generate();
     s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
-    let c = Change { ops: vec![Op::Delete("a".into())], ..Change::default() };
-    assert_eq!(s.update(&k, &c, None, T0 + 1, false).await.unwrap(), Updated::Removed { forwarded: false });
+    let c = Change {
+        ops: vec![Op::Delete("a".into())],
+        ..Change::default()
+    };
+    assert_eq!(
+        s.update(&k, &c, None, T0 + 1, false).await.unwrap(),
+        Updated::Removed { forwarded: false }
+    );
     assert_eq!(s.liveness(&k, T0 + 1).await.unwrap(), Liveness::Ended);
 }
 
@@ -85,36 +107,70 @@ async fn an_update_after_removal_reports_the_session_ended(s: Arc<dyn Store>) {
     s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
     assert!(s.remove(&k).await.unwrap());
     assert!(!s.remove(&k).await.unwrap());
-    assert_eq!(s.update(&k, &set("b", json!(1)), None, T0 + 1, false).await.unwrap(), Updated::Ended);
-    assert!(s.load(&k, T0 + 1).await.unwrap().is_none(), "not resurrected");
+    assert_eq!(
+        s.update(&k, &set("b", json!(1)), None, T0 + 1, false)
+            .await
+            .unwrap(),
+        Updated::Ended
+    );
+    assert!(
+        s.load(&k, T0 + 1).await.unwrap().is_none(),
+        "not resurrected"
+    );
 }
 
 async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>) {
     let old = id::generate();
     let new = id::generate();
     s.create(&old, &record(json!({"a": 0}), T0)).await.unwrap();
-    let c = Change { cycle: true, ..Change::default() };
+    let c = Change {
+        cycle: true,
+        ..Change::default()
+    };
     match s.update(&old, &c, Some(&new), T0 + 1, false).await.unwrap() {
-        Updated::Saved { key, forwarded: false, .. } => assert_eq!(key, new),
+        Updated::Saved {
+            key,
+            forwarded: false,
+            ..
+        } => assert_eq!(key, new),
         other => panic!("{other:?}"),
     }
-    assert!(s.load(&old, T0 + 2).await.unwrap().is_none(), "old key no longer loads");
-    match s.update(&old, &set("late", json!(true)), None, T0 + 3, false).await.unwrap() {
-        Updated::Saved { key, forwarded: true, .. } => assert_eq!(key, new),
+    assert!(
+        s.load(&old, T0 + 2).await.unwrap().is_none(),
+        "old key no longer loads"
+    );
+    match s
+        .update(&old, &set("late", json!(true)), None, T0 + 3, false)
+        .await
+        .unwrap()
+    {
+        Updated::Saved {
+            key,
+            forwarded: true,
+            ..
+        } => assert_eq!(key, new),
         other => panic!("{other:?}"),
     }
     let r = s.load(&new, T0 + 4).await.unwrap().unwrap();
     assert_eq!(r.data, *json!({"a": 0, "late": true}).as_object().unwrap());
     // The forward is short-lived.
     let later = T0 + 3_600_000;
-    assert_eq!(s.update(&old, &set("x", json!(1)), None, later, false).await.unwrap(), Updated::Ended);
+    assert_eq!(
+        s.update(&old, &set("x", json!(1)), None, later, false)
+            .await
+            .unwrap(),
+        Updated::Ended
+    );
 }
 
 async fn size_cap_leaves_the_record_untouched(s: Arc<dyn Store>) {
     let k = id::generate();
     s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
     let big = set("big", json!("x".repeat(10_000)));
-    assert!(matches!(s.update(&k, &big, None, T0 + 1, false).await, Err(UpdateError::TooLarge(_))));
+    assert!(matches!(
+        s.update(&k, &big, None, T0 + 1, false).await,
+        Err(UpdateError::TooLarge(_))
+    ));
     let r = s.load(&k, T0 + 2).await.unwrap().unwrap();
     assert_eq!(r.data, *json!({"a": 0}).as_object().unwrap());
 }
@@ -123,7 +179,10 @@ async fn subjects_index_live_sessions(s: Arc<dyn Store>) {
     let (k1, k2) = (id::generate(), id::generate());
     for k in [&k1, &k2] {
         s.create(k, &record(json!({"a": 0}), T0)).await.unwrap();
-        let c = Change { subject: Some(Some("user-1".into())), ..Change::default() };
+        let c = Change {
+            subject: Some(Some("user-1".into())),
+            ..Change::default()
+        };
         s.update(k, &c, None, T0 + 1, false).await.unwrap();
     }
     let mut keys = s.subject_keys("user-1", T0 + 2).await.unwrap();
@@ -132,7 +191,10 @@ async fn subjects_index_live_sessions(s: Arc<dyn Store>) {
     want.sort();
     assert_eq!(keys, want);
     s.remove(&k1).await.unwrap();
-    let untag = Change { subject: Some(None), ..Change::default() };
+    let untag = Change {
+        subject: Some(None),
+        ..Change::default()
+    };
     s.update(&k2, &untag, None, T0 + 3, false).await.unwrap();
     assert!(s.subject_keys("user-1", T0 + 4).await.unwrap().is_empty());
 }
@@ -144,7 +206,9 @@ async fn sweep_removes_only_what_expired(s: Arc<dyn Store>) {
         s.create(k, &record(json!({"a": 0}), T0)).await.unwrap();
     }
     for k in &live {
-        s.create(k, &record(json!({"a": 0}), T0 + AGE_MS)).await.unwrap();
+        s.create(k, &record(json!({"a": 0}), T0 + AGE_MS))
+            .await
+            .unwrap();
     }
     let swept = s.sweep(T0 + AGE_MS + 1).await.unwrap();
     assert_eq!(swept.sessions, 5);
@@ -158,7 +222,10 @@ async fn liveness_distinguishes_live_forwarded_and_ended(s: Arc<dyn Store>) {
     let (old, new) = (id::generate(), id::generate());
     s.create(&old, &record(json!({"a": 0}), T0)).await.unwrap();
     assert_eq!(s.liveness(&old, T0 + 1).await.unwrap(), Liveness::Live);
-    let c = Change { cycle: true, ..Change::default() };
+    let c = Change {
+        cycle: true,
+        ..Change::default()
+    };
     s.update(&old, &c, Some(&new), T0 + 1, false).await.unwrap();
     assert_eq!(s.liveness(&old, T0 + 2).await.unwrap(), Liveness::Forwarded);
     s.remove(&new).await.unwrap();
@@ -170,7 +237,11 @@ async fn sled_store_keeps_the_store_contract() {
     let dirs = std::sync::Mutex::new(Vec::new());
     suite(|| {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::from_toml(&format!("[store]\npath = {:?}", dir.path().join("s").display().to_string())).unwrap();
+        let cfg = Config::from_toml(&format!(
+            "[store]\npath = {:?}",
+            dir.path().join("s").display().to_string()
+        ))
+        .unwrap();
         let store = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
         dirs.lock().unwrap().push(dir);
         Arc::new(store)
@@ -181,7 +252,11 @@ async fn sled_store_keeps_the_store_contract() {
 #[tokio::test]
 async fn sled_store_keeps_sessions_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = Config::from_toml(&format!("[store]\npath = {:?}", dir.path().join("s").display().to_string())).unwrap();
+    let cfg = Config::from_toml(&format!(
+        "[store]\npath = {:?}",
+        dir.path().join("s").display().to_string()
+    ))
+    .unwrap();
     let k = id::generate();
     {
         let s = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
@@ -191,5 +266,8 @@ async fn sled_store_keeps_sessions_across_a_reopen() {
     let s = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
     assert!(s.load(&k, T0 + 1).await.unwrap().is_some());
     let second = SledStore::open(&cfg.store, Arc::new(policy()), 8192);
-    assert!(matches!(second, Err(session_sidecar::session::store::StoreError::Locked { .. })));
+    assert!(matches!(
+        second,
+        Err(session_sidecar::session::store::StoreError::Locked { .. })
+    ));
 }
