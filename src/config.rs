@@ -23,6 +23,10 @@ pub const DEFAULT_SWEEP_INTERVAL: u64 = 300;
 pub const DEFAULT_STORE_PATH: &str = "data/sessions";
 pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_HEADER_READ_TIMEOUT: u64 = 30;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Prefix of the environment variables that override keys of the file.
 pub const ENV_PREFIX: &str = "SESSION_SIDECAR_";
 
@@ -62,6 +66,10 @@ pub struct RawConfig {
     pub skip_paths: Vec<String>,
     pub trust_forwarded: bool,
     pub shutdown_grace: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: u64,
+    pub max_connections: usize,
     pub cookie: RawCookie,
     pub expiry: RawExpiry,
     pub store: RawStore,
@@ -128,6 +136,10 @@ impl Default for RawConfig {
             skip_paths: Vec::new(),
             trust_forwarded: false,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             cookie: RawCookie::default(),
             expiry: RawExpiry::default(),
             store: RawStore::default(),
@@ -248,6 +260,12 @@ pub struct Config {
     pub skip_paths: Vec<String>,
     pub trust_forwarded: bool,
     pub shutdown_grace: Duration,
+    /// Request line plus headers, in bytes; beyond it the client gets 431.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Time a client has to send a complete request head (slowloris defence).
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
     pub cookie: CookieConfig,
     pub expiry: ExpiryConfig,
     pub store: StoreConfig,
@@ -317,6 +335,10 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("", "skip_paths", Kind::List),
     ("", "trust_forwarded", Kind::Bool),
     ("", "shutdown_grace", Kind::Int),
+    ("", "max_header_bytes", Kind::Int),
+    ("", "max_headers", Kind::Int),
+    ("", "header_read_timeout", Kind::Int),
+    ("", "max_connections", Kind::Int),
     ("cookie", "name", Kind::Str),
     ("cookie", "path", Kind::Str),
     ("cookie", "domain", Kind::Str),
@@ -458,6 +480,21 @@ impl RawConfig {
                 return Err(invalid("skip_paths", format!("{p:?} must start with '/'")));
             }
         }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_header_bytes) {
+            return Err(invalid(
+                "max_header_bytes",
+                format!("{} is outside 1024..=16777216", self.max_header_bytes),
+            ));
+        }
+        if !(1..=10_000).contains(&self.max_headers) {
+            return Err(invalid(
+                "max_headers",
+                format!("{} is outside 1..=10000", self.max_headers),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be greater than 0"));
+        }
         let cookie = self.cookie.validate()?;
         let expiry = self.expiry.validate()?;
         let store = self.store.validate()?;
@@ -491,6 +528,10 @@ impl RawConfig {
             skip_paths: self.skip_paths,
             trust_forwarded: self.trust_forwarded,
             shutdown_grace: secs("shutdown_grace", self.shutdown_grace, true)?,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            header_read_timeout: secs("header_read_timeout", self.header_read_timeout, false)?,
+            max_connections: self.max_connections,
             cookie,
             expiry,
             store,

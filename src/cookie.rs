@@ -16,9 +16,13 @@ use crate::session::{Millis, id};
 pub struct Presented {
     /// The request carried at least one cookie with our name.
     pub carried: bool,
-    /// The first value that verified and is shaped like one of our keys.
-    pub key: Option<String>,
+    /// The values that verified and are shaped like one of our keys, in request order (at most
+    /// [`MAX_CANDIDATES`]): a browser sends several when stale copies linger under other paths.
+    pub keys: Vec<String>,
 }
+
+/// How many copies of our cookie are looked up at most.
+pub const MAX_CANDIDATES: usize = 4;
 
 pub struct SessionCookie {
     config: CookieConfig,
@@ -68,9 +72,13 @@ impl SessionCookie {
             for pair in text.split(';') {
                 if ours(pair) {
                     presented.carried = true;
-                    if presented.key.is_none() {
-                        let raw = pair.split_once('=').map_or("", |(_, v)| v).trim();
-                        presented.key = self.verify(raw.trim_matches('"'));
+                    let raw = pair.split_once('=').map_or("", |(_, v)| v).trim();
+                    if presented.keys.len() < MAX_CANDIDATES {
+                        if let Some(key) = self.verify(raw.trim_matches('"')) {
+                            if !presented.keys.contains(&key) {
+                                presented.keys.push(key);
+                            }
+                        }
                     }
                 } else if !pair.trim().is_empty() {
                     kept.push(pair.trim().to_string());
@@ -183,7 +191,7 @@ mod tests {
         let key = id::generate();
         let mut h = headers(&format!("a=1; sessionid={key}; b=\"x y\""));
         let p = jar(None, &[]).take(&mut h);
-        assert_eq!(p.key.as_deref(), Some(key.as_str()));
+        assert_eq!(p.keys, vec![key]);
         assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=\"x y\"");
     }
 
@@ -191,7 +199,7 @@ mod tests {
     fn only_our_cookie_leaves_no_cookie_header() {
         let mut h = headers("sessionid=garbage");
         let p = jar(None, &[]).take(&mut h);
-        assert!(p.carried && p.key.is_none());
+        assert!(p.carried && p.keys.is_empty());
         assert!(h.get(COOKIE).is_none());
     }
 

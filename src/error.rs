@@ -23,12 +23,16 @@ pub enum ProxyError {
         "your session ended while this request was being handled (logged out in another tab, or expired); please retry"
     )]
     SessionEnded,
+    #[error("request header fields too large: {0}")]
+    HeadTooLarge(String),
     #[error("the application sent a bad session header: {0}")]
     BadHeader(#[from] BadHeader),
     #[error("the application's session change was refused: {0}")]
     TooLarge(#[from] TooLarge),
     #[error("the application is unreachable: {0}")]
     UpstreamDown(String),
+    #[error("the application's answer was broken (not HTTP, too large, or cut off): {0}")]
+    UpstreamBroken(String),
     #[error("the application did not answer within {0} seconds")]
     UpstreamTimeout(u64),
     #[error("the session store is unavailable: {0}")]
@@ -39,9 +43,11 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::SessionEnded => StatusCode::BAD_REQUEST,
-            ProxyError::BadHeader(_) | ProxyError::TooLarge(_) | ProxyError::UpstreamDown(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::BadHeader(_)
+            | ProxyError::TooLarge(_)
+            | ProxyError::UpstreamDown(_)
+            | ProxyError::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -51,7 +57,9 @@ impl ProxyError {
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         match &self {
-            ProxyError::SessionEnded => tracing::warn!(status = status.as_u16(), "{self}"),
+            ProxyError::SessionEnded | ProxyError::HeadTooLarge(_) => {
+                tracing::warn!(status = status.as_u16(), "{self}")
+            }
             _ => tracing::error!(status = status.as_u16(), "{self}"),
         }
         // Store errors can carry paths and backend details; the client only needs the gist.

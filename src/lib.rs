@@ -92,7 +92,7 @@ pub async fn run(
         deps.clock.clone(),
         policy,
     ));
-    let cut = server::serve(listener, sidecar, shutdown, config.shutdown_grace).await;
+    let cut = server::serve(listener, sidecar, shutdown, &config).await;
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     deps.store.sync().await.map_err(RunError::Flush)?;

@@ -107,6 +107,7 @@ impl Sidecar {
         peer: SocketAddr,
         carried: &mut bool,
     ) -> Result<Response<Body>, ProxyError> {
+        self.check_head(&req)?;
         let mut req = req;
         let client_upgrade = req
             .headers()
@@ -157,10 +158,13 @@ impl Sidecar {
         }
 
         let now = self.clock.now();
-        let loaded = match &presented.key {
-            Some(key) => self.store.load(key, now).await?.map(|r| (key.clone(), r)),
-            None => None,
-        };
+        let mut loaded = None;
+        for key in &presented.keys {
+            if let Some(r) = self.store.load(key, now).await? {
+                loaded = Some((key.clone(), r));
+                break;
+            }
+        }
         let empty = Data::new();
         let snapshot = loaded.as_ref().map_or(&empty, |(_, r)| &r.data);
         let h = &mut parts.headers;
@@ -231,6 +235,31 @@ impl Sidecar {
         }
         *carried = true; // sets or deletes the cookie: Vary either way
         Ok(resp)
+    }
+
+    /// The configured limits on the request head (431 beyond them).
+    fn check_head(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        let count = req.headers().len();
+        if count > self.config.max_headers {
+            return Err(ProxyError::HeadTooLarge(format!(
+                "{count} request headers, more than the {} allowed",
+                self.config.max_headers
+            )));
+        }
+        let bytes = req.method().as_str().len()
+            + req.uri().to_string().len()
+            + req
+                .headers()
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if bytes > self.config.max_header_bytes {
+            return Err(ProxyError::HeadTooLarge(format!(
+                "the request head is {bytes} bytes, more than the {} allowed",
+                self.config.max_header_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// Whole seconds left for a loaded session, counting this request as activity.

@@ -59,7 +59,11 @@ impl Upstream {
                     text.push_str(&s.to_string());
                     source = s.source();
                 }
-                Err(ProxyError::UpstreamDown(text))
+                Err(if e.is_connect() {
+                    ProxyError::UpstreamDown(text)
+                } else {
+                    ProxyError::UpstreamBroken(text)
+                })
             }
             Err(_) => Err(ProxyError::UpstreamTimeout(self.timeout.as_secs())),
         }
