@@ -160,49 +160,41 @@ async fn a_drain_that_runs_out_of_grace_exits_non_zero_and_says_how_many_were_cu
 }
 
 #[tokio::test]
-async fn session_keys_never_appear_in_the_logs() {
+async fn session_keys_and_secrets_never_appear_in_logs_or_error_bodies() {
     let app = start_app(echo).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        app,
-        "[security]\nsecret_key = \"log-test-secret\"",
-    );
-    let p = start(&config);
+    let config = write_config(dir.path(), app, "expose_id = true\n[security]\nsecret_key = \"log-test-secret\"");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--config", config.to_str().unwrap()]).env("RUST_LOG", "debug");
+    let p = start_with(cmd);
     let b = browser();
-    let resp = b
-        .get(p.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = b.get(p.url("/")).header("x-test-incr", "n").send().await.unwrap();
     let cookie = cookie_value(&set_cookies(&resp)[0]);
-    b.get(p.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Cycle", "1")]))
-        .send()
-        .await
-        .unwrap();
-    b.get(p.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Set", "{bad")]))
-        .send()
-        .await
-        .unwrap();
-    b.get(p.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
-        .send()
-        .await
-        .unwrap();
+    let key = cookie[cookie.len() - 64..].to_string();
+    let mut bodies = String::new();
+    for r in [
+        reply(&[("X-Session-Cycle", "1")]),
+        reply(&[("X-Session-Set", "{bad")]),
+        reply(&[("X-Session-Set", &format!(r#"{{"big":"{}"}}"#, "x".repeat(9000)))]),
+        reply(&[("X-Session-Flush", "1")]),
+    ] {
+        let resp = b.get(p.url("/?token=query-secret")).header("x-test-reply", r).send().await.unwrap();
+        if resp.status() != 200 {
+            // Only the sidecar's own answers: the echo app's bodies show what it was sent.
+            bodies.push_str(&resp.text().await.unwrap());
+        }
+    }
+    // A forged cookie and an over-long head are refused and logged too.
+    let forged = plain().get(p.url("/")).header("cookie", format!("sessionid={cookie}x")).send().await.unwrap();
+    assert_eq!(forged.status(), 200);
     p.signal("-TERM");
     let (_, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
-    let key = &cookie[cookie.len() - 64..];
-    assert!(
-        !log.contains(key) && !log.contains("log-test-secret"),
-        "{log}"
-    );
-    assert!(
-        log.contains("X-Session-Set"),
-        "the bad header was logged: {log}"
-    );
+    assert!(bodies.contains("malformed JSON") && bodies.contains("max_session_bytes"), "{bodies}");
+    for secret in [key.as_str(), cookie.as_str(), "log-test-secret", "query-secret"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+        assert!(!bodies.contains(secret), "{secret} in an error body: {bodies}");
+    }
+    assert!(log.contains("X-Session-Set"), "the bad header was logged: {log}");
 }
 
 #[test]
@@ -358,4 +350,64 @@ async fn clear_expired_removes_expired_sessions_and_refuses_a_held_store() {
     assert!(out.contains("removed 2 expired session(s)"), "{out}");
     let (ok, out) = run_cli(&["clear-expired", "--config", &cfg], &[]);
     assert!(ok && out.contains("removed 0 expired"), "{out}");
+}
+
+#[tokio::test]
+async fn sigterm_under_load_cuts_no_request_and_keeps_every_change() {
+    const N: usize = 24;
+    let (app, gate) = gated_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), app, "shutdown_grace = 30");
+    let p = start(&config);
+    let clients: Vec<reqwest::Client> = (0..N).map(|_| browser()).collect();
+    let tasks: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut req = b.get(p.url("/gate")).header("x-test-incr", "n");
+            if i % 2 == 0 {
+                // Half of them stream a 4 MiB body back while the sidecar drains.
+                req = req.header("x-test-body-size", (4u64 << 20).to_string());
+            }
+            tokio::spawn(async move {
+                let resp = req.send().await.unwrap();
+                let status = resp.status();
+                let cookies = set_cookies(&resp).len();
+                let body = resp.bytes().await.expect("the body arrived whole").len();
+                (status, cookies, body)
+            })
+        })
+        .collect();
+    for _ in 0..N {
+        gate.wait_arrival().await;
+    }
+    p.signal("-TERM");
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(p.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "new connections are refused while draining");
+    gate.open(N);
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (status, cookies, body) = t.await.unwrap();
+        assert_eq!(status, 200, "request {i}");
+        assert_eq!(cookies, 1, "request {i} got its session cookie");
+        if i % 2 == 0 {
+            assert_eq!(body, 4 << 20, "request {i} was not cut mid-response");
+        }
+    }
+    let (status, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
+    assert!(status.success(), "{log}");
+    // The store was flushed: every change is there after a restart.
+    let p = start(&config);
+    for (i, b) in clients.iter().enumerate() {
+        let seen = seen(b.get(p.url("/")).send().await.unwrap()).await;
+        assert_eq!(seen.session(), serde_json::json!({"n": 1}), "client {i}");
+    }
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
 }
