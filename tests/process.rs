@@ -163,38 +163,75 @@ async fn a_drain_that_runs_out_of_grace_exits_non_zero_and_says_how_many_were_cu
 async fn session_keys_and_secrets_never_appear_in_logs_or_error_bodies() {
     let app = start_app(echo).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), app, "expose_id = true\n[security]\nsecret_key = \"log-test-secret\"");
+    let config = write_config(
+        dir.path(),
+        app,
+        "expose_id = true\n[security]\nsecret_key = \"log-test-secret\"",
+    );
     let mut cmd = Command::new(BIN);
-    cmd.args(["--config", config.to_str().unwrap()]).env("RUST_LOG", "debug");
+    cmd.args(["--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "debug");
     let p = start_with(cmd);
     let b = browser();
-    let resp = b.get(p.url("/")).header("x-test-incr", "n").send().await.unwrap();
+    let resp = b
+        .get(p.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     let cookie = cookie_value(&set_cookies(&resp)[0]);
     let key = cookie[cookie.len() - 64..].to_string();
     let mut bodies = String::new();
     for r in [
         reply(&[("X-Session-Cycle", "1")]),
         reply(&[("X-Session-Set", "{bad")]),
-        reply(&[("X-Session-Set", &format!(r#"{{"big":"{}"}}"#, "x".repeat(9000)))]),
+        reply(&[(
+            "X-Session-Set",
+            &format!(r#"{{"big":"{}"}}"#, "x".repeat(9000)),
+        )]),
         reply(&[("X-Session-Flush", "1")]),
     ] {
-        let resp = b.get(p.url("/?token=query-secret")).header("x-test-reply", r).send().await.unwrap();
+        let resp = b
+            .get(p.url("/?token=query-secret"))
+            .header("x-test-reply", r)
+            .send()
+            .await
+            .unwrap();
         if resp.status() != 200 {
             // Only the sidecar's own answers: the echo app's bodies show what it was sent.
             bodies.push_str(&resp.text().await.unwrap());
         }
     }
     // A forged cookie and an over-long head are refused and logged too.
-    let forged = plain().get(p.url("/")).header("cookie", format!("sessionid={cookie}x")).send().await.unwrap();
+    let forged = plain()
+        .get(p.url("/"))
+        .header("cookie", format!("sessionid={cookie}x"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(forged.status(), 200);
     p.signal("-TERM");
     let (_, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
-    assert!(bodies.contains("malformed JSON") && bodies.contains("max_session_bytes"), "{bodies}");
-    for secret in [key.as_str(), cookie.as_str(), "log-test-secret", "query-secret"] {
+    assert!(
+        bodies.contains("malformed JSON") && bodies.contains("max_session_bytes"),
+        "{bodies}"
+    );
+    for secret in [
+        key.as_str(),
+        cookie.as_str(),
+        "log-test-secret",
+        "query-secret",
+    ] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
-        assert!(!bodies.contains(secret), "{secret} in an error body: {bodies}");
+        assert!(
+            !bodies.contains(secret),
+            "{secret} in an error body: {bodies}"
+        );
     }
-    assert!(log.contains("X-Session-Set"), "the bad header was logged: {log}");
+    assert!(
+        log.contains("X-Session-Set"),
+        "the bad header was logged: {log}"
+    );
 }
 
 #[test]

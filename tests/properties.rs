@@ -14,7 +14,7 @@ fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
         ".{0,12}".prop_map(Value::String),
     ];
     leaf.prop_recursive(3, 24, 4, |inner| {
@@ -44,7 +44,10 @@ fn apply(base: &Data, change: &Change) -> Data {
 }
 
 fn ops(from: &Data, to: &Data) -> Change {
-    Change { ops: diff(from, to), ..Change::default() }
+    Change {
+        ops: diff(from, to),
+        ..Change::default()
+    }
 }
 
 proptest! {

@@ -1,0 +1,118 @@
+//! `SESSION_SIDECAR_*` overrides: each variable's text converted to the type of its key.
+
+use std::collections::BTreeMap;
+
+use super::{ConfigError, ENV_PREFIX, invalid};
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+    List,
+}
+
+/// Every key of the file with its type, so that a variable's text converts to the key's type.
+const KEYS: &[(&str, &str, Kind)] = &[
+    ("", "listen", Kind::Str),
+    ("", "upstream", Kind::Str),
+    ("", "upstream_timeout", Kind::Int),
+    ("", "header_prefix", Kind::Str),
+    ("", "expose_id", Kind::Bool),
+    ("", "max_session_bytes", Kind::Int),
+    ("", "skip_paths", Kind::List),
+    ("", "trust_forwarded", Kind::Bool),
+    ("", "shutdown_grace", Kind::Int),
+    ("", "max_header_bytes", Kind::Int),
+    ("", "max_headers", Kind::Int),
+    ("", "header_read_timeout", Kind::Int),
+    ("", "max_connections", Kind::Int),
+    ("cookie", "name", Kind::Str),
+    ("cookie", "path", Kind::Str),
+    ("cookie", "domain", Kind::Str),
+    ("cookie", "secure", Kind::Bool),
+    ("cookie", "http_only", Kind::Bool),
+    ("cookie", "same_site", Kind::Str),
+    ("expiry", "cookie_age", Kind::Int),
+    ("expiry", "expire_at_browser_close", Kind::Bool),
+    ("expiry", "save_every_request", Kind::Bool),
+    ("expiry", "idle_timeout", Kind::Int),
+    ("expiry", "absolute_timeout", Kind::Int),
+    ("expiry", "sweep_interval", Kind::Int),
+    ("store", "backend", Kind::Str),
+    ("store", "path", Kind::Str),
+    ("store", "durable", Kind::Bool),
+    ("store", "cache_capacity", Kind::Int),
+    ("security", "secret_key", Kind::Str),
+    ("security", "secret_key_fallbacks", Kind::List),
+    ("admin", "listen", Kind::Str),
+    ("admin", "token", Kind::Str),
+];
+
+pub(crate) fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    // Sorted so that errors and overrides do not depend on the order of the environment.
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    for (var, text) in vars {
+        let name = &var[ENV_PREFIX.len()..];
+        let (section, key) = name
+            .split_once("__")
+            .map(|(s, k)| (s.to_ascii_lowercase(), k.to_ascii_lowercase()))
+            .unwrap_or_else(|| (String::new(), name.to_ascii_lowercase()));
+        let Some(&(_, _, kind)) = KEYS.iter().find(|(s, k, _)| *s == section && *k == key) else {
+            return Err(ConfigError::Env {
+                var,
+                reason: "unknown setting".into(),
+            });
+        };
+        let value = convert(&text, kind).map_err(|reason| ConfigError::Env {
+            var: var.clone(),
+            reason,
+        })?;
+        let target = if section.is_empty() {
+            &mut *table
+        } else {
+            match table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(invalid(&section, "must be a table"));
+                }
+            }
+        };
+        target.insert(key, value);
+    }
+    Ok(())
+}
+
+fn convert(text: &str, kind: Kind) -> Result<toml::Value, String> {
+    match kind {
+        Kind::Str => Ok(toml::Value::String(text.to_string())),
+        Kind::Int => text
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("expected a whole number, got {text:?}")),
+        Kind::Bool => match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("expected true or false, got {text:?}")),
+        },
+        Kind::List => {
+            let doc: toml::Table = toml::from_str(&format!("v = {text}")).map_err(|_| {
+                format!("expected a TOML array such as [\"a\", \"b\"], got {text:?}")
+            })?;
+            match doc.get("v") {
+                Some(v @ toml::Value::Array(_)) => Ok(v.clone()),
+                _ => Err(format!("expected a TOML array, got {text:?}")),
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Configuration: one TOML file, overridable from `SESSION_SIDECAR_*` variables.
+//!
+//! Two steps, as the contract asks: [`RawConfig`] is what serde reads (unknown keys rejected),
+//! [`Config`] is what the rest of the program uses, and it can only hold values that passed
+//! [`RawConfig::validate`]. Every error names the key and the bad value.
+
+mod env;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use raw::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("environment variable `{var}`: {reason}")]
+    Env { var: String, reason: String },
+}
+
+pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------- validated layer
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Strict,
+    Lax,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct CookieConfig {
+    pub name: String,
+    pub path: String,
+    pub domain: Option<String>,
+    pub secure: bool,
+    pub http_only: bool,
+    pub same_site: SameSite,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExpiryConfig {
+    pub cookie_age: Duration,
+    pub expire_at_browser_close: bool,
+    pub save_every_request: bool,
+    pub idle_timeout: Option<Duration>,
+    pub absolute_timeout: Option<Duration>,
+    pub sweep_interval: Duration,
+}
+
+impl ExpiryConfig {
+    /// How stale the recorded last activity may get before a request writes it again.
+    /// Idle expiry can therefore fire early by at most this much (documented in the README).
+    pub fn touch_interval(&self) -> Option<Duration> {
+        self.idle_timeout
+            .map(|idle| (idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub durable: bool,
+    pub cache_capacity: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+    pub token: Option<String>,
+}
+
+/// The validated configuration: every field holds a value the sidecar can use as it is.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `scheme://authority` of the upstream, without a trailing slash.
+    pub upstream: http::uri::Authority,
+    pub upstream_timeout: Duration,
+    /// Lower-cased prefix, e.g. `x-session`.
+    pub header_prefix: String,
+    pub expose_id: bool,
+    pub max_session_bytes: usize,
+    pub skip_paths: Vec<String>,
+    pub trust_forwarded: bool,
+    pub shutdown_grace: Duration,
+    /// Request line plus headers, in bytes; beyond it the client gets 431.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Time a client has to send a complete request head (slowloris defence).
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub cookie: CookieConfig,
+    pub expiry: ExpiryConfig,
+    pub store: StoreConfig,
+    pub secret_key: Option<String>,
+    pub secret_key_fallbacks: Vec<String>,
+    pub admin: AdminConfig,
+}
+
+impl Config {
+    /// Reads `path`, applies the `SESSION_SIDECAR_*` variables of the process, validates.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_with_env(&text, std::env::vars())
+    }
+
+    /// Parses TOML text without looking at the environment (tests, `from_toml_with_env`).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(text, std::iter::empty())
+    }
+
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        env::apply_env(&mut table, env)?;
+        to_raw(table)?.validate()
+    }
+}
+
+/// Deserializes with the path of the offending key in the error (`cookie.same_site: ...`).
+pub(crate) fn to_raw(table: toml::Table) -> Result<RawConfig, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let reason = inner.message().trim().to_string();
+        if path == "." || path.is_empty() {
+            ConfigError::Parse(reason)
+        } else {
+            invalid(&path, reason)
+        }
+    })
+}
+
+/// The effective configuration as TOML with secrets masked, for `check-config`.
+pub fn effective_toml(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<String, ConfigError> {
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+    env::apply_env(&mut table, env)?;
+    let mut raw = to_raw(table)?;
+    raw.clone().validate()?;
+    let mask = |s: &mut String| *s = "********".into();
+    if let Some(k) = raw.security.secret_key.as_mut() {
+        mask(k);
+    }
+    raw.security.secret_key_fallbacks.iter_mut().for_each(mask);
+    if let Some(t) = raw.admin.token.as_mut() {
+        mask(t);
+    }
+    toml::to_string(&raw).map_err(|e| ConfigError::Parse(e.to_string()))
+}

@@ -1,0 +1,163 @@
+//! The serde layer: what the file may hold, every key with its default.
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8000";
+pub const DEFAULT_UPSTREAM_TIMEOUT: u64 = 30;
+pub const DEFAULT_HEADER_PREFIX: &str = "X-Session";
+pub const DEFAULT_MAX_SESSION_BYTES: usize = 8192;
+pub const DEFAULT_SHUTDOWN_GRACE: u64 = 30;
+pub const DEFAULT_COOKIE_NAME: &str = "sessionid";
+pub const DEFAULT_COOKIE_AGE: u64 = 1_209_600;
+pub const DEFAULT_SWEEP_INTERVAL: u64 = 300;
+pub const DEFAULT_STORE_PATH: &str = "data/sessions";
+pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_HEADER_READ_TIMEOUT: u64 = 30;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Prefix of the environment variables that override keys of the file.
+pub const ENV_PREFIX: &str = "SESSION_SIDECAR_";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub listen: String,
+    pub upstream: String,
+    pub upstream_timeout: u64,
+    pub header_prefix: String,
+    pub expose_id: bool,
+    pub max_session_bytes: usize,
+    pub skip_paths: Vec<String>,
+    pub trust_forwarded: bool,
+    pub shutdown_grace: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: u64,
+    pub max_connections: usize,
+    pub cookie: RawCookie,
+    pub expiry: RawExpiry,
+    pub store: RawStore,
+    pub security: RawSecurity,
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCookie {
+    pub name: String,
+    pub path: String,
+    pub domain: Option<String>,
+    pub secure: bool,
+    pub http_only: bool,
+    pub same_site: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawExpiry {
+    pub cookie_age: u64,
+    pub expire_at_browser_close: bool,
+    pub save_every_request: bool,
+    pub idle_timeout: u64,
+    pub absolute_timeout: u64,
+    pub sweep_interval: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    pub backend: String,
+    pub path: String,
+    /// Wait for the disk (group-committed fsync) before a response that changed a session leaves.
+    pub durable: bool,
+    /// sled's page cache, in bytes.
+    pub cache_capacity: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSecurity {
+    pub secret_key: Option<String>,
+    pub secret_key_fallbacks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub listen: String,
+    pub token: Option<String>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            listen: DEFAULT_LISTEN.into(),
+            upstream: DEFAULT_UPSTREAM.into(),
+            upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            header_prefix: DEFAULT_HEADER_PREFIX.into(),
+            expose_id: false,
+            max_session_bytes: DEFAULT_MAX_SESSION_BYTES,
+            skip_paths: Vec::new(),
+            trust_forwarded: false,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            cookie: RawCookie::default(),
+            expiry: RawExpiry::default(),
+            store: RawStore::default(),
+            security: RawSecurity::default(),
+            admin: RawAdmin::default(),
+        }
+    }
+}
+
+impl Default for RawCookie {
+    fn default() -> Self {
+        RawCookie {
+            name: DEFAULT_COOKIE_NAME.into(),
+            path: "/".into(),
+            domain: None,
+            secure: false,
+            http_only: true,
+            same_site: "Lax".into(),
+        }
+    }
+}
+
+impl Default for RawExpiry {
+    fn default() -> Self {
+        RawExpiry {
+            cookie_age: DEFAULT_COOKIE_AGE,
+            expire_at_browser_close: false,
+            save_every_request: false,
+            idle_timeout: 0,
+            absolute_timeout: 0,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        }
+    }
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            backend: "sled".into(),
+            path: DEFAULT_STORE_PATH.into(),
+            durable: true,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+        }
+    }
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: DEFAULT_ADMIN_LISTEN.into(),
+            token: None,
+        }
+    }
+}

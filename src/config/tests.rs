@@ -1,0 +1,104 @@
+//! Unit tests of parsing, validation and overrides.
+use super::*;
+
+fn err(text: &str) -> String {
+    Config::from_toml(text).unwrap_err().to_string()
+}
+
+#[test]
+fn empty_file_gives_the_documented_defaults() {
+    let c = Config::from_toml("").unwrap();
+    assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+    assert_eq!(c.upstream.as_str(), "127.0.0.1:8000");
+    assert_eq!(c.header_prefix, "x-session");
+    assert_eq!(c.cookie.name, "sessionid");
+    assert!(c.cookie.http_only && !c.cookie.secure);
+    assert_eq!(c.cookie.same_site, SameSite::Lax);
+    assert_eq!(c.expiry.cookie_age, Duration::from_secs(1_209_600));
+    assert!(c.expiry.idle_timeout.is_none());
+    assert!(c.store.durable);
+    assert_eq!(c.max_session_bytes, 8192);
+}
+
+#[test]
+fn the_documented_example_file_is_valid() {
+    let text = include_str!("../../config/sidecar.toml");
+    Config::from_toml(text).unwrap();
+}
+
+#[test]
+fn unknown_keys_are_rejected_by_name() {
+    assert!(err("listn = \"x\"").contains("listn"));
+    assert!(err("[cookie]\nnmae = \"x\"").contains("nmae"));
+}
+
+#[test]
+fn bad_values_name_the_key_and_value() {
+    let e = err("listen = \"nowhere\"");
+    assert!(e.contains("`listen`") && e.contains("nowhere"), "{e}");
+    let e = err("[cookie]\nsame_site = \"Sometimes\"");
+    assert!(
+        e.contains("cookie.same_site") && e.contains("Sometimes"),
+        "{e}"
+    );
+    let e = err("upstream = \"https://x\"");
+    assert!(e.contains("upstream"), "{e}");
+    let e = err("[expiry]\ncookie_age = 0");
+    assert!(e.contains("expiry.cookie_age"), "{e}");
+    let e = err("upstream_timeout = \"soon\"");
+    assert!(e.contains("upstream_timeout"), "{e}");
+    let e = err("[admin]\nlisten = \"0.0.0.0:9091\"");
+    assert!(e.contains("admin.token"), "{e}");
+}
+
+#[test]
+fn environment_overrides_convert_to_the_key_type() {
+    let env = [
+        ("SESSION_SIDECAR_UPSTREAM", "http://127.0.0.1:9000"),
+        ("SESSION_SIDECAR_STORE__PATH", "/tmp/x"),
+        ("SESSION_SIDECAR_UPSTREAM_TIMEOUT", "7"),
+        ("SESSION_SIDECAR_COOKIE__SECURE", "true"),
+        ("SESSION_SIDECAR_SKIP_PATHS", "[\"/static/\"]"),
+        ("SESSION_SIDECAR_SECURITY__SECRET_KEY", "s3cret"),
+        ("OTHER", "ignored"),
+    ]
+    .map(|(a, b)| (a.to_string(), b.to_string()));
+    let c = Config::from_toml_with_env("upstream_timeout = 3", env).unwrap();
+    assert_eq!(c.upstream.as_str(), "127.0.0.1:9000");
+    assert_eq!(c.store.path, PathBuf::from("/tmp/x"));
+    assert_eq!(c.upstream_timeout, Duration::from_secs(7));
+    assert!(c.cookie.secure);
+    assert_eq!(c.skip_paths, vec!["/static/".to_string()]);
+    assert_eq!(c.secret_key.as_deref(), Some("s3cret"));
+}
+
+#[test]
+fn unknown_or_mistyped_environment_variables_are_errors_naming_them() {
+    let one = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let e = Config::from_toml_with_env("", one("SESSION_SIDECAR_LISTN", "x"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SESSION_SIDECAR_LISTN"), "{e}");
+    let e = Config::from_toml_with_env("", one("SESSION_SIDECAR_EXPIRY__COOKIE_AGE", "soon"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SESSION_SIDECAR_EXPIRY__COOKIE_AGE"), "{e}");
+    let e = Config::from_toml_with_env("", one("SESSION_SIDECAR_SKIP_PATHS", "/static/"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SESSION_SIDECAR_SKIP_PATHS"), "{e}");
+}
+
+#[test]
+fn check_config_output_masks_secrets() {
+    let out = effective_toml(
+        "[security]\nsecret_key = \"topsecretvalue\"\nsecret_key_fallbacks = [\"oldsecretvalue\"]",
+        std::iter::empty(),
+    )
+    .unwrap();
+    assert!(
+        !out.contains("topsecretvalue") && !out.contains("oldsecretvalue"),
+        "{out}"
+    );
+    assert!(out.contains("********"));
+}

@@ -1,0 +1,266 @@
+//! The validation step: raw values into types that cannot hold a bad value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+fn secs(key: &str, v: u64, allow_zero: bool) -> Result<Duration, ConfigError> {
+    if v == 0 && !allow_zero {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    if v > 10 * 365 * 24 * 3600 {
+        return Err(invalid(key, format!("{v} seconds is more than ten years")));
+    }
+    Ok(Duration::from_secs(v))
+}
+
+fn optional_secs(key: &str, v: u64) -> Result<Option<Duration>, ConfigError> {
+    (v > 0).then(|| secs(key, v, false)).transpose()
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl RawConfig {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
+            )
+        })?;
+        let upstream = parse_upstream(&self.upstream)?;
+        let header_prefix = self.header_prefix.to_ascii_lowercase();
+        if !is_token(&header_prefix)
+            || http::HeaderName::from_bytes(header_prefix.as_bytes()).is_err()
+        {
+            return Err(invalid(
+                "header_prefix",
+                format!("{:?} is not a valid header name", self.header_prefix),
+            ));
+        }
+        if self.max_session_bytes < 2 {
+            return Err(invalid(
+                "max_session_bytes",
+                "must be at least 2 (the size of `{}`)",
+            ));
+        }
+        for p in &self.skip_paths {
+            if !p.starts_with('/') {
+                return Err(invalid("skip_paths", format!("{p:?} must start with '/'")));
+            }
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_header_bytes) {
+            return Err(invalid(
+                "max_header_bytes",
+                format!("{} is outside 1024..=16777216", self.max_header_bytes),
+            ));
+        }
+        if !(1..=10_000).contains(&self.max_headers) {
+            return Err(invalid(
+                "max_headers",
+                format!("{} is outside 1..=10000", self.max_headers),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be greater than 0"));
+        }
+        let cookie = self.cookie.validate()?;
+        let expiry = self.expiry.validate()?;
+        let store = self.store.validate()?;
+        let sec = self.security;
+        if sec.secret_key.as_deref() == Some("") {
+            return Err(invalid(
+                "security.secret_key",
+                "must not be empty (omit it instead)",
+            ));
+        }
+        if sec.secret_key.is_none() && !sec.secret_key_fallbacks.is_empty() {
+            return Err(invalid(
+                "security.secret_key_fallbacks",
+                "fallbacks need a security.secret_key",
+            ));
+        }
+        if sec.secret_key_fallbacks.iter().any(|k| k.is_empty()) {
+            return Err(invalid(
+                "security.secret_key_fallbacks",
+                "keys must not be empty",
+            ));
+        }
+        let admin = self.admin.validate()?;
+        Ok(Config {
+            listen,
+            upstream,
+            upstream_timeout: secs("upstream_timeout", self.upstream_timeout, false)?,
+            header_prefix,
+            expose_id: self.expose_id,
+            max_session_bytes: self.max_session_bytes,
+            skip_paths: self.skip_paths,
+            trust_forwarded: self.trust_forwarded,
+            shutdown_grace: secs("shutdown_grace", self.shutdown_grace, true)?,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            header_read_timeout: secs("header_read_timeout", self.header_read_timeout, false)?,
+            max_connections: self.max_connections,
+            cookie,
+            expiry,
+            store,
+            secret_key: sec.secret_key,
+            secret_key_fallbacks: sec.secret_key_fallbacks,
+            admin,
+        })
+    }
+}
+
+fn parse_upstream(text: &str) -> Result<http::uri::Authority, ConfigError> {
+    let bad = |why: &str| invalid("upstream", format!("{text:?} {why}"));
+    let uri: http::Uri = text.parse().map_err(|_| bad("is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(bad(&format!(
+                "uses scheme {other:?}; only http:// is supported"
+            )));
+        }
+        None => return Err(bad("needs a scheme, e.g. http://127.0.0.1:8000")),
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("must not have a path or query"));
+    }
+    let authority = uri.authority().cloned().ok_or_else(|| bad("has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("must not contain credentials"));
+    }
+    Ok(authority)
+}
+
+impl RawCookie {
+    fn validate(self) -> Result<CookieConfig, ConfigError> {
+        if !is_token(&self.name) {
+            return Err(invalid(
+                "cookie.name",
+                format!("{:?} is not a valid cookie name", self.name),
+            ));
+        }
+        if !self.path.starts_with('/')
+            || self.path.bytes().any(|b| b == b';' || b.is_ascii_control())
+        {
+            return Err(invalid(
+                "cookie.path",
+                format!("{:?} must start with '/' and hold no ';'", self.path),
+            ));
+        }
+        if let Some(d) = &self.domain {
+            if d.is_empty() || d.bytes().any(|b| b == b';' || b <= b' ' || b >= 0x7f) {
+                return Err(invalid("cookie.domain", format!("{d:?} is not a domain")));
+            }
+        }
+        let same_site = match self.same_site.to_ascii_lowercase().as_str() {
+            "strict" => SameSite::Strict,
+            "lax" => SameSite::Lax,
+            "none" => SameSite::None,
+            _ => {
+                return Err(invalid(
+                    "cookie.same_site",
+                    format!(
+                        "{:?} is not one of \"Strict\", \"Lax\", \"None\"",
+                        self.same_site
+                    ),
+                ));
+            }
+        };
+        Ok(CookieConfig {
+            name: self.name,
+            path: self.path,
+            domain: self.domain,
+            secure: self.secure,
+            http_only: self.http_only,
+            same_site,
+        })
+    }
+}
+
+impl RawExpiry {
+    fn validate(self) -> Result<ExpiryConfig, ConfigError> {
+        Ok(ExpiryConfig {
+            cookie_age: secs("expiry.cookie_age", self.cookie_age, false)?,
+            expire_at_browser_close: self.expire_at_browser_close,
+            save_every_request: self.save_every_request,
+            idle_timeout: optional_secs("expiry.idle_timeout", self.idle_timeout)?,
+            absolute_timeout: optional_secs("expiry.absolute_timeout", self.absolute_timeout)?,
+            sweep_interval: secs("expiry.sweep_interval", self.sweep_interval, false)?,
+        })
+    }
+}
+
+impl RawStore {
+    fn validate(self) -> Result<StoreConfig, ConfigError> {
+        match self.backend.as_str() {
+            "sled" => {}
+            "redis" => {
+                return Err(invalid(
+                    "store.backend",
+                    "\"redis\" is not available in this version yet; use \"sled\"",
+                ));
+            }
+            other => {
+                return Err(invalid(
+                    "store.backend",
+                    format!("{other:?} is not one of \"sled\""),
+                ));
+            }
+        }
+        if self.path.is_empty() {
+            return Err(invalid("store.path", "must not be empty"));
+        }
+        if self.cache_capacity < 1024 * 1024 {
+            return Err(invalid(
+                "store.cache_capacity",
+                format!("{} bytes is below the 1 MiB minimum", self.cache_capacity),
+            ));
+        }
+        Ok(StoreConfig {
+            path: PathBuf::from(self.path),
+            durable: self.durable,
+            cache_capacity: self.cache_capacity,
+        })
+    }
+}
+
+impl RawAdmin {
+    fn validate(self) -> Result<AdminConfig, ConfigError> {
+        let listen = if self.listen.is_empty() {
+            None
+        } else {
+            Some(self.listen.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "admin.listen",
+                    format!("{:?} is not an address like 127.0.0.1:9091", self.listen),
+                )
+            })?)
+        };
+        if self.token.as_deref() == Some("") {
+            return Err(invalid(
+                "admin.token",
+                "must not be empty (omit it instead)",
+            ));
+        }
+        if let Some(addr) = listen {
+            if !addr.ip().is_loopback() && self.token.is_none() {
+                return Err(invalid(
+                    "admin.token",
+                    format!("admin.listen = {addr} is not loopback, so a token is required"),
+                ));
+            }
+        }
+        Ok(AdminConfig {
+            listen,
+            token: self.token,
+        })
+    }
+}
