@@ -11,24 +11,19 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
-};
-use tokio::sync::{mpsc, oneshot};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use tokio::sync::oneshot;
 
-use super::changes::{self, Change, TooLarge};
+mod commit;
+mod tx;
+
+use commit::{Committer, spawn_committer};
+use tx::*;
+
+use super::changes::{self, Change};
 use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
 use super::{Millis, Policy, Record};
 use crate::config::StoreConfig;
-
-/// Forwards are followed at most this many times (a session cycled twice while a request was in
-/// flight still lands).
-const MAX_HOPS: usize = 4;
-const KIND_SESSION: u8 = b's';
-const KIND_FORWARD: u8 = b'f';
-
-type Reply = oneshot::Sender<Result<(), String>>;
 
 pub struct SledStore {
     db: sled::Db,
@@ -39,33 +34,6 @@ pub struct SledStore {
     policy: Arc<Policy>,
     max_bytes: usize,
     committer: Option<Committer>,
-}
-
-/// The group-commit thread and the way to reach it; dropping the sender ends the thread.
-struct Committer {
-    sender: mpsc::UnboundedSender<Reply>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Forward {
-    to: String,
-    until: Millis,
-}
-
-enum Abort {
-    TooLarge(TooLarge),
-    Corrupt(String),
-}
-
-type TxResult<T> = Result<T, ConflictableTransactionError<Abort>>;
-
-fn corrupt(e: impl std::fmt::Display) -> ConflictableTransactionError<Abort> {
-    ConflictableTransactionError::Abort(Abort::Corrupt(e.to_string()))
-}
-
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
 }
 
 fn from_tx(e: TransactionError<Abort>) -> UpdateError {
@@ -80,111 +48,6 @@ fn store_err(e: UpdateError) -> StoreError {
     match e {
         UpdateError::Store(s) => s,
         UpdateError::TooLarge(t) => StoreError::Backend(t.to_string()),
-    }
-}
-
-fn index_key(deadline: Millis, kind: u8, key: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + key.len());
-    v.extend_from_slice(&(deadline.max(0) as u64).to_be_bytes());
-    v.push(kind);
-    v.extend_from_slice(key.as_bytes());
-    v
-}
-
-fn subject_key(subject: &str, key: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(subject.len() + 1 + key.len());
-    v.extend_from_slice(subject.as_bytes());
-    v.push(0);
-    v.extend_from_slice(key.as_bytes());
-    v
-}
-
-fn decode(bytes: &[u8]) -> Result<Record, String> {
-    serde_json::from_slice(bytes).map_err(|e| e.to_string())
-}
-
-fn encode(record: &Record) -> Vec<u8> {
-    serde_json::to_vec(record).expect("a record always serializes")
-}
-
-/// The four trees as seen inside one transaction.
-struct Tx<'a> {
-    sessions: &'a TransactionalTree,
-    forwards: &'a TransactionalTree,
-    index: &'a TransactionalTree,
-    subjects: &'a TransactionalTree,
-}
-
-impl Tx<'_> {
-    fn get(&self, key: &str) -> TxResult<Option<Record>> {
-        match self.sessions.get(key)? {
-            Some(b) => decode(&b).map(Some).map_err(corrupt),
-            None => Ok(None),
-        }
-    }
-
-    /// Follows forwards from `key` to the live record, if any: (its key, it, whether forwarded).
-    fn live(&self, key: &str, now: Millis) -> TxResult<Option<(String, Record, bool)>> {
-        let mut current = key.to_string();
-        for hop in 0..=MAX_HOPS {
-            if let Some(r) = self.get(&current)? {
-                if r.deadline > now {
-                    return Ok(Some((current, r, hop > 0)));
-                }
-                return Ok(None);
-            }
-            match self.forwards.get(&current)? {
-                Some(b) => {
-                    let f: Forward = serde_json::from_slice(&b).map_err(corrupt)?;
-                    if f.until <= now {
-                        return Ok(None);
-                    }
-                    current = f.to;
-                }
-                None => return Ok(None),
-            }
-        }
-        Ok(None)
-    }
-
-    fn put(&self, key: &str, old: Option<&Record>, new: &Record) -> TxResult<()> {
-        if let Some(old) = old {
-            self.unindex(key, old)?;
-        }
-        self.index
-            .insert(index_key(new.deadline, KIND_SESSION, key), &[])?;
-        if let Some(s) = &new.subject {
-            self.subjects.insert(subject_key(s, key), &[])?;
-        }
-        self.sessions.insert(key, encode(new))?;
-        Ok(())
-    }
-
-    fn delete(&self, key: &str, old: &Record) -> TxResult<()> {
-        self.unindex(key, old)?;
-        self.sessions.remove(key)?;
-        Ok(())
-    }
-
-    fn unindex(&self, key: &str, old: &Record) -> TxResult<()> {
-        self.index
-            .remove(index_key(old.deadline, KIND_SESSION, key))?;
-        if let Some(s) = &old.subject {
-            self.subjects.remove(subject_key(s, key))?;
-        }
-        Ok(())
-    }
-
-    fn forward(&self, from: &str, to: &str, until: Millis) -> TxResult<()> {
-        let f = Forward {
-            to: to.to_string(),
-            until,
-        };
-        self.forwards
-            .insert(from, serde_json::to_vec(&f).expect("serializes"))?;
-        self.index
-            .insert(index_key(until, KIND_FORWARD, from), &[])?;
-        Ok(())
     }
 }
 
@@ -252,30 +115,6 @@ impl SledStore {
 
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
-    }
-}
-
-/// The group-commit thread: one `flush` for everyone who asked since the last one began.
-fn spawn_committer(db: sled::Db) -> Committer {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
-    let thread = std::thread::Builder::new()
-        .name("sled-commit".into())
-        .spawn(move || {
-            while let Some(first) = rx.blocking_recv() {
-                let mut batch = vec![first];
-                while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
-                }
-                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                for reply in batch {
-                    let _ = reply.send(result.clone());
-                }
-            }
-        })
-        .expect("spawning the commit thread");
-    Committer {
-        sender: tx,
-        thread: Some(thread),
     }
 }
 

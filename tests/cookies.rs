@@ -1,0 +1,223 @@
+//! CONTRACT §3: what the browser sees — the cookie, its attributes and signature, stale cookies,
+//! `Vary: Cookie`.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn the_session_cookie_is_not_forwarded_but_other_cookies_are() {
+    let s = sidecar("").await;
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let key = cookie_value(&set_cookies(&resp)[0]);
+    let cookies = format!("theme=dark; sessionid={key}; lang=en");
+    let seen = seen(
+        plain()
+            .get(s.url("/"))
+            .header("cookie", cookies)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen.status(), "existing");
+    let cookie = seen.header("cookie").unwrap_or("");
+    assert!(!cookie.contains("sessionid"), "{cookie}");
+    assert_eq!(cookie, "theme=dark; lang=en");
+}
+
+#[tokio::test]
+async fn the_cookie_has_the_configured_attributes_and_a_long_random_key() {
+    let s = sidecar("[cookie]\nname = \"sessionid\"\npath = \"/app\"\ndomain = \"127.0.0.1\"\nsecure = false\nsame_site = \"Strict\"").await;
+    let resp = plain()
+        .get(s.url("/app"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let c = set_cookies(&resp).pop().expect("a cookie");
+    for part in [
+        "Path=/app",
+        "Domain=127.0.0.1",
+        "HttpOnly",
+        "SameSite=Strict",
+        "Max-Age=1209600",
+        "Expires=",
+    ] {
+        assert!(c.contains(part), "{part} in {c}");
+    }
+    let key = cookie_value(&c);
+    assert!(
+        key.len() >= 32 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
+    );
+    assert_eq!(resp.headers().get("vary").unwrap(), "Cookie");
+}
+
+#[tokio::test]
+async fn echoing_the_session_unchanged_writes_nothing_and_sets_no_cookie() {
+    let s = sidecar("").await;
+    let b = browser();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-full-set", "{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(set_cookies(&resp).is_empty());
+    assert_eq!(
+        resp.headers().get("vary").unwrap(),
+        "Cookie",
+        "request carried the cookie"
+    );
+}
+
+#[tokio::test]
+async fn emptying_the_session_deletes_record_and_cookie() {
+    let s = sidecar("").await;
+    let b = browser();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let r = reply(&[("X-Session-Delete", r#"["n"]"#)]);
+    let resp = b
+        .get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
+    let c = set_cookies(&resp).pop().expect("removal cookie");
+    assert!(c.contains("Max-Age=0") && c.contains("Path=/"), "{c}");
+    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    assert_eq!(seen.status(), "new");
+}
+
+#[tokio::test]
+async fn unknown_malformed_and_forged_cookies_are_never_adopted() {
+    let s = sidecar("").await;
+    for cookie in [
+        "sessionid=garbage",
+        &format!("sessionid={}", "a".repeat(64)),
+        "sessionid=",
+    ] {
+        let resp = plain()
+            .get(s.url("/"))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        let removal = set_cookies(&resp);
+        assert!(removal[0].contains("Max-Age=0"), "{cookie}: {removal:?}");
+        assert_eq!(resp.headers().get("vary").unwrap(), "Cookie");
+        assert_eq!(seen(resp).await.status(), "new");
+    }
+    // Data stored on an unknown cookie goes to a fresh random key.
+    let forged = "b".repeat(64);
+    let resp = plain()
+        .get(s.url("/"))
+        .header("cookie", format!("sessionid={forged}"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let key = cookie_value(&set_cookies(&resp)[0]);
+    assert_ne!(key, forged);
+}
+
+#[tokio::test]
+async fn signed_cookies_verify_rotate_and_reject_forgeries() {
+    let app = start_app(echo).await;
+    let old_secret = "[security]\nsecret_key = \"the old secret\"";
+    let s = sidecar_for(app, old_secret).await;
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let signed = cookie_value(&set_cookies(&resp)[0]);
+    assert!(signed.len() > 64, "signature prepended: {signed}");
+    // The raw key alone is a forgery.
+    let raw = &signed[signed.len() - 64..];
+    let resp = plain()
+        .get(s.url("/"))
+        .header("cookie", format!("sessionid={raw}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen(resp).await.status(), "new");
+    let (_, dir) = s.stop().await;
+    let dir = dir.unwrap();
+    // Rotate: the new secret signs, the old one still verifies.
+    let rotated = "[security]\nsecret_key = \"a brand new secret\"\nsecret_key_fallbacks = [\"the old secret\"]";
+    let s2 = sidecar_at(app, rotated, dir.path()).await;
+    let resp = plain()
+        .get(s2.url("/"))
+        .header("cookie", format!("sessionid={signed}"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let resigned = cookie_value(&set_cookies(&resp)[0]);
+    assert_ne!(resigned, signed, "re-signed with the new secret");
+    let seen2 = seen(resp).await;
+    assert_eq!(seen2.status(), "existing");
+    assert_eq!(seen2.session(), json!({"n": 1}));
+}
+
+#[tokio::test]
+async fn vary_cookie_is_added_whatever_the_status() {
+    let s = sidecar("").await;
+    let b = browser();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    for status in ["200", "404", "302", "500"] {
+        let resp = b
+            .get(s.url("/"))
+            .header("x-test-status", status)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers().get("vary").unwrap(), "Cookie", "{status}");
+    }
+}
+
+#[tokio::test]
+async fn the_upstreams_own_set_cookie_passes_and_ours_is_appended() {
+    let s = sidecar("").await;
+    let r = reply(&[
+        ("Set-Cookie", "theme=dark; Path=/"),
+        ("X-Session-Set", r#"{"a":1}"#),
+    ]);
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-reply", r)
+        .send()
+        .await
+        .unwrap();
+    let all: Vec<_> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0], "theme=dark; Path=/");
+    assert!(all[1].starts_with("sessionid="));
+}
