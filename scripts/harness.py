@@ -27,6 +27,7 @@ class App(BaseHTTPRequestHandler):
     """/incr?k=KEY   X-Session-Set {KEY: old + 1}, body: the new value
     /read?k=KEY      body: the value, no change
     /cart/add?item=  X-Session-Set {"cart": [..., item]}
+    /cart/clear      X-Session-Delete ["cart"]
     /login?user=     X-Session-Cycle + X-Session-Set {"user": ...} + X-Session-Subject
     /logout          X-Session-Flush"""
 
@@ -49,6 +50,9 @@ class App(BaseHTTPRequestHandler):
             cart = session.get("cart", []) + [q.get("item", "x")]
             changes.append(("X-Session-Set", json.dumps({"cart": cart})))
             body = str(len(cart))
+        elif url.path == "/cart/clear":
+            changes.append(("X-Session-Delete", json.dumps(["cart"])))
+            body = "0"
         elif url.path == "/login":
             user = q.get("user", "u")
             changes += [("X-Session-Cycle", "1"), ("X-Session-Set", json.dumps({"user": user})),
