@@ -204,6 +204,9 @@ impl Sidecar {
                 "ignored an unknown session header from the upstream"
             );
         }
+        // The changes land against the store as it is now, not as it was when the request came
+        // in: a session that expired meanwhile must not be revived.
+        let now = self.clock.now();
         let action = match self.apply(loaded, &presented, &change, now).await {
             // Name the headers that carried the oversized data, as for any bad change header.
             Err(ProxyError::TooLarge(t)) => {

@@ -255,3 +255,44 @@ async fn a_slow_request_cannot_resurrect_a_session_flushed_meanwhile() {
     assert_eq!(after.status(), "new");
     assert_eq!(after.session(), Value::Object(Default::default()));
 }
+
+#[tokio::test]
+async fn a_session_that_expires_while_a_request_is_in_flight_is_not_revived() {
+    let (app, gate) = gated_app().await;
+    let s = sidecar_for(app, "[expiry]\ncookie_age = 100").await;
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let cookie = format!("sessionid={}", cookie_value(&set_cookies(&resp)[0]));
+    let writer = {
+        let (url, c) = (s.url("/gate"), cookie.clone());
+        tokio::spawn(async move {
+            plain()
+                .get(url)
+                .header("cookie", c)
+                .header("x-test-incr", "n")
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    gate.wait_arrival().await;
+    s.clock.advance(std::time::Duration::from_secs(101));
+    gate.open(1);
+    let writer = writer.await.unwrap();
+    assert_eq!(writer.status(), 400);
+    assert!(set_cookies(&writer).is_empty());
+    let after = seen(
+        plain()
+            .get(s.url("/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(after.status(), "new");
+}
