@@ -145,6 +145,10 @@ def main():
         t.join(timeout=60)
 
     lost = 0
+    # Fresh connections for the final reads: idle keep-alive connections may have been closed by
+    # the sidecar's header_read_timeout meanwhile, as a server should.
+    for c, _, _ in counters + shared:
+        c.close()
     for c, key, acked in counters:
         status, body = c.get(f"/read?k={key}")
         if body != f"existing {acked}":
