@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""The benchmark: session-sidecar against nginx `proxy_pass`, on 127.0.0.1, in one run.
+
+    python3 bench/run.py            # full: 3 rounds A B A B of 10 s per scenario, latency, 1M sessions
+    python3 bench/run.py --smoke    # a few seconds, no targets (what CI runs so the harness cannot rot)
+
+It builds what it needs (release sidecar, the bench upstream), installs Debian's nginx, wrk and
+gnuplot if missing (and oha through cargo for fixed-rate latency), starts everything itself,
+stops it, and writes bench/results.json, bench/results.md and bench/chart.png.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def ensure_tools(need_oha):
+    missing = [p for p, b in [("nginx", "nginx"), ("wrk", "wrk"), ("gnuplot-nox", "gnuplot")] if not shutil.which(b)
+               and not os.path.exists(f"/usr/sbin/{b}")]
+    if missing:
+        sh("apt-get", "update", "-qq")
+        sh("apt-get", "install", "-y", "-qq", *missing, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if need_oha and not shutil.which("oha"):
+        sh("cargo", "install", "oha", "--locked", "--quiet")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc=None, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICK
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Stack:
+    """Upstream, sidecar and nginx, all on 127.0.0.1."""
+
+    def __init__(self, tmp, store_path=None):
+        self.tmp = tmp
+        self.up_port, self.sc_port, self.ng_port = free_port(), free_port(), free_port()
+        self.upstream = subprocess.Popen([os.path.join(ROOT, "target/release/examples/bench_upstream"),
+                                          str(self.up_port)])
+        wait_port(self.up_port, self.upstream)
+        self.store_path = store_path or os.path.join(tmp, "sessions")
+        self.sidecar = None
+        self.start_sidecar()
+        conf = os.path.join(tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""
+worker_processes 2;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream app {{ server 127.0.0.1:{self.up_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{self.ng_port} reuseport;
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }}
+  }}
+}}
+""")
+        self.nginx = subprocess.Popen(["nginx", "-c", conf, "-p", tmp], stderr=subprocess.DEVNULL)
+        wait_port(self.ng_port, self.nginx)
+
+    def start_sidecar(self):
+        conf = os.path.join(self.tmp, "sidecar.toml")
+        with open(conf, "w") as f:
+            f.write(f'listen = "127.0.0.1:{self.sc_port}"\nupstream = "http://127.0.0.1:{self.up_port}"\n'
+                    f'skip_paths = ["/static/"]\n[store]\npath = "{self.store_path}"\n[admin]\nlisten = ""\n')
+        started = time.time()
+        self.sidecar = subprocess.Popen([os.path.join(ROOT, "target/release/session-sidecar"), "--config", conf],
+                                        env={**os.environ, "RUST_LOG": "warn"})
+        wait_port(self.sc_port, self.sidecar)
+        # Start-up is measured to the first request served.
+        urllib.request.urlopen(f"http://127.0.0.1:{self.sc_port}/static/ready").read()
+        self.startup_s = time.time() - started
+
+    def nginx_pids(self):
+        out = subprocess.run(["pgrep", "-P", str(self.nginx.pid)], capture_output=True, text=True).stdout.split()
+        return [self.nginx.pid] + [int(p) for p in out]
+
+    def stats(self):
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{self.up_port}/stats").read())
+
+    def stop(self):
+        for p in (self.sidecar, self.nginx, self.upstream):
+            if p and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (self.sidecar, self.nginx, self.upstream):
+            if p:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def make_sessions(port, n):
+    """Creates n sessions through the sidecar and returns their cookie values."""
+    cookies = []
+    for _ in range(n):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/count") as r:
+            c = r.headers.get("Set-Cookie")
+            cookies.append(c.split(";", 1)[0].split("=", 1)[1])
+    return cookies
+
+
+def wrk(port, path, seconds, cookie_file=None):
+    args = ["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency"]
+    if cookie_file:
+        args += ["-s", os.path.join(BENCH, "sessions.lua"), f"http://127.0.0.1:{port}{path}", "--", cookie_file, path]
+    else:
+        args += [f"http://127.0.0.1:{port}{path}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def pct(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        v = float(m.group(1))
+        return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+
+    return {"rps": rps, "requests": total, "p50_ms": pct(50), "p99_ms": pct(99),
+            "non2xx": int(errors.group(1)) if errors else 0}
+
+
+def oha(port, path, rate, seconds, cookie=None):
+    args = ["oha", "--no-tui", "-j", "-q", str(rate), "-z", f"{seconds}s", "-c", "32", "--latency-correction",
+            "--disable-keepalive=false" if False else "-c", "32", f"http://127.0.0.1:{port}{path}"]
+    args = ["oha", "--no-tui", "--output-format", "json", "-q", str(rate), "-z", f"{seconds}s", "-c", "32",
+            "--latency-correction"]
+    if cookie:
+        args += ["-H", f"Cookie: sessionid={cookie}", "-H", "X-Bench-Expect: existing"]
+    args.append(f"http://127.0.0.1:{port}{path}")
+    out = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    p = out["latencyPercentiles"]
+    return {"rps": out["summary"]["requestsPerSec"], "p50_ms": p["p50"] * 1000, "p99_ms": p["p99"] * 1000}
+
+
+SCENARIOS = [
+    ("pass-through (skip_paths)", "/static/x", False, 1.0),
+    ("session read, no write", "/read", True, 0.9),
+    ("visit counter (read + durable write)", "/count", True, 0.7),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--big", type=int, default=1_000_000, help="sessions in the large-store scenario (0: skip)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.seconds, args.rounds, args.sessions, args.big = 2, 1, 100, 0
+    ensure_tools(need_oha=not args.smoke)
+    sh("cargo", "build", "--release", "--locked", "--quiet", "--bin", "session-sidecar",
+       "--example", "bench_upstream", "--example", "bench_fill", cwd=ROOT)
+
+    tmp = tempfile.mkdtemp(prefix="sidecar-bench-")
+    stack = Stack(tmp)
+    results = {"machine": machine(), "command": " ".join(sys.argv), "scenarios": []}
+    try:
+        cookies = make_sessions(stack.sc_port, args.sessions)
+        cookie_file = os.path.join(tmp, "cookies.txt")
+        with open(cookie_file, "w") as f:
+            f.write("\n".join(cookies) + "\n")
+        for name, path, sessions, target in SCENARIOS:
+            rounds = {"nginx": [], "sidecar": []}
+            for r in range(args.rounds):
+                for who, port, pids in (("nginx", stack.ng_port, stack.nginx_pids()),
+                                        ("sidecar", stack.sc_port, [stack.sidecar.pid])):
+                    before = cpu_seconds(pids)
+                    res = wrk(port, path, args.seconds, cookie_file if sessions else None)
+                    res["cpu_us_per_req"] = (cpu_seconds(pids) - before) / res["requests"] * 1e6
+                    rounds[who].append(res)
+                    print(f"{name:40} round {r + 1} {who:8} {res['rps']:>9.0f} req/s  p50 {res['p50_ms']:.3f} ms"
+                          f"  p99 {res['p99_ms']:.3f} ms  {res['cpu_us_per_req']:.1f} µs CPU/req", flush=True)
+            med = {who: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for who, rs in rounds.items()}
+            ratio = med["sidecar"]["rps"] / med["nginx"]["rps"]
+            results["scenarios"].append({"name": name, "path": path, "target": target, "ratio": ratio,
+                                         "nginx": med["nginx"], "sidecar": med["sidecar"], "rounds": rounds})
+            print(f"  -> ratio {ratio:.2f} (target {target})", flush=True)
+        stats = stack.stats()
+        results["lost_sessions"] = stats["lost"]
+        print(f"lost sessions (expected existing, got new): {stats['lost']} of {stats['requests']} requests")
+
+        if not args.smoke:
+            lat = {}
+            for who, port in (("nginx", stack.ng_port), ("sidecar", stack.sc_port)):
+                lat[who] = oha(port, "/read", 10000, args.seconds, cookies[0])
+                print(f"fixed 10k req/s /read {who:8} p50 {lat[who]['p50_ms']:.3f} ms p99 {lat[who]['p99_ms']:.3f} ms")
+            results["fixed_rate"] = lat
+    finally:
+        stack.stop()
+
+    if args.big:
+        results["big"] = big_store(tmp, args)
+    write_outputs(results, args.smoke)
+    if results["lost_sessions"]:
+        print("FAIL: sessions were lost")
+        return 1
+    return 0
+
+
+def big_store(tmp, args):
+    """Visit-counter throughput, start-up time and RSS with a store of args.big sessions."""
+    path = os.path.join(tmp, "big")
+    t = time.time()
+    sh(os.path.join(ROOT, "target/release/examples/bench_fill"), path, str(args.big), stdout=subprocess.DEVNULL)
+    print(f"filled {args.big} sessions in {time.time() - t:.0f} s")
+    stack = Stack(tmp, store_path=path)
+    try:
+        cookies = make_sessions(stack.sc_port, 1000)
+        cookie_file = os.path.join(tmp, "cookies-big.txt")
+        with open(cookie_file, "w") as f:
+            f.write("\n".join(cookies) + "\n")
+        runs = [wrk(stack.sc_port, "/count", args.seconds, cookie_file) for _ in range(args.rounds)]
+        rps = statistics.median(r["rps"] for r in runs)
+        res = {"sessions": args.big, "startup_s": stack.startup_s, "rss_mib": rss_mib(stack.sidecar.pid),
+               "counter_rps": rps}
+        print(f"1M store: start-up {res['startup_s']:.2f} s, RSS {res['rss_mib']:.0f} MiB, counter {rps:.0f} req/s")
+        return res
+    finally:
+        stack.stop()
+
+
+def machine():
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores, {cpu}, {os.uname().sysname} {os.uname().release}"
+
+
+def write_outputs(results, smoke):
+    suffix = "-smoke" if smoke else ""
+    with open(os.path.join(BENCH, f"results{suffix}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    lines = ["| scenario | nginx req/s | sidecar req/s | ratio (target) | sidecar p50 / p99 ms | nginx p50 / p99 ms "
+             "| sidecar CPU µs/req | nginx CPU µs/req |", "|---|---|---|---|---|---|---|---|"]
+    for s in results["scenarios"]:
+        n, c = s["nginx"], s["sidecar"]
+        lines.append(f"| {s['name']} | {n['rps']:.0f} | {c['rps']:.0f} | {s['ratio']:.2f} (≥ {s['target']}) | "
+                     f"{c['p50_ms']:.3f} / {c['p99_ms']:.3f} | {n['p50_ms']:.3f} / {n['p99_ms']:.3f} | "
+                     f"{c['cpu_us_per_req']:.1f} | {n['cpu_us_per_req']:.1f} |")
+    if "fixed_rate" in results:
+        fr = results["fixed_rate"]
+        lines.append("")
+        lines.append(f"Fixed rate 10,000 req/s on `/read` (oha, latency-corrected): sidecar p99 "
+                     f"{fr['sidecar']['p99_ms']:.3f} ms, nginx p99 {fr['nginx']['p99_ms']:.3f} ms "
+                     f"(difference {fr['sidecar']['p99_ms'] - fr['nginx']['p99_ms']:+.3f} ms; target ≤ +0.3 ms).")
+    if "big" in results:
+        b = results["big"]
+        lines.append("")
+        lines.append(f"Store of {b['sessions']:,} sessions: start-up to first request {b['startup_s']:.2f} s, "
+                     f"RSS {b['rss_mib']:.0f} MiB, visit counter {b['counter_rps']:.0f} req/s.")
+    lines.append("")
+    lines.append(f"Machine: {results['machine']}. Command: `{results['command']}`.")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(BENCH, f"results{suffix}.md"), "w") as f:
+        f.write(text)
+    print(text)
+    data = os.path.join(tempfile.mkdtemp(), "data.txt")
+    with open(data, "w") as f:
+        for i, s in enumerate(results["scenarios"]):
+            f.write(f"{i} \"{s['name']}\" {s['nginx']['rps']:.0f} {s['sidecar']['rps']:.0f}\n")
+    png = os.path.join(BENCH, f"chart{suffix}.png")
+    script = f"""
+set terminal pngcairo size 900,420 font ",10"
+set output "{png}"
+set title "Requests per second, wrk -t1 -c32 (median of rounds; higher is better)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set boxwidth 0.9
+set yrange [0:*]
+set grid ytics
+set key top right
+plot "{data}" using 3:xtic(2) title "nginx proxy_pass", "" using 4 title "session-sidecar"
+"""
+    subprocess.run(["gnuplot"], input=script, text=True, check=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
