@@ -9,7 +9,7 @@
 //! - `/read`        reads `X-Session`, answers the count, changes nothing
 //! - `/count`       the visit counter: `X-Session-Set: {"num_visits": n + 1}`
 //! - `/stats`       JSON: requests served, and requests that expected an existing session but
-//!                  were told `new` (a lost session; requests carry `x-bench-expect: existing`)
+//!   were told `new` (a lost session; requests carry `x-bench-expect: existing`)
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
