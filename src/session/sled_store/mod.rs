@@ -1,24 +1,30 @@
 //! The embedded store: sled, one process per directory.
 //!
-//! Four trees: `sessions` (key → record), `forwards` (old key → successor after a cycle),
-//! `expiry` (deadline ‖ kind ‖ key, so the sweeper reads only what has expired) and `subjects`
-//! (subject ‖ 0 ‖ key). Every change is one sled transaction over the four trees.
+//! Every change is one compare-and-swap on the session's entry in the `records` tree, retried
+//! against the latest value when another request got there first — the per-key merge of
+//! CONTRACT §4. (sled's multi-tree transactions take a process-wide write lock and, once used,
+//! put every other operation behind a read lock; single-key CAS keeps reads and writes
+//! concurrent.) A cycle writes the new record first and then turns the old one into a forward
+//! with one CAS, so no moment exists where neither key reaches the session.
+//!
+//! The `expiry` and `subjects` indexes are written before the CAS that needs them and cleaned
+//! after it, so a crash can leave an extra index entry (the sweeper and the subject lookup check
+//! the record and drop it) but not a missing one.
 //!
 //! Durability: [`Store::sync`] hands the caller to a committer thread that runs one `flush`
-//! (write + fsync) for every caller queued meanwhile — group commit — so concurrent changes
-//! share an fsync instead of each paying for one.
+//! (write + fsync) for every caller queued meanwhile — group commit.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tokio::sync::oneshot;
 
 mod commit;
-mod tx;
+mod entry;
 
 use commit::{Committer, spawn_committer};
-use tx::*;
+pub use entry::BUCKET_MS;
+use entry::{Entry, MAX_HOPS, Moved, index_end, index_key, subject_key};
 
 use super::changes::{self, Change};
 use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
@@ -27,8 +33,7 @@ use crate::config::StoreConfig;
 
 pub struct SledStore {
     db: sled::Db,
-    sessions: sled::Tree,
-    forwards: sled::Tree,
+    records: sled::Tree,
     index: sled::Tree,
     subjects: sled::Tree,
     policy: Arc<Policy>,
@@ -36,19 +41,16 @@ pub struct SledStore {
     committer: Option<Committer>,
 }
 
-fn from_tx(e: TransactionError<Abort>) -> UpdateError {
-    match e {
-        TransactionError::Abort(Abort::TooLarge(t)) => UpdateError::TooLarge(t),
-        TransactionError::Abort(Abort::Corrupt(c)) => UpdateError::Store(StoreError::Corrupt(c)),
-        TransactionError::Storage(s) => UpdateError::Store(backend(s)),
-    }
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
 }
 
-fn store_err(e: UpdateError) -> StoreError {
-    match e {
-        UpdateError::Store(s) => s,
-        UpdateError::TooLarge(t) => StoreError::Backend(t.to_string()),
-    }
+/// An entry as read, with the bytes a CAS must find unchanged.
+struct Current {
+    key: String,
+    raw: sled::IVec,
+    record: Record,
+    forwarded: bool,
 }
 
 impl SledStore {
@@ -84,8 +86,7 @@ impl SledStore {
         };
         let committer = cfg.durable.then(|| spawn_committer(db.clone()));
         Ok(SledStore {
-            sessions: tree("sessions")?,
-            forwards: tree("forwards")?,
+            records: tree("records")?,
             index: tree("expiry")?,
             subjects: tree("subjects")?,
             db,
@@ -95,50 +96,131 @@ impl SledStore {
         })
     }
 
-    fn transaction<T>(&self, f: impl Fn(&Tx) -> TxResult<T>) -> Result<T, UpdateError> {
-        (&self.sessions, &self.forwards, &self.index, &self.subjects)
-            .transaction(|(sessions, forwards, index, subjects)| {
-                f(&Tx {
-                    sessions,
-                    forwards,
-                    index,
-                    subjects,
-                })
-            })
-            .map_err(from_tx)
+    fn get(&self, key: &str) -> Result<Option<(sled::IVec, Entry)>, StoreError> {
+        match self.records.get(key).map_err(backend)? {
+            Some(raw) => {
+                let entry = Entry::decode(&raw).map_err(StoreError::Corrupt)?;
+                Ok(Some((raw, entry)))
+            }
+            None => Ok(None),
+        }
     }
 
-    /// Number of session records, live or not yet swept (for tests and the admin view).
+    /// Follows forwards from `key` to the live session, if any.
+    fn resolve(&self, key: &str, now: Millis) -> Result<Option<Current>, StoreError> {
+        let mut current = key.to_string();
+        for hop in 0..=MAX_HOPS {
+            match self.get(&current)? {
+                Some((raw, Entry::Session(record))) if record.deadline > now => {
+                    return Ok(Some(Current {
+                        key: current,
+                        raw,
+                        record,
+                        forwarded: hop > 0,
+                    }));
+                }
+                Some((_, Entry::Moved(m))) if m.until > now => current = m.to,
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Replaces `expected` under `key` with `new` (`None` deletes); `false` if someone else
+    /// changed it first.
+    fn cas(
+        &self,
+        key: &str,
+        expected: Option<&sled::IVec>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .records
+            .compare_and_swap(key, expected, new)
+            .map_err(backend)?
+            .is_ok())
+    }
+
+    /// Index entries the new state needs, written before the CAS that installs it.
+    fn index_new(&self, key: &str, old: Option<&Entry>, new: &Entry) -> Result<(), StoreError> {
+        if old.is_none_or(|o| index_key(o.deadline(), key) != index_key(new.deadline(), key)) {
+            self.index
+                .insert(index_key(new.deadline(), key), &[])
+                .map_err(backend)?;
+        }
+        if let Entry::Session(r) = new {
+            let old_subject = match old {
+                Some(Entry::Session(o)) => o.subject.as_deref(),
+                _ => None,
+            };
+            if let Some(s) = r.subject.as_deref().filter(|s| Some(*s) != old_subject) {
+                self.subjects
+                    .insert(subject_key(s, key), &[])
+                    .map_err(backend)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Index entries the old state no longer needs, removed after the CAS that replaced it.
+    fn unindex_old(&self, key: &str, old: &Entry, new: Option<&Entry>) -> Result<(), StoreError> {
+        let old_index = index_key(old.deadline(), key);
+        if new.is_none_or(|n| index_key(n.deadline(), key) != old_index) {
+            self.index.remove(old_index).map_err(backend)?;
+        }
+        if let Entry::Session(o) = old {
+            let new_subject = match new {
+                Some(Entry::Session(n)) => n.subject.as_deref(),
+                _ => None,
+            };
+            if let Some(s) = o.subject.as_deref().filter(|s| Some(*s) != new_subject) {
+                self.subjects.remove(subject_key(s, key)).map_err(backend)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs `new` under `key` if the entry is still `cur`; cleans the indexes either way.
+    fn replace(
+        &self,
+        key: &str,
+        raw: &sled::IVec,
+        old: &Entry,
+        new: Option<&Entry>,
+    ) -> Result<bool, StoreError> {
+        if let Some(n) = new {
+            self.index_new(key, Some(old), n)?;
+        }
+        if !self.cas(key, Some(raw), new.map(Entry::encode))? {
+            return Ok(false);
+        }
+        self.unindex_old(key, old, new)?;
+        Ok(true)
+    }
+
+    /// Number of entries (sessions and forwards, live or not yet swept).
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.records.is_empty()
     }
 }
 
 #[async_trait]
 impl Store for SledStore {
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        match self.sessions.get(key).map_err(backend)? {
-            Some(bytes) => {
-                let r = decode(&bytes).map_err(StoreError::Corrupt)?;
-                Ok((r.deadline > now).then_some(r))
-            }
-            None => Ok(None),
+        match self.get(key)? {
+            Some((_, Entry::Session(r))) if r.deadline > now => Ok(Some(r)),
+            _ => Ok(None),
         }
     }
 
     async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
-        self.transaction(|tx| {
-            if tx.sessions.get(key)?.is_some() {
-                return Ok(false);
-            }
-            tx.put(key, None, record)?;
-            Ok(true)
-        })
-        .map_err(store_err)
+        let entry = Entry::Session(record.clone());
+        self.index_new(key, None, &entry)?;
+        self.cas(key, None, Some(entry.encode()))
     }
 
     async fn update(
@@ -150,102 +232,99 @@ impl Store for SledStore {
         force_save: bool,
     ) -> Result<Updated, UpdateError> {
         let policy = &*self.policy;
-        self.transaction(|tx| {
-            let Some((current, old, forwarded)) = tx.live(key, now)? else {
+        loop {
+            let Some(cur) = self.resolve(key, now)? else {
                 return Ok(Updated::Ended);
             };
-            let mut record = old.clone();
+            let forwarded = cur.forwarded;
+            let old = Entry::Session(cur.record.clone());
+            let mut record = cur.record;
             let effect =
-                changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)
-                    .map_err(|t| ConflictableTransactionError::Abort(Abort::TooLarge(t)))?;
+                changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)?;
             if effect.empty || (effect.save && record.deadline <= now) {
-                tx.delete(&current, &old)?;
-                return Ok(Updated::Removed { forwarded });
+                if self.replace(&cur.key, &cur.raw, &old, None)? {
+                    return Ok(Updated::Removed { forwarded });
+                }
+                continue;
             }
             if !effect.save {
                 return Ok(Updated::Unchanged { forwarded });
             }
-            let key = match new_key {
-                Some(next) => {
-                    tx.delete(&current, &old)?;
-                    tx.put(next, None, &record)?;
-                    tx.forward(
-                        &current,
-                        next,
-                        now + policy.forward_ttl.as_millis() as Millis,
-                    )?;
-                    next.to_string()
+            let new = Entry::Session(record.clone());
+            let Some(next) = new_key else {
+                if self.replace(&cur.key, &cur.raw, &old, Some(&new))? {
+                    return Ok(Updated::Saved {
+                        key: cur.key,
+                        record,
+                        forwarded,
+                    });
                 }
-                None => {
-                    tx.put(&current, Some(&old), &record)?;
-                    current
-                }
+                continue;
             };
-            Ok(Updated::Saved {
-                key,
-                record,
-                forwarded,
-            })
-        })
+            // Cycle: the new record first, then the old one becomes its forward in one CAS.
+            self.index_new(next, None, &new)?;
+            if !self.cas(next, None, Some(new.encode()))? {
+                return Err(
+                    StoreError::Backend("a fresh session key was already taken".into()).into(),
+                );
+            }
+            let forward = Entry::Moved(Moved {
+                to: next.to_string(),
+                until: now + policy.forward_ttl.as_millis() as Millis,
+            });
+            if self.replace(&cur.key, &cur.raw, &old, Some(&forward))? {
+                return Ok(Updated::Saved {
+                    key: next.to_string(),
+                    record,
+                    forwarded,
+                });
+            }
+            // Someone changed the old record meanwhile: undo and start over with their change.
+            if let Some((raw, e)) = self.get(next)? {
+                self.replace(next, &raw, &e, None)?;
+            }
+        }
     }
 
     async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
-        let mut current = key.to_string();
-        for hop in 0..=MAX_HOPS {
-            if self.load(&current, now).await?.is_some() {
-                return Ok(if hop == 0 {
-                    Liveness::Live
-                } else {
-                    Liveness::Forwarded
-                });
-            }
-            if self.sessions.contains_key(&current).map_err(backend)? {
-                return Ok(Liveness::Ended);
-            }
-            match self.forwards.get(&current).map_err(backend)? {
-                Some(b) => {
-                    let f: Forward = serde_json::from_slice(&b)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    if f.until <= now {
-                        return Ok(Liveness::Ended);
-                    }
-                    current = f.to;
-                }
-                None => return Ok(Liveness::Ended),
-            }
-        }
-        Ok(Liveness::Ended)
+        Ok(match self.resolve(key, now)? {
+            Some(c) if c.forwarded => Liveness::Forwarded,
+            Some(_) => Liveness::Live,
+            None => Liveness::Ended,
+        })
     }
 
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
-        let policy = &*self.policy;
-        self.transaction(|tx| {
-            if let Some(old) = tx.get(key)? {
-                if old.deadline > now && policy.touch_due(&old, now) {
-                    let mut record = old.clone();
-                    record.accessed = now;
-                    record.deadline = policy.deadline(&record);
-                    tx.put(key, Some(&old), &record)?;
-                }
+        loop {
+            let Some((raw, old @ Entry::Session(_))) = self.get(key)? else {
+                return Ok(());
+            };
+            let Entry::Session(r) = &old else {
+                unreachable!()
+            };
+            if r.deadline <= now || !self.policy.touch_due(r, now) {
+                return Ok(());
             }
-            Ok(())
-        })
-        .map_err(store_err)
+            let mut record = r.clone();
+            record.accessed = now;
+            record.deadline = self.policy.deadline(&record);
+            if self.replace(key, &raw, &old, Some(&Entry::Session(record)))? {
+                return Ok(());
+            }
+        }
     }
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        self.transaction(|tx| {
+        loop {
             // Follow a cycle's forward so a logout in flight during a login ends the new session.
-            let now = Millis::MIN;
-            match tx.live(key, now)? {
-                Some((current, old, _)) => {
-                    tx.delete(&current, &old)?;
-                    Ok(true)
-                }
-                None => Ok(false),
+            let Some(cur) = self.resolve(key, Millis::MIN)? else {
+                return Ok(false);
+            };
+            let old = Entry::Session(cur.record);
+            if self.replace(&cur.key, &cur.raw, &old, None)? {
+                return Ok(true);
             }
-        })
-        .map_err(store_err)
+        }
     }
 
     async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
@@ -253,8 +332,9 @@ impl Store for SledStore {
         for item in self.subjects.scan_prefix(subject_key(subject, "")) {
             let (k, _) = item.map_err(backend)?;
             let key = String::from_utf8_lossy(&k[subject.len() + 1..]).into_owned();
-            if self.load(&key, now).await?.is_some() {
-                keys.push(key);
+            match self.load(&key, now).await? {
+                Some(r) if r.subject.as_deref() == Some(subject) => keys.push(key),
+                _ => {}
             }
         }
         Ok(keys)
@@ -262,11 +342,14 @@ impl Store for SledStore {
 
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
         let mut swept = Swept::default();
-        let end = index_key(now, 0, "");
+        // Deadlines up to `now` sit in buckets up to one bucket past it; the exact deadline
+        // decides. Entries kept (not yet expired) are stepped over, not read again.
+        let end = index_end(now.saturating_add(BUCKET_MS));
+        let mut start: Vec<u8> = Vec::new();
         loop {
             let batch: Vec<sled::IVec> = self
                 .index
-                .range(..end.as_slice())
+                .range(start.clone()..end.to_vec())
                 .keys()
                 .take(256)
                 .collect::<Result<_, _>>()
@@ -274,29 +357,37 @@ impl Store for SledStore {
             if batch.is_empty() {
                 return Ok(swept);
             }
-            for entry in batch {
-                let kind = entry[8];
-                let key = String::from_utf8_lossy(&entry[9..]).into_owned();
-                let removed = self
-                    .transaction(|tx| {
-                        tx.index.remove(&*entry)?;
-                        if kind == KIND_FORWARD {
-                            return Ok(tx.forwards.remove(key.as_str())?.is_some());
+            for entry_key in batch {
+                let key = String::from_utf8_lossy(&entry_key[8..]).into_owned();
+                let keep = match self.get(&key)? {
+                    Some((raw, e)) if e.deadline() <= now => {
+                        let removed = self.replace(&key, &raw, &e, None)?;
+                        match e {
+                            Entry::Session(_) if removed => swept.sessions += 1,
+                            Entry::Moved(_) if removed => swept.forwards += 1,
+                            _ => {}
                         }
-                        match tx.get(&key)? {
-                            Some(r) if r.deadline <= now => {
-                                tx.delete(&key, &r)?;
-                                Ok(true)
-                            }
-                            _ => Ok(false),
+                        false
+                    }
+                    Some((_, e)) => {
+                        // Not expired yet: keep the entry if it is the record's current one,
+                        // otherwise it is stale (the record moved on) and the current one
+                        // must exist instead.
+                        let current = index_key(e.deadline(), &key);
+                        if current[..] != entry_key[..] {
+                            self.index.insert(current, &[]).map_err(backend)?;
+                            false
+                        } else {
+                            true
                         }
-                    })
-                    .map_err(store_err)?;
-                match (removed, kind) {
-                    (true, KIND_FORWARD) => swept.forwards += 1,
-                    (true, _) => swept.sessions += 1,
-                    _ => {}
+                    }
+                    None => false,
+                };
+                if !keep {
+                    self.index.remove(&entry_key).map_err(backend)?;
                 }
+                start = entry_key.to_vec();
+                start.push(0);
             }
         }
     }
@@ -316,7 +407,7 @@ impl Store for SledStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.sessions.get(b"\0ping").map(|_| ()).map_err(backend)
+        self.records.get(b"\0ping").map(|_| ()).map_err(backend)
     }
 }
 
