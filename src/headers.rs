@@ -75,14 +75,16 @@ pub fn take_ours(headers: &mut HeaderMap, prefix: &str) -> Vec<(HeaderName, Head
 /// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto/-Host` unless a trusted
 /// proxy in front already did.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>, trust: bool) {
-    let mut chain: Vec<String> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_string)
-        .collect();
-    chain.push(peer.to_string());
-    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+    let mut chain = String::new();
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(text) = v.to_str() {
+            chain.push_str(text);
+            chain.push_str(", ");
+        }
+    }
+    use std::fmt::Write;
+    let _ = write!(chain, "{peer}");
+    if let Ok(v) = HeaderValue::from_str(&chain) {
         headers.insert(&X_FORWARDED_FOR, v);
     }
     if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {

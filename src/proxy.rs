@@ -82,8 +82,8 @@ impl Sidecar {
 
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = std::time::Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
         let mut carried = false;
         let result = self.proxy(req, peer, &mut carried).await;
         let mut resp = result.unwrap_or_else(ProxyError::into_response);
@@ -91,13 +91,15 @@ impl Sidecar {
             resp.headers_mut()
                 .append(VARY, HeaderValue::from_static("Cookie"));
         }
-        tracing::debug!(
-            %method,
-            path,
-            status = resp.status().as_u16(),
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        );
+        if let Some((method, path)) = logged {
+            tracing::debug!(
+                %method,
+                path,
+                status = resp.status().as_u16(),
+                latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
         resp
     }
 
@@ -249,8 +251,10 @@ impl Sidecar {
                 self.config.max_headers
             )));
         }
+        let uri = req.uri();
         let bytes = req.method().as_str().len()
-            + req.uri().to_string().len()
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(1, |p| p.as_str().len())
             + req
                 .headers()
                 .iter()
@@ -267,11 +271,12 @@ impl Sidecar {
 
     /// Whole seconds left for a loaded session, counting this request as activity.
     fn expiry_age(&self, r: &Record, now: Millis) -> u64 {
-        let mut r = r.clone();
-        if self.policy.touch_due(&r, now) {
-            r.accessed = now;
-        }
-        seconds_until(self.policy.deadline(&r), now)
+        let accessed = if self.policy.touch_due(r, now) {
+            now
+        } else {
+            r.accessed
+        };
+        seconds_until(self.policy.deadline_if_accessed(r, accessed), now)
     }
 
     fn cookie_for(&self, key: String, record: &Record, now: Millis) -> CookieAction {

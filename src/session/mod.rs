@@ -150,9 +150,14 @@ impl Policy {
 
     /// When the record stops being loadable: the expiry above or the idle timeout.
     pub fn deadline(&self, r: &Record) -> Millis {
+        self.deadline_if_accessed(r, r.accessed)
+    }
+
+    /// The deadline if the last activity were `accessed`.
+    pub fn deadline_if_accessed(&self, r: &Record, accessed: Millis) -> Millis {
         let at = self.expires_at(r);
         match self.idle_timeout {
-            Some(idle) => at.min(r.accessed + ms(idle)),
+            Some(idle) => at.min(accessed + ms(idle)),
             None => at,
         }
     }

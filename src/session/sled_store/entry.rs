@@ -1,7 +1,9 @@
 //! What the sled trees hold, byte for byte.
 //!
 //! - `records`: session key → an [`Entry`]: a live session, or the forward a cycle left behind
-//!   (one tree, so that a cycle turns the old record into its forward with one compare-and-swap);
+//!   (one tree, so that a cycle turns the old record into its forward with one compare-and-swap).
+//!   Bytes: a tag, the deadline (8 bytes, big-endian), then JSON; the fixed head lets a reader
+//!   tell an expired or ended entry without parsing it;
 //! - `expiry`: bucket ‖ key → (), where bucket is the entry's deadline rounded up to
 //!   [`BUCKET_MS`]: the sweeper reads only the buckets that have passed;
 //! - `subjects`: subject ‖ 0 ‖ key → ().
@@ -34,30 +36,48 @@ pub(super) enum Entry {
     Moved(Moved),
 }
 
-impl Entry {
-    pub(super) fn decode(bytes: &[u8]) -> Result<Entry, String> {
-        match bytes.split_first() {
-            Some((&TAG_SESSION, rest)) => serde_json::from_slice(rest)
-                .map(Entry::Session)
-                .map_err(|e| e.to_string()),
-            Some((&TAG_MOVED, rest)) => serde_json::from_slice(rest)
-                .map(Entry::Moved)
-                .map_err(|e| e.to_string()),
+/// What the fixed head of an entry says, without parsing the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Head {
+    Session { deadline: Millis },
+    Moved { until: Millis },
+}
+
+impl Head {
+    pub(super) fn read(bytes: &[u8]) -> Result<Head, String> {
+        let (tag, rest) = bytes.split_first().ok_or("empty entry")?;
+        let deadline = rest
+            .get(..8)
+            .map(|b| Millis::from_be_bytes(b.try_into().expect("8 bytes")))
+            .ok_or("truncated entry")?;
+        match *tag {
+            TAG_SESSION => Ok(Head::Session { deadline }),
+            TAG_MOVED => Ok(Head::Moved { until: deadline }),
             _ => Err("unknown entry tag".into()),
         }
+    }
+}
+
+impl Entry {
+    pub(super) fn decode(bytes: &[u8]) -> Result<Entry, String> {
+        let body = bytes.get(9..).ok_or("truncated entry")?;
+        match Head::read(bytes)? {
+            Head::Session { .. } => serde_json::from_slice(body).map(Entry::Session),
+            Head::Moved { .. } => serde_json::from_slice(body).map(Entry::Moved),
+        }
+        .map_err(|e| e.to_string())
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
+        out.push(match self {
+            Entry::Session(_) => TAG_SESSION,
+            Entry::Moved(_) => TAG_MOVED,
+        });
+        out.extend_from_slice(&self.deadline().to_be_bytes());
         match self {
-            Entry::Session(r) => {
-                out.push(TAG_SESSION);
-                serde_json::to_writer(&mut out, r)
-            }
-            Entry::Moved(m) => {
-                out.push(TAG_MOVED);
-                serde_json::to_writer(&mut out, m)
-            }
+            Entry::Session(r) => serde_json::to_writer(&mut out, r),
+            Entry::Moved(m) => serde_json::to_writer(&mut out, m),
         }
         .expect("entries always serialize");
         out

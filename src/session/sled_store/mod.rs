@@ -24,7 +24,7 @@ mod entry;
 
 use commit::{Committer, spawn_committer};
 pub use entry::BUCKET_MS;
-use entry::{Entry, MAX_HOPS, Moved, index_end, index_key, subject_key};
+use entry::{Entry, Head, MAX_HOPS, Moved, index_end, index_key, subject_key};
 
 use super::changes::{self, Change};
 use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
@@ -211,9 +211,17 @@ impl SledStore {
 #[async_trait]
 impl Store for SledStore {
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        match self.get(key)? {
-            Some((_, Entry::Session(r))) if r.deadline > now => Ok(Some(r)),
-            _ => Ok(None),
+        let Some(raw) = self.records.get(key).map_err(backend)? else {
+            return Ok(None);
+        };
+        // Expired sessions and forwards are told from the head, without parsing.
+        match Head::read(&raw).map_err(StoreError::Corrupt)? {
+            Head::Session { deadline } if deadline > now => {}
+            _ => return Ok(None),
+        }
+        match Entry::decode(&raw).map_err(StoreError::Corrupt)? {
+            Entry::Session(r) => Ok(Some(r)),
+            Entry::Moved(_) => Ok(None),
         }
     }
 
@@ -287,11 +295,30 @@ impl Store for SledStore {
     }
 
     async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
-        Ok(match self.resolve(key, now)? {
-            Some(c) if c.forwarded => Liveness::Forwarded,
-            Some(_) => Liveness::Live,
-            None => Liveness::Ended,
-        })
+        // Read on every read-only request: the head answers the common case, no parsing.
+        let mut current = key.to_string();
+        for hop in 0..=MAX_HOPS {
+            let Some(raw) = self.records.get(&current).map_err(backend)? else {
+                return Ok(Liveness::Ended);
+            };
+            match Head::read(&raw).map_err(StoreError::Corrupt)? {
+                Head::Session { deadline } if deadline > now => {
+                    return Ok(if hop == 0 {
+                        Liveness::Live
+                    } else {
+                        Liveness::Forwarded
+                    });
+                }
+                Head::Moved { until } if until > now => {
+                    let Entry::Moved(m) = Entry::decode(&raw).map_err(StoreError::Corrupt)? else {
+                        return Err(StoreError::Corrupt("head and body disagree".into()));
+                    };
+                    current = m.to;
+                }
+                _ => return Ok(Liveness::Ended),
+            }
+        }
+        Ok(Liveness::Ended)
     }
 
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
