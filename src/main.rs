@@ -7,6 +7,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use session_sidecar::{Config, Deps};
 
+/// mimalloc: the request path allocates many short-lived small buffers (headers, JSON, sled
+/// nodes); measured with bench/run.py it beats glibc's malloc here (see README, Performance).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "session-sidecar",
