@@ -204,7 +204,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--big", type=int, default=1_000_000, help="sessions in the large-store scenario (0: skip)")
+    ap.add_argument("--replot", action="store_true", help="only redraw the table and chart from results.json")
     args = ap.parse_args()
+    if args.replot:
+        with open(os.path.join(BENCH, "results.json")) as f:
+            write_outputs(json.load(f), smoke=False)
+        return 0
     if args.smoke:
         args.seconds, args.rounds, args.sessions, args.big = 2, 1, 100, 0
     ensure_tools(need_oha=not args.smoke)
@@ -320,10 +325,10 @@ def write_outputs(results, smoke):
     data = os.path.join(tempfile.mkdtemp(), "data.txt")
     with open(data, "w") as f:
         for i, s in enumerate(results["scenarios"]):
-            f.write(f"{i} \"{s['name']}\" {s['nginx']['rps']:.0f} {s['sidecar']['rps']:.0f}\n")
+            f.write(f"{i} \"{s['name']}\" {s['nginx']['rps']:.0f} {s['sidecar']['rps']:.0f} {s['ratio']:.2f}\n")
     png = os.path.join(BENCH, f"chart{suffix}.png")
     script = f"""
-set terminal pngcairo size 900,420 font ",10"
+set terminal pngcairo size 900,420 font ",10" noenhanced
 set output "{png}"
 set title "Requests per second, wrk -t1 -c32 (median of rounds; higher is better)"
 set style data histograms
@@ -333,7 +338,8 @@ set boxwidth 0.9
 set yrange [0:*]
 set grid ytics
 set key top right
-plot "{data}" using 3:xtic(2) title "nginx proxy_pass", "" using 4 title "session-sidecar"
+plot "{data}" using 3:xtic(2) title "nginx proxy_pass", "" using 4 title "session-sidecar", \
+     "" using ($1 + 0.17):($4 + 1500):(sprintf("%.2fx", $5)) with labels notitle
 """
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
 
