@@ -3,10 +3,13 @@
 //! - [`id`]: random keys.
 //! - [`json`]: the ASCII-only wire form of the data.
 //! - [`changes`]: the per-key merge of one response's changes into a record.
+//! - [`entry`]: what a store keeps under a key; [`cells`]: the store logic shared by backends.
 //! - [`store`]: the storage trait and its error type; [`sled_store`]: the embedded default.
 //! - [`sweeper`]: the background removal of expired records.
 
+pub mod cells;
 pub mod changes;
+pub mod entry;
 pub mod id;
 pub mod json;
 pub mod sled_store;

@@ -1,13 +1,11 @@
 //! The embedded store: sled, one process per directory.
 //!
-//! Every change is one compare-and-swap on the session's entry in the `records` tree, retried
-//! against the latest value when another request got there first — the per-key merge of
-//! CONTRACT §4. (sled's multi-tree transactions take a process-wide write lock and, once used,
-//! put every other operation behind a read lock; single-key CAS keeps reads and writes
-//! concurrent.) A cycle writes the new record first and then turns the old one into a forward
-//! with one CAS, so no moment exists where neither key reaches the session.
+//! Sessions live in the `records` tree, one compare-and-swap cell per key; the shared
+//! [`Engine`](super::cells::Engine) does the merge, cycle and no-resurrection logic on top.
+//! (sled's multi-tree transactions take a process-wide write lock and, once used, put every
+//! other operation behind a read lock; single-key CAS keeps reads and writes concurrent.)
 //!
-//! The `expiry` and `subjects` indexes are written before the CAS that needs them and cleaned
+//! The `expiry` and `subjects` indexes are written before the swap that needs them and cleaned
 //! after it, so a crash can leave an extra index entry (the sweeper and the subject lookup check
 //! the record and drop it) but not a missing one.
 //!
@@ -20,37 +18,34 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 mod commit;
-mod entry;
+mod index;
 
 use commit::{Committer, spawn_committer};
-pub use entry::BUCKET_MS;
-use entry::{Entry, Head, MAX_HOPS, Moved, index_end, index_key, subject_key};
+pub use index::BUCKET_MS;
+use index::{index_end, index_key, subject_key};
 
-use super::changes::{self, Change};
+use super::cells::{Cells, Engine};
+use super::changes::Change;
+use super::entry::Entry;
 use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
 use super::{Millis, Policy, Record};
 use crate::config::StoreConfig;
 
 pub struct SledStore {
     db: sled::Db,
+    engine: Engine<SledCells>,
+    committer: Option<Committer>,
+}
+
+/// The three trees; the cells are the `records` tree's entries.
+pub struct SledCells {
     records: sled::Tree,
     index: sled::Tree,
     subjects: sled::Tree,
-    policy: Arc<Policy>,
-    max_bytes: usize,
-    committer: Option<Committer>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-/// An entry as read, with the bytes a CAS must find unchanged.
-struct Current {
-    key: String,
-    raw: sled::IVec,
-    record: Record,
-    forwarded: bool,
 }
 
 impl SledStore {
@@ -85,18 +80,34 @@ impl SledStore {
             })
         };
         let committer = cfg.durable.then(|| spawn_committer(db.clone()));
-        Ok(SledStore {
+        let cells = SledCells {
             records: tree("records")?,
             index: tree("expiry")?,
             subjects: tree("subjects")?,
+        };
+        Ok(SledStore {
             db,
-            policy,
-            max_bytes,
+            engine: Engine {
+                cells,
+                policy,
+                max_bytes,
+            },
             committer,
         })
     }
 
-    fn get(&self, key: &str) -> Result<Option<(sled::IVec, Entry)>, StoreError> {
+    /// Number of entries (sessions and forwards, live or not yet swept).
+    pub fn len(&self) -> usize {
+        self.engine.cells.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.engine.cells.records.is_empty()
+    }
+}
+
+impl SledCells {
+    fn get_entry(&self, key: &str) -> Result<Option<(sled::IVec, Entry)>, StoreError> {
         match self.records.get(key).map_err(backend)? {
             Some(raw) => {
                 let entry = Entry::decode(&raw).map_err(StoreError::Corrupt)?;
@@ -104,41 +115,6 @@ impl SledStore {
             }
             None => Ok(None),
         }
-    }
-
-    /// Follows forwards from `key` to the live session, if any.
-    fn resolve(&self, key: &str, now: Millis) -> Result<Option<Current>, StoreError> {
-        let mut current = key.to_string();
-        for hop in 0..=MAX_HOPS {
-            match self.get(&current)? {
-                Some((raw, Entry::Session(record))) if record.deadline > now => {
-                    return Ok(Some(Current {
-                        key: current,
-                        raw,
-                        record,
-                        forwarded: hop > 0,
-                    }));
-                }
-                Some((_, Entry::Moved(m))) if m.until > now => current = m.to,
-                _ => return Ok(None),
-            }
-        }
-        Ok(None)
-    }
-
-    /// Replaces `expected` under `key` with `new` (`None` deletes); `false` if someone else
-    /// changed it first.
-    fn cas(
-        &self,
-        key: &str,
-        expected: Option<&sled::IVec>,
-        new: Option<Vec<u8>>,
-    ) -> Result<bool, StoreError> {
-        Ok(self
-            .records
-            .compare_and_swap(key, expected, new)
-            .map_err(backend)?
-            .is_ok())
     }
 
     /// Index entries the new state needs, written before the CAS that installs it.
@@ -179,56 +155,46 @@ impl SledStore {
         }
         Ok(())
     }
+}
 
-    /// Installs `new` under `key` if the entry is still `cur`; cleans the indexes either way.
-    fn replace(
+#[async_trait]
+impl Cells for SledCells {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.records.get(key).map_err(backend)?.map(|v| v.to_vec()))
+    }
+
+    async fn swap(
         &self,
         key: &str,
-        raw: &sled::IVec,
-        old: &Entry,
+        expected: Option<&[u8]>,
+        old: Option<&Entry>,
         new: Option<&Entry>,
     ) -> Result<bool, StoreError> {
         if let Some(n) = new {
-            self.index_new(key, Some(old), n)?;
+            self.index_new(key, old, n)?;
         }
-        if !self.cas(key, Some(raw), new.map(Entry::encode))? {
-            return Ok(false);
+        let swapped = self
+            .records
+            .compare_and_swap(key, expected, new.map(Entry::encode))
+            .map_err(backend)?
+            .is_ok();
+        if swapped {
+            if let Some(o) = old {
+                self.unindex_old(key, o, new)?;
+            }
         }
-        self.unindex_old(key, old, new)?;
-        Ok(true)
-    }
-
-    /// Number of entries (sessions and forwards, live or not yet swept).
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        Ok(swapped)
     }
 }
 
 #[async_trait]
 impl Store for SledStore {
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        let Some(raw) = self.records.get(key).map_err(backend)? else {
-            return Ok(None);
-        };
-        // Expired sessions and forwards are told from the head, without parsing.
-        match Head::read(&raw).map_err(StoreError::Corrupt)? {
-            Head::Session { deadline } if deadline > now => {}
-            _ => return Ok(None),
-        }
-        match Entry::decode(&raw).map_err(StoreError::Corrupt)? {
-            Entry::Session(r) => Ok(Some(r)),
-            Entry::Moved(_) => Ok(None),
-        }
+        self.engine.load(key, now).await
     }
 
     async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
-        let entry = Entry::Session(record.clone());
-        self.index_new(key, None, &entry)?;
-        self.cas(key, None, Some(entry.encode()))
+        self.engine.create(key, record).await
     }
 
     async fn update(
@@ -239,124 +205,31 @@ impl Store for SledStore {
         now: Millis,
         force_save: bool,
     ) -> Result<Updated, UpdateError> {
-        let policy = &*self.policy;
-        loop {
-            let Some(cur) = self.resolve(key, now)? else {
-                return Ok(Updated::Ended);
-            };
-            let forwarded = cur.forwarded;
-            let old = Entry::Session(cur.record.clone());
-            let mut record = cur.record;
-            let effect =
-                changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)?;
-            if effect.empty || (effect.save && record.deadline <= now) {
-                if self.replace(&cur.key, &cur.raw, &old, None)? {
-                    return Ok(Updated::Removed { forwarded });
-                }
-                continue;
-            }
-            if !effect.save {
-                return Ok(Updated::Unchanged { forwarded });
-            }
-            let new = Entry::Session(record.clone());
-            let Some(next) = new_key else {
-                if self.replace(&cur.key, &cur.raw, &old, Some(&new))? {
-                    return Ok(Updated::Saved {
-                        key: cur.key,
-                        record,
-                        forwarded,
-                    });
-                }
-                continue;
-            };
-            // Cycle: the new record first, then the old one becomes its forward in one CAS.
-            self.index_new(next, None, &new)?;
-            if !self.cas(next, None, Some(new.encode()))? {
-                return Err(
-                    StoreError::Backend("a fresh session key was already taken".into()).into(),
-                );
-            }
-            let forward = Entry::Moved(Moved {
-                to: next.to_string(),
-                until: now + policy.forward_ttl.as_millis() as Millis,
-            });
-            if self.replace(&cur.key, &cur.raw, &old, Some(&forward))? {
-                return Ok(Updated::Saved {
-                    key: next.to_string(),
-                    record,
-                    forwarded,
-                });
-            }
-            // Someone changed the old record meanwhile: undo and start over with their change.
-            if let Some((raw, e)) = self.get(next)? {
-                self.replace(next, &raw, &e, None)?;
-            }
-        }
+        self.engine
+            .update(key, change, new_key, now, force_save)
+            .await
     }
 
     async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
-        // Read on every read-only request: the head answers the common case, no parsing.
-        let mut current = key.to_string();
-        for hop in 0..=MAX_HOPS {
-            let Some(raw) = self.records.get(&current).map_err(backend)? else {
-                return Ok(Liveness::Ended);
-            };
-            match Head::read(&raw).map_err(StoreError::Corrupt)? {
-                Head::Session { deadline } if deadline > now => {
-                    return Ok(if hop == 0 {
-                        Liveness::Live
-                    } else {
-                        Liveness::Forwarded
-                    });
-                }
-                Head::Moved { until } if until > now => {
-                    let Entry::Moved(m) = Entry::decode(&raw).map_err(StoreError::Corrupt)? else {
-                        return Err(StoreError::Corrupt("head and body disagree".into()));
-                    };
-                    current = m.to;
-                }
-                _ => return Ok(Liveness::Ended),
-            }
-        }
-        Ok(Liveness::Ended)
+        self.engine.liveness(key, now).await
     }
 
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
-        loop {
-            let Some((raw, old @ Entry::Session(_))) = self.get(key)? else {
-                return Ok(());
-            };
-            let Entry::Session(r) = &old else {
-                unreachable!()
-            };
-            if r.deadline <= now || !self.policy.touch_due(r, now) {
-                return Ok(());
-            }
-            let mut record = r.clone();
-            record.accessed = now;
-            record.deadline = self.policy.deadline(&record);
-            if self.replace(key, &raw, &old, Some(&Entry::Session(record)))? {
-                return Ok(());
-            }
-        }
+        self.engine.touch(key, now).await
     }
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        loop {
-            // Follow a cycle's forward so a logout in flight during a login ends the new session.
-            let Some(cur) = self.resolve(key, Millis::MIN)? else {
-                return Ok(false);
-            };
-            let old = Entry::Session(cur.record);
-            if self.replace(&cur.key, &cur.raw, &old, None)? {
-                return Ok(true);
-            }
-        }
+        self.engine.remove(key).await
     }
 
     async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
         let mut keys = Vec::new();
-        for item in self.subjects.scan_prefix(subject_key(subject, "")) {
+        for item in self
+            .engine
+            .cells
+            .subjects
+            .scan_prefix(subject_key(subject, ""))
+        {
             let (k, _) = item.map_err(backend)?;
             let key = String::from_utf8_lossy(&k[subject.len() + 1..]).into_owned();
             match self.load(&key, now).await? {
@@ -375,6 +248,8 @@ impl Store for SledStore {
         let mut start: Vec<u8> = Vec::new();
         loop {
             let batch: Vec<sled::IVec> = self
+                .engine
+                .cells
                 .index
                 .range(start.clone()..end.to_vec())
                 .keys()
@@ -386,9 +261,13 @@ impl Store for SledStore {
             }
             for entry_key in batch {
                 let key = String::from_utf8_lossy(&entry_key[8..]).into_owned();
-                let keep = match self.get(&key)? {
+                let keep = match self.engine.cells.get_entry(&key)? {
                     Some((raw, e)) if e.deadline() <= now => {
-                        let removed = self.replace(&key, &raw, &e, None)?;
+                        let removed = self
+                            .engine
+                            .cells
+                            .swap(&key, Some(&raw), Some(&e), None)
+                            .await?;
                         match e {
                             Entry::Session(_) if removed => swept.sessions += 1,
                             Entry::Moved(_) if removed => swept.forwards += 1,
@@ -402,7 +281,11 @@ impl Store for SledStore {
                         // must exist instead.
                         let current = index_key(e.deadline(), &key);
                         if current[..] != entry_key[..] {
-                            self.index.insert(current, &[]).map_err(backend)?;
+                            self.engine
+                                .cells
+                                .index
+                                .insert(current, &[])
+                                .map_err(backend)?;
                             false
                         } else {
                             true
@@ -411,7 +294,11 @@ impl Store for SledStore {
                     None => false,
                 };
                 if !keep {
-                    self.index.remove(&entry_key).map_err(backend)?;
+                    self.engine
+                        .cells
+                        .index
+                        .remove(&entry_key)
+                        .map_err(backend)?;
                 }
                 start = entry_key.to_vec();
                 start.push(0);
@@ -434,7 +321,12 @@ impl Store for SledStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.records.get(b"\0ping").map(|_| ()).map_err(backend)
+        self.engine
+            .cells
+            .records
+            .get(b"\0ping")
+            .map(|_| ())
+            .map_err(backend)
     }
 }
 

@@ -1,0 +1,244 @@
+//! The store logic every backend shares, written once over compare-and-swap cells.
+//!
+//! A backend only has to offer a cell per session key that can be read and replaced atomically
+//! if it still holds what was read ([`Cells`]): sled's `compare_and_swap`, or a Lua script on
+//! Redis. On top of that, [`Engine`] implements the contract: the per-key merge retried against
+//! the latest value (CONTRACT §4), no resurrection (a missing or expired cell is an ended
+//! session, never re-created by an update), and the cycle that writes the new record first and
+//! then turns the old one into a forward with one swap, so no moment exists where neither key
+//! reaches the session.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::changes::{self, Change};
+use super::entry::{Entry, Head, MAX_HOPS, Moved};
+use super::store::{Liveness, StoreError, UpdateError, Updated};
+use super::{Millis, Policy, Record};
+
+#[async_trait]
+pub trait Cells: Send + Sync + 'static {
+    /// The raw entry under `key`.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Puts `new` (or nothing) under `key` if it still holds `expected` (`None`: absent), and
+    /// keeps the backend's indexes right; `old` is `expected` decoded. `false` if someone else
+    /// changed the cell first.
+    async fn swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        old: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Result<bool, StoreError>;
+}
+
+/// A live session as read, with the bytes a swap must find unchanged.
+struct Current {
+    key: String,
+    raw: Vec<u8>,
+    record: Record,
+    forwarded: bool,
+}
+
+pub struct Engine<C> {
+    pub cells: C,
+    pub policy: Arc<Policy>,
+    pub max_bytes: usize,
+}
+
+fn corrupt(e: String) -> StoreError {
+    StoreError::Corrupt(e)
+}
+
+impl<C: Cells> Engine<C> {
+    async fn entry(&self, key: &str) -> Result<Option<(Vec<u8>, Entry)>, StoreError> {
+        match self.cells.get(key).await? {
+            Some(raw) => {
+                let entry = Entry::decode(&raw).map_err(corrupt)?;
+                Ok(Some((raw, entry)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Follows forwards from `key` to the live session, if any.
+    async fn resolve(&self, key: &str, now: Millis) -> Result<Option<Current>, StoreError> {
+        let mut current = key.to_string();
+        for hop in 0..=MAX_HOPS {
+            match self.entry(&current).await? {
+                Some((raw, Entry::Session(record))) if record.deadline > now => {
+                    return Ok(Some(Current {
+                        key: current,
+                        raw,
+                        record,
+                        forwarded: hop > 0,
+                    }));
+                }
+                Some((_, Entry::Moved(m))) if m.until > now => current = m.to,
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
+        let Some(raw) = self.cells.get(key).await? else {
+            return Ok(None);
+        };
+        // Expired sessions and forwards are told from the head, without parsing.
+        match Head::read(&raw).map_err(corrupt)? {
+            Head::Session { deadline } if deadline > now => {}
+            _ => return Ok(None),
+        }
+        match Entry::decode(&raw).map_err(corrupt)? {
+            Entry::Session(r) => Ok(Some(r)),
+            Entry::Moved(_) => Ok(None),
+        }
+    }
+
+    pub async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
+        let entry = Entry::Session(record.clone());
+        self.cells.swap(key, None, None, Some(&entry)).await
+    }
+
+    pub async fn update(
+        &self,
+        key: &str,
+        change: &Change,
+        new_key: Option<&str>,
+        now: Millis,
+        force_save: bool,
+    ) -> Result<Updated, UpdateError> {
+        let policy = &*self.policy;
+        loop {
+            let Some(cur) = self.resolve(key, now).await? else {
+                return Ok(Updated::Ended);
+            };
+            let forwarded = cur.forwarded;
+            let old = Entry::Session(cur.record.clone());
+            let mut record = cur.record;
+            let effect =
+                changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)?;
+            let swap = |new: Option<Entry>| {
+                let (key, raw, old) = (&cur.key, &cur.raw, &old);
+                async move {
+                    self.cells
+                        .swap(key, Some(raw), Some(old), new.as_ref())
+                        .await
+                }
+            };
+            if effect.empty || (effect.save && record.deadline <= now) {
+                if swap(None).await? {
+                    return Ok(Updated::Removed { forwarded });
+                }
+                continue;
+            }
+            if !effect.save {
+                return Ok(Updated::Unchanged { forwarded });
+            }
+            let new = Entry::Session(record.clone());
+            let Some(next) = new_key else {
+                if swap(Some(new)).await? {
+                    return Ok(Updated::Saved {
+                        key: cur.key,
+                        record,
+                        forwarded,
+                    });
+                }
+                continue;
+            };
+            // Cycle: the new record first, then the old one becomes its forward in one swap.
+            if !self.cells.swap(next, None, None, Some(&new)).await? {
+                return Err(
+                    StoreError::Backend("a fresh session key was already taken".into()).into(),
+                );
+            }
+            let forward = Entry::Moved(Moved {
+                to: next.to_string(),
+                until: now + policy.forward_ttl.as_millis() as Millis,
+            });
+            if swap(Some(forward)).await? {
+                return Ok(Updated::Saved {
+                    key: next.to_string(),
+                    record,
+                    forwarded,
+                });
+            }
+            // Someone changed the old record meanwhile: undo and start over with their change.
+            if let Some((raw, e)) = self.entry(next).await? {
+                self.cells.swap(next, Some(&raw), Some(&e), None).await?;
+            }
+        }
+    }
+
+    pub async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
+        // Read on every read-only request: the head answers the common case, no parsing.
+        let mut current = key.to_string();
+        for hop in 0..=MAX_HOPS {
+            let Some(raw) = self.cells.get(&current).await? else {
+                return Ok(Liveness::Ended);
+            };
+            match Head::read(&raw).map_err(corrupt)? {
+                Head::Session { deadline } if deadline > now => {
+                    return Ok(if hop == 0 {
+                        Liveness::Live
+                    } else {
+                        Liveness::Forwarded
+                    });
+                }
+                Head::Moved { until } if until > now => {
+                    let Entry::Moved(m) = Entry::decode(&raw).map_err(corrupt)? else {
+                        return Err(corrupt("head and body disagree".into()));
+                    };
+                    current = m.to;
+                }
+                _ => return Ok(Liveness::Ended),
+            }
+        }
+        Ok(Liveness::Ended)
+    }
+
+    pub async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
+        loop {
+            let Some((raw, old)) = self.entry(key).await? else {
+                return Ok(());
+            };
+            let Entry::Session(r) = &old else {
+                return Ok(());
+            };
+            if r.deadline <= now || !self.policy.touch_due(r, now) {
+                return Ok(());
+            }
+            let mut record = r.clone();
+            record.accessed = now;
+            record.deadline = self.policy.deadline(&record);
+            let new = Entry::Session(record);
+            if self
+                .cells
+                .swap(key, Some(&raw), Some(&old), Some(&new))
+                .await?
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        loop {
+            // Follow a cycle's forward so a logout in flight during a login ends the new session.
+            let Some(cur) = self.resolve(key, Millis::MIN).await? else {
+                return Ok(false);
+            };
+            let old = Entry::Session(cur.record);
+            if self
+                .cells
+                .swap(&cur.key, Some(&cur.raw), Some(&old), None)
+                .await?
+            {
+                return Ok(true);
+            }
+        }
+    }
+}
