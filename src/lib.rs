@@ -43,15 +43,22 @@ pub struct Deps {
 }
 
 impl Deps {
-    /// The production wiring: sled at `store.path` and the system clock.
-    pub fn open(config: &Config) -> Result<Deps, StoreError> {
-        let store = SledStore::open(
-            &config.store,
-            Arc::new(policy(config)),
-            config.max_session_bytes,
-        )?;
+    /// The production wiring: the configured store and the system clock.
+    pub async fn open(config: &Config) -> Result<Deps, StoreError> {
+        let policy = Arc::new(policy(config));
+        let store: Arc<dyn Store> = match &config.store.backend {
+            config::Backend::Sled => Arc::new(SledStore::open(
+                &config.store,
+                policy,
+                config.max_session_bytes,
+            )?),
+            config::Backend::Redis(redis) => Arc::new(
+                session::redis_store::RedisStore::connect(redis, policy, config.max_session_bytes)
+                    .await?,
+            ),
+        };
         Ok(Deps {
-            store: Arc::new(store),
+            store,
             clock: Arc::new(SystemClock),
         })
     }

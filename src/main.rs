@@ -67,7 +67,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn serve(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     runtime()?.block_on(async move {
-        let deps = Deps::open(&config)?;
+        let deps = Deps::open(&config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("config key `listen`: cannot bind {}", config.listen))?;
@@ -94,7 +94,7 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
 fn clear_expired(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     runtime()?.block_on(async move {
-        let deps = Deps::open(&config)?;
+        let deps = Deps::open(&config).await?;
         let swept = deps.store.sweep(deps.clock.now()).await?;
         deps.store.sync().await?;
         println!("removed {} expired session(s)", swept.sessions);

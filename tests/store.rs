@@ -1,5 +1,8 @@
-//! The store contract, written once: every backend must pass `suite` (sled now, Redis later).
-//! Each check drives the `Store` trait directly with explicit times.
+//! The store contract, written once: every backend must pass `suite` (sled, and Redis against a
+//! real redis-server the test starts itself). Each check drives the `Store` trait directly with
+//! explicit times.
+
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,11 +10,16 @@ use std::time::Duration;
 use serde_json::json;
 use session_sidecar::Config;
 use session_sidecar::session::changes::{Change, Op};
+use session_sidecar::session::redis_store::RedisStore;
 use session_sidecar::session::sled_store::SledStore;
 use session_sidecar::session::store::{Liveness, Store, UpdateError, Updated};
 use session_sidecar::session::{Millis, Policy, Record, id};
 
-const T0: Millis = 1_700_000_000_000;
+/// The tests' "now": real time, because Redis expires keys by its own clock.
+fn t0() -> Millis {
+    static START: std::sync::OnceLock<Millis> = std::sync::OnceLock::new();
+    *START.get_or_init(|| session_sidecar::session::Clock::now(&session_sidecar::session::SystemClock))
+}
 const AGE_MS: Millis = 1_000_000;
 
 fn policy() -> Policy {
@@ -33,57 +41,60 @@ fn set(k: &str, v: serde_json::Value) -> Change {
     }
 }
 
-/// The store contract. `open` gives a fresh, empty store.
-async fn suite(open: impl Fn() -> Arc<dyn Store>) {
-    create_then_load(open()).await;
-    expired_records_are_never_loaded(open()).await;
-    updates_merge_per_key_against_the_latest_state(open()).await;
-    emptying_removes_the_record(open()).await;
-    an_update_after_removal_reports_the_session_ended(open()).await;
-    cycle_moves_the_record_and_forwards_in_flight_updates(open()).await;
-    size_cap_leaves_the_record_untouched(open()).await;
-    subjects_index_live_sessions(open()).await;
-    sweep_removes_only_what_expired(open()).await;
-    liveness_distinguishes_live_forwarded_and_ended(open()).await;
-    concurrent_updates_and_a_cycle_lose_nothing(open()).await;
+/// The store contract. `open` gives a fresh, empty store; `sweeps` says whether the backend
+/// needs the sweeper (Redis expires entries by itself).
+async fn suite(open: impl AsyncFn() -> Arc<dyn Store>, sweeps: bool) {
+    create_then_load(open().await).await;
+    expired_records_are_never_loaded(open().await).await;
+    updates_merge_per_key_against_the_latest_state(open().await).await;
+    emptying_removes_the_record(open().await).await;
+    an_update_after_removal_reports_the_session_ended(open().await).await;
+    cycle_moves_the_record_and_forwards_in_flight_updates(open().await).await;
+    size_cap_leaves_the_record_untouched(open().await).await;
+    subjects_index_live_sessions(open().await).await;
+    if sweeps {
+        sweep_removes_only_what_expired(open().await).await;
+    }
+    liveness_distinguishes_live_forwarded_and_ended(open().await).await;
+    concurrent_updates_and_a_cycle_lose_nothing(open().await).await;
 }
 
 async fn create_then_load(s: Arc<dyn Store>) {
     let k = id::generate();
-    assert!(s.create(&k, &record(json!({"a": 1}), T0)).await.unwrap());
+    assert!(s.create(&k, &record(json!({"a": 1}), t0())).await.unwrap());
     assert!(
-        !s.create(&k, &record(json!({"b": 1}), T0)).await.unwrap(),
+        !s.create(&k, &record(json!({"b": 1}), t0())).await.unwrap(),
         "create-if-absent"
     );
-    let r = s.load(&k, T0 + 1).await.unwrap().unwrap();
+    let r = s.load(&k, t0() + 1).await.unwrap().unwrap();
     assert_eq!(r.data, *json!({"a": 1}).as_object().unwrap());
-    assert!(s.load(&id::generate(), T0).await.unwrap().is_none());
+    assert!(s.load(&id::generate(), t0()).await.unwrap().is_none());
 }
 
 async fn expired_records_are_never_loaded(s: Arc<dyn Store>) {
     let k = id::generate();
-    s.create(&k, &record(json!({"a": 1}), T0)).await.unwrap();
-    assert!(s.load(&k, T0 + AGE_MS - 1).await.unwrap().is_some());
-    assert!(s.load(&k, T0 + AGE_MS).await.unwrap().is_none());
+    s.create(&k, &record(json!({"a": 1}), t0())).await.unwrap();
+    assert!(s.load(&k, t0() + AGE_MS - 1).await.unwrap().is_some());
+    assert!(s.load(&k, t0() + AGE_MS).await.unwrap().is_none());
 }
 
 async fn updates_merge_per_key_against_the_latest_state(s: Arc<dyn Store>) {
     let k = id::generate();
-    s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
-    s.update(&k, &set("x", json!(1)), None, T0 + 1, false)
+    s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
+    s.update(&k, &set("x", json!(1)), None, t0() + 1, false)
         .await
         .unwrap();
-    s.update(&k, &set("y", json!(2)), None, T0 + 2, false)
+    s.update(&k, &set("y", json!(2)), None, t0() + 2, false)
         .await
         .unwrap();
-    let r = s.load(&k, T0 + 3).await.unwrap().unwrap();
+    let r = s.load(&k, t0() + 3).await.unwrap().unwrap();
     assert_eq!(
         r.data,
         *json!({"a": 0, "x": 1, "y": 2}).as_object().unwrap()
     );
-    assert_eq!(r.saved, T0 + 2);
+    assert_eq!(r.saved, t0() + 2);
     let again = s
-        .update(&k, &set("y", json!(2)), None, T0 + 4, false)
+        .update(&k, &set("y", json!(2)), None, t0() + 4, false)
         .await
         .unwrap();
     assert_eq!(again, Updated::Unchanged { forwarded: false });
@@ -91,31 +102,31 @@ async fn updates_merge_per_key_against_the_latest_state(s: Arc<dyn Store>) {
 
 async fn emptying_removes_the_record(s: Arc<dyn Store>) {
     let k = id::generate();
-    s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
+    s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
     let c = Change {
         ops: vec![Op::Delete("a".into())],
         ..Change::default()
     };
     assert_eq!(
-        s.update(&k, &c, None, T0 + 1, false).await.unwrap(),
+        s.update(&k, &c, None, t0() + 1, false).await.unwrap(),
         Updated::Removed { forwarded: false }
     );
-    assert_eq!(s.liveness(&k, T0 + 1).await.unwrap(), Liveness::Ended);
+    assert_eq!(s.liveness(&k, t0() + 1).await.unwrap(), Liveness::Ended);
 }
 
 async fn an_update_after_removal_reports_the_session_ended(s: Arc<dyn Store>) {
     let k = id::generate();
-    s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
+    s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
     assert!(s.remove(&k).await.unwrap());
     assert!(!s.remove(&k).await.unwrap());
     assert_eq!(
-        s.update(&k, &set("b", json!(1)), None, T0 + 1, false)
+        s.update(&k, &set("b", json!(1)), None, t0() + 1, false)
             .await
             .unwrap(),
         Updated::Ended
     );
     assert!(
-        s.load(&k, T0 + 1).await.unwrap().is_none(),
+        s.load(&k, t0() + 1).await.unwrap().is_none(),
         "not resurrected"
     );
 }
@@ -123,12 +134,12 @@ async fn an_update_after_removal_reports_the_session_ended(s: Arc<dyn Store>) {
 async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>) {
     let old = id::generate();
     let new = id::generate();
-    s.create(&old, &record(json!({"a": 0}), T0)).await.unwrap();
+    s.create(&old, &record(json!({"a": 0}), t0())).await.unwrap();
     let c = Change {
         cycle: true,
         ..Change::default()
     };
-    match s.update(&old, &c, Some(&new), T0 + 1, false).await.unwrap() {
+    match s.update(&old, &c, Some(&new), t0() + 1, false).await.unwrap() {
         Updated::Saved {
             key,
             forwarded: false,
@@ -137,11 +148,11 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
         other => panic!("{other:?}"),
     }
     assert!(
-        s.load(&old, T0 + 2).await.unwrap().is_none(),
+        s.load(&old, t0() + 2).await.unwrap().is_none(),
         "old key no longer loads"
     );
     match s
-        .update(&old, &set("late", json!(true)), None, T0 + 3, false)
+        .update(&old, &set("late", json!(true)), None, t0() + 3, false)
         .await
         .unwrap()
     {
@@ -152,10 +163,10 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
         } => assert_eq!(key, new),
         other => panic!("{other:?}"),
     }
-    let r = s.load(&new, T0 + 4).await.unwrap().unwrap();
+    let r = s.load(&new, t0() + 4).await.unwrap().unwrap();
     assert_eq!(r.data, *json!({"a": 0, "late": true}).as_object().unwrap());
     // The forward is short-lived.
-    let later = T0 + 3_600_000;
+    let later = t0() + 3_600_000;
     assert_eq!(
         s.update(&old, &set("x", json!(1)), None, later, false)
             .await
@@ -166,27 +177,27 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
 
 async fn size_cap_leaves_the_record_untouched(s: Arc<dyn Store>) {
     let k = id::generate();
-    s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
+    s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
     let big = set("big", json!("x".repeat(10_000)));
     assert!(matches!(
-        s.update(&k, &big, None, T0 + 1, false).await,
+        s.update(&k, &big, None, t0() + 1, false).await,
         Err(UpdateError::TooLarge(_))
     ));
-    let r = s.load(&k, T0 + 2).await.unwrap().unwrap();
+    let r = s.load(&k, t0() + 2).await.unwrap().unwrap();
     assert_eq!(r.data, *json!({"a": 0}).as_object().unwrap());
 }
 
 async fn subjects_index_live_sessions(s: Arc<dyn Store>) {
     let (k1, k2) = (id::generate(), id::generate());
     for k in [&k1, &k2] {
-        s.create(k, &record(json!({"a": 0}), T0)).await.unwrap();
+        s.create(k, &record(json!({"a": 0}), t0())).await.unwrap();
         let c = Change {
             subject: Some(Some("user-1".into())),
             ..Change::default()
         };
-        s.update(k, &c, None, T0 + 1, false).await.unwrap();
+        s.update(k, &c, None, t0() + 1, false).await.unwrap();
     }
-    let mut keys = s.subject_keys("user-1", T0 + 2).await.unwrap();
+    let mut keys = s.subject_keys("user-1", t0() + 2).await.unwrap();
     keys.sort();
     let mut want = vec![k1.clone(), k2.clone()];
     want.sort();
@@ -196,23 +207,23 @@ async fn subjects_index_live_sessions(s: Arc<dyn Store>) {
         subject: Some(None),
         ..Change::default()
     };
-    s.update(&k2, &untag, None, T0 + 3, false).await.unwrap();
-    assert!(s.subject_keys("user-1", T0 + 4).await.unwrap().is_empty());
+    s.update(&k2, &untag, None, t0() + 3, false).await.unwrap();
+    assert!(s.subject_keys("user-1", t0() + 4).await.unwrap().is_empty());
 }
 
 async fn sweep_removes_only_what_expired(s: Arc<dyn Store>) {
     let live: Vec<String> = (0..20).map(|_| id::generate()).collect();
     let dead: Vec<String> = (0..5).map(|_| id::generate()).collect();
     for k in &dead {
-        s.create(k, &record(json!({"a": 0}), T0)).await.unwrap();
+        s.create(k, &record(json!({"a": 0}), t0())).await.unwrap();
     }
     for k in &live {
-        s.create(k, &record(json!({"a": 0}), T0 + AGE_MS))
+        s.create(k, &record(json!({"a": 0}), t0() + AGE_MS))
             .await
             .unwrap();
     }
     // The index works in buckets, but the sweep goes by the exact deadline.
-    let soon = T0 + AGE_MS + 1;
+    let soon = t0() + AGE_MS + 1;
     let swept = s.sweep(soon).await.unwrap();
     assert_eq!(swept.sessions, 5);
     for k in &live {
@@ -223,21 +234,21 @@ async fn sweep_removes_only_what_expired(s: Arc<dyn Store>) {
 
 async fn liveness_distinguishes_live_forwarded_and_ended(s: Arc<dyn Store>) {
     let (old, new) = (id::generate(), id::generate());
-    s.create(&old, &record(json!({"a": 0}), T0)).await.unwrap();
-    assert_eq!(s.liveness(&old, T0 + 1).await.unwrap(), Liveness::Live);
+    s.create(&old, &record(json!({"a": 0}), t0())).await.unwrap();
+    assert_eq!(s.liveness(&old, t0() + 1).await.unwrap(), Liveness::Live);
     let c = Change {
         cycle: true,
         ..Change::default()
     };
-    s.update(&old, &c, Some(&new), T0 + 1, false).await.unwrap();
-    assert_eq!(s.liveness(&old, T0 + 2).await.unwrap(), Liveness::Forwarded);
+    s.update(&old, &c, Some(&new), t0() + 1, false).await.unwrap();
+    assert_eq!(s.liveness(&old, t0() + 2).await.unwrap(), Liveness::Forwarded);
     s.remove(&new).await.unwrap();
-    assert_eq!(s.liveness(&old, T0 + 3).await.unwrap(), Liveness::Ended);
+    assert_eq!(s.liveness(&old, t0() + 3).await.unwrap(), Liveness::Ended);
 }
 
 async fn concurrent_updates_and_a_cycle_lose_nothing(s: Arc<dyn Store>) {
     let k = id::generate();
-    s.create(&k, &record(json!({"a": 0}), T0)).await.unwrap();
+    s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
     let new = id::generate();
     let mut tasks = Vec::new();
     for i in 0..64 {
@@ -248,10 +259,10 @@ async fn concurrent_updates_and_a_cycle_lose_nothing(s: Arc<dyn Store>) {
                     cycle: true,
                     ..Change::default()
                 };
-                s.update(&k, &c, Some(&new), T0 + 1, false).await.unwrap();
+                s.update(&k, &c, Some(&new), t0() + 1, false).await.unwrap();
             } else {
                 let u = s
-                    .update(&k, &set(&format!("k{i}"), json!(i)), None, T0 + 1, false)
+                    .update(&k, &set(&format!("k{i}"), json!(i)), None, t0() + 1, false)
                     .await
                     .unwrap();
                 assert!(matches!(u, Updated::Saved { .. }), "{u:?}");
@@ -262,18 +273,18 @@ async fn concurrent_updates_and_a_cycle_lose_nothing(s: Arc<dyn Store>) {
         t.await.unwrap();
     }
     let r = s
-        .load(&new, T0 + 2)
+        .load(&new, t0() + 2)
         .await
         .unwrap()
         .expect("the cycled session");
     assert_eq!(r.data.len(), 64, "{:?}", r.data.keys().collect::<Vec<_>>());
-    assert!(s.load(&k, T0 + 2).await.unwrap().is_none());
+    assert!(s.load(&k, t0() + 2).await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sled_store_keeps_the_store_contract() {
     let dirs = std::sync::Mutex::new(Vec::new());
-    suite(|| {
+    suite(async || {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config::from_toml(&format!(
             "[store]\npath = {:?}",
@@ -282,8 +293,23 @@ async fn sled_store_keeps_the_store_contract() {
         .unwrap();
         let store = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
         dirs.lock().unwrap().push(dir);
-        Arc::new(store)
-    })
+        Arc::new(store) as Arc<dyn Store>
+    }, true)
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_keeps_the_store_contract() {
+    let Some(server) = common::RedisServer::start() else { return };
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    suite(async || {
+        // A fresh, empty store: its own key prefix on the shared server.
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let cfg = Config::from_toml(&server.store_toml(&format!("suite{i}:"))).unwrap();
+        let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else { unreachable!() };
+        let store = RedisStore::connect(redis, Arc::new(policy()), 8192).await.unwrap();
+        Arc::new(store) as Arc<dyn Store>
+    }, false)
     .await;
 }
 
@@ -298,11 +324,11 @@ async fn sled_store_keeps_sessions_across_a_reopen() {
     let k = id::generate();
     {
         let s = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
-        s.create(&k, &record(json!({"a": 1}), T0)).await.unwrap();
+        s.create(&k, &record(json!({"a": 1}), t0())).await.unwrap();
         s.sync().await.unwrap();
     }
     let s = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
-    assert!(s.load(&k, T0 + 1).await.unwrap().is_some());
+    assert!(s.load(&k, t0() + 1).await.unwrap().is_some());
     let second = SledStore::open(&cfg.store, Arc::new(policy()), 8192);
     assert!(matches!(
         second,

@@ -78,9 +78,25 @@ impl ExpiryConfig {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    pub backend: Backend,
     pub path: PathBuf,
     pub durable: bool,
     pub cache_capacity: u64,
+}
+
+/// Where sessions live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Sled,
+    Redis(RedisConfig),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    pub url: String,
+    pub key_prefix: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +188,12 @@ pub fn effective_toml(
         mask(k);
     }
     raw.security.secret_key_fallbacks.iter_mut().for_each(mask);
+    if let Some(at) = raw.store.url.find('@') {
+        // redis://user:password@host → redis://********@host
+        if let Some(scheme_end) = raw.store.url.find("://") {
+            raw.store.url.replace_range(scheme_end + 3..at, "********");
+        }
+    }
     if let Some(t) = raw.admin.token.as_mut() {
         mask(t);
     }

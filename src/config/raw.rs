@@ -12,6 +12,8 @@ pub const DEFAULT_COOKIE_NAME: &str = "sessionid";
 pub const DEFAULT_COOKIE_AGE: u64 = 1_209_600;
 pub const DEFAULT_SWEEP_INTERVAL: u64 = 300;
 pub const DEFAULT_STORE_PATH: &str = "data/sessions";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub const DEFAULT_REDIS_PREFIX: &str = "session-sidecar:";
 pub const DEFAULT_CACHE_CAPACITY: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -75,6 +77,14 @@ pub struct RawStore {
     pub durable: bool,
     /// sled's page cache, in bytes.
     pub cache_capacity: u64,
+    /// Redis: `redis://[user:password@]host:port/db` or `rediss://` (TLS).
+    pub url: String,
+    /// Redis: prefix of every key the sidecar writes.
+    pub key_prefix: String,
+    /// Redis: seconds to establish a connection.
+    pub connect_timeout: u64,
+    /// Redis: seconds to wait for one command's answer before the request gets 503.
+    pub command_timeout: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -149,6 +159,10 @@ impl Default for RawStore {
             path: DEFAULT_STORE_PATH.into(),
             durable: true,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            url: DEFAULT_REDIS_URL.into(),
+            key_prefix: DEFAULT_REDIS_PREFIX.into(),
+            connect_timeout: 5,
+            command_timeout: 2,
         }
     }
 }

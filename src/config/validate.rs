@@ -200,21 +200,39 @@ impl RawExpiry {
 
 impl RawStore {
     fn validate(self) -> Result<StoreConfig, ConfigError> {
-        match self.backend.as_str() {
-            "sled" => {}
+        let backend = match self.backend.as_str() {
+            "sled" => Backend::Sled,
             "redis" => {
-                return Err(invalid(
-                    "store.backend",
-                    "\"redis\" is not available in this version yet; use \"sled\"",
-                ));
+                let scheme = self.url.split("://").next().unwrap_or("");
+                if !matches!(scheme, "redis" | "rediss") || !self.url.contains("://") {
+                    return Err(invalid(
+                        "store.url",
+                        "must be redis://host:port/db or rediss://host:port/db",
+                    ));
+                }
+                if scheme == "rediss" {
+                    return Err(invalid(
+                        "store.url",
+                        "rediss:// (TLS) is not built into this version yet; use redis:// on a trusted network",
+                    ));
+                }
+                if self.key_prefix.is_empty() {
+                    return Err(invalid("store.key_prefix", "must not be empty"));
+                }
+                Backend::Redis(RedisConfig {
+                    url: self.url,
+                    key_prefix: self.key_prefix,
+                    connect_timeout: secs("store.connect_timeout", self.connect_timeout, false)?,
+                    command_timeout: secs("store.command_timeout", self.command_timeout, false)?,
+                })
             }
             other => {
                 return Err(invalid(
                     "store.backend",
-                    format!("{other:?} is not one of \"sled\""),
+                    format!("{other:?} is not one of \"sled\", \"redis\""),
                 ));
             }
-        }
+        };
         if self.path.is_empty() {
             return Err(invalid("store.path", "must not be empty"));
         }
@@ -225,6 +243,7 @@ impl RawStore {
             ));
         }
         Ok(StoreConfig {
+            backend,
             path: PathBuf::from(self.path),
             durable: self.durable,
             cache_capacity: self.cache_capacity,

@@ -4,7 +4,8 @@
 //! - [`json`]: the ASCII-only wire form of the data.
 //! - [`changes`]: the per-key merge of one response's changes into a record.
 //! - [`entry`]: what a store keeps under a key; [`cells`]: the store logic shared by backends.
-//! - [`store`]: the storage trait and its error type; [`sled_store`]: the embedded default.
+//! - [`store`]: the storage trait and its error type; [`sled_store`]: the embedded default;
+//!   [`redis_store`]: the shared store for several sidecars.
 //! - [`sweeper`]: the background removal of expired records.
 
 pub mod cells;
@@ -12,6 +13,7 @@ pub mod changes;
 pub mod entry;
 pub mod id;
 pub mod json;
+pub mod redis_store;
 pub mod sled_store;
 pub mod store;
 pub mod sweeper;

@@ -322,8 +322,12 @@ pub async fn sidecar_for(app: SocketAddr, extra: &str) -> Sidecar {
 pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> Sidecar {
     let (top, tables) = split_extra(extra);
     let text = format!(
-        "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\n{timeout}{top}\n[store]\npath = {path:?}\n[admin]\nlisten = \"\"\n{tables}",
-        path = dir.join("sessions").display().to_string(),
+        "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\n{timeout}{top}\n{store}[admin]\nlisten = \"\"\n{tables}",
+        store = if tables.contains("[store]") {
+            String::new()
+        } else {
+            format!("[store]\npath = {:?}\n", dir.join("sessions").display().to_string())
+        },
         timeout = if top.contains("upstream_timeout") {
             ""
         } else {
@@ -334,7 +338,7 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
     // A sidecar stopped in this process may still be letting go of the directory lock.
     let mut tries = 0;
     let deps = loop {
-        match Deps::open(&config) {
+        match Deps::open(&config).await {
             Ok(d) => break d,
             Err(session_sidecar::session::store::StoreError::Locked { .. }) if tries < 100 => {
                 tries += 1;
@@ -529,4 +533,61 @@ pub async fn raw_upstream(answer: Vec<u8>) -> SocketAddr {
         }
     });
     addr
+}
+
+/// A real `redis-server` on a free port with a temporary directory and no persistence, stopped
+/// when dropped. `None` (with a message saying why) when redis-server is not installed.
+pub struct RedisServer {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> Option<RedisServer> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = match std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("SKIPPED: redis-server is not installed ({e}); `apt-get install redis-server` runs these tests");
+                return None;
+            }
+        };
+        let server = RedisServer { port, child, _dir: dir };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(server);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start on {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `[store]` lines for a sidecar on this server, under its own key prefix.
+    pub fn store_toml(&self, prefix: &str) -> String {
+        format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\ncommand_timeout = 2\n", self.url())
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

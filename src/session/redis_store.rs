@@ -1,0 +1,223 @@
+//! The shared store: Redis, for several sidecars serving the same visitors (CONTRACT §9).
+//!
+//! The same [`Engine`] as sled runs on top, so every clause holds the same way; Redis provides
+//! the cells. A cell is one string key, `{prefix}r:{session key}`, holding the same bytes as a
+//! sled entry, with a Redis expiry at the entry's deadline (no sweeper needed). The swap is one
+//! Lua script, run with EVALSHA, so compare, write and the subject-set update are one atomic
+//! step on the Redis side. Subjects are sets `{prefix}u:{subject}`; members whose session has
+//! gone are dropped when the set is read.
+//!
+//! Durability follows the Redis server's persistence settings (README, "More than one
+//! machine"); `sync` has nothing to wait for here.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use super::cells::{Cells, Engine};
+use super::changes::Change;
+use super::entry::Entry;
+use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
+use super::{Millis, Policy, Record};
+use crate::config::RedisConfig;
+
+/// KEYS[1] the cell. ARGV: 1 "0" = expect absent, "1" = expect ARGV[2]; 3 new bytes ("" =
+/// delete); 4 new deadline (ms, PXAT); 5 session key; 6 old subject set ("" none); 7 new
+/// subject set ("" none).
+const SWAP: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '0' then
+  if cur then return 0 end
+elseif cur ~= ARGV[2] then
+  return 0
+end
+if ARGV[3] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4])
+end
+if ARGV[6] ~= ARGV[7] then
+  if ARGV[6] ~= '' then redis.call('SREM', ARGV[6], ARGV[5]) end
+  if ARGV[7] ~= '' then redis.call('SADD', ARGV[7], ARGV[5]) end
+end
+return 1
+"#;
+
+/// Redis drops a cell this long after its deadline: the sidecars decide expiry by their own
+/// clocks, so a Redis clock a little ahead of theirs must not remove a live session.
+const EXPIRY_GRACE_MS: Millis = 60_000;
+
+fn backend(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(format!("redis: {e}"))
+}
+
+pub struct RedisCells {
+    conn: ConnectionManager,
+    prefix: String,
+    swap: Script,
+}
+
+impl RedisCells {
+    fn cell(&self, key: &str) -> String {
+        format!("{}r:{key}", self.prefix)
+    }
+
+    fn subject_set(&self, entry: Option<&Entry>) -> String {
+        match entry {
+            Some(Entry::Session(r)) => r
+                .subject
+                .as_deref()
+                .map(|s| format!("{}u:{s}", self.prefix))
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Cells for RedisCells {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut conn = self.conn.clone();
+        conn.get(self.cell(key)).await.map_err(backend)
+    }
+
+    async fn swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        old: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let swapped: i64 = self
+            .swap
+            .key(self.cell(key))
+            .arg(if expected.is_some() { "1" } else { "0" })
+            .arg(expected.unwrap_or_default())
+            .arg(new.map(Entry::encode).unwrap_or_default())
+            .arg(new.map_or(0, Entry::deadline).max(0) + EXPIRY_GRACE_MS)
+            .arg(key)
+            .arg(self.subject_set(old))
+            .arg(self.subject_set(new))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(swapped == 1)
+    }
+}
+
+pub struct RedisStore {
+    engine: Engine<RedisCells>,
+}
+
+impl RedisStore {
+    pub async fn connect(
+        cfg: &RedisConfig,
+        policy: Arc<Policy>,
+        max_bytes: usize,
+    ) -> Result<RedisStore, StoreError> {
+        let open = |reason: String| StoreError::Open {
+            path: redact(&cfg.url),
+            reason,
+        };
+        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| open(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.command_timeout))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+        Ok(RedisStore {
+            engine: Engine {
+                cells: RedisCells {
+                    conn,
+                    prefix: cfg.key_prefix.clone(),
+                    swap: Script::new(SWAP),
+                },
+                policy,
+                max_bytes,
+            },
+        })
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}********{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
+        self.engine.load(key, now).await
+    }
+
+    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
+        self.engine.create(key, record).await
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        change: &Change,
+        new_key: Option<&str>,
+        now: Millis,
+        force_save: bool,
+    ) -> Result<Updated, UpdateError> {
+        self.engine.update(key, change, new_key, now, force_save).await
+    }
+
+    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
+        self.engine.liveness(key, now).await
+    }
+
+    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
+        self.engine.touch(key, now).await
+    }
+
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        self.engine.remove(key).await
+    }
+
+    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
+        let cells = &self.engine.cells;
+        let set = format!("{}u:{subject}", cells.prefix);
+        let mut conn = cells.conn.clone();
+        let members: Vec<String> = conn.smembers(&set).await.map_err(backend)?;
+        let mut keys = Vec::new();
+        for key in members {
+            match self.engine.load(&key, now).await? {
+                Some(r) if r.subject.as_deref() == Some(subject) => keys.push(key),
+                Some(_) => {}
+                None => {
+                    let _: i64 = conn.srem(&set, &key).await.map_err(backend)?;
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    async fn sweep(&self, _now: Millis) -> Result<Swept, StoreError> {
+        // Redis expires every cell at its deadline by itself.
+        Ok(Swept::default())
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.engine.cells.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(backend)
+    }
+}
