@@ -73,12 +73,11 @@ impl SessionCookie {
                 if ours(pair) {
                     presented.carried = true;
                     let raw = pair.split_once('=').map_or("", |(_, v)| v).trim();
-                    if presented.keys.len() < MAX_CANDIDATES {
-                        if let Some(key) = self.verify(raw.trim_matches('"')) {
-                            if !presented.keys.contains(&key) {
-                                presented.keys.push(key);
-                            }
-                        }
+                    if presented.keys.len() < MAX_CANDIDATES
+                        && let Some(key) = self.verify(raw.trim_matches('"'))
+                        && !presented.keys.contains(&key)
+                    {
+                        presented.keys.push(key);
                     }
                 } else if !pair.trim().is_empty() {
                     kept.push(pair.trim().to_string());
@@ -86,10 +85,10 @@ impl SessionCookie {
             }
         }
         headers.remove(COOKIE);
-        if !kept.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
-                headers.insert(COOKIE, v);
-            }
+        if !kept.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+        {
+            headers.insert(COOKIE, v);
         }
         presented
     }

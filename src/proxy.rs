@@ -139,10 +139,10 @@ impl Sidecar {
             host.as_deref(),
             self.config.trust_forwarded,
         );
-        if !parts.headers.contains_key(HOST) {
-            if let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
-                parts.headers.insert(HOST, v);
-            }
+        if !parts.headers.contains_key(HOST)
+            && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+        {
+            parts.headers.insert(HOST, v);
         }
 
         if skip {
@@ -180,10 +180,10 @@ impl Sidecar {
         };
         h.insert(&self.names.status, HeaderValue::from_static(status));
         h.insert(&self.names.expiry_age, HeaderValue::from(age));
-        if self.config.expose_id {
-            if let Some((key, _)) = &loaded {
-                h.insert(&self.names.id, HeaderValue::from_str(key).expect("hex key"));
-            }
+        if self.config.expose_id
+            && let Some((key, _)) = &loaded
+        {
+            h.insert(&self.names.id, HeaderValue::from_str(key).expect("hex key"));
         }
 
         let (mut rparts, rbody, upgrades) = self
@@ -318,10 +318,10 @@ impl Sidecar {
             if self.store.liveness(&key, now).await? == Liveness::Ended {
                 return Ok(CookieAction::Remove);
             }
-            if self.policy.touch_due(&snapshot, now) {
-                if let Err(e) = self.store.touch(&key, now).await {
-                    tracing::error!(error = %e, "recording session activity failed");
-                }
+            if self.policy.touch_due(&snapshot, now)
+                && let Err(e) = self.store.touch(&key, now).await
+            {
+                tracing::error!(error = %e, "recording session activity failed");
             }
             return Ok(CookieAction::Keep);
         }

@@ -18,7 +18,9 @@ use session_sidecar::session::{Millis, Policy, Record, id};
 /// The tests' "now": real time, because Redis expires keys by its own clock.
 fn t0() -> Millis {
     static START: std::sync::OnceLock<Millis> = std::sync::OnceLock::new();
-    *START.get_or_init(|| session_sidecar::session::Clock::now(&session_sidecar::session::SystemClock))
+    *START.get_or_init(|| {
+        session_sidecar::session::Clock::now(&session_sidecar::session::SystemClock)
+    })
 }
 const AGE_MS: Millis = 1_000_000;
 
@@ -134,12 +136,18 @@ async fn an_update_after_removal_reports_the_session_ended(s: Arc<dyn Store>) {
 async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>) {
     let old = id::generate();
     let new = id::generate();
-    s.create(&old, &record(json!({"a": 0}), t0())).await.unwrap();
+    s.create(&old, &record(json!({"a": 0}), t0()))
+        .await
+        .unwrap();
     let c = Change {
         cycle: true,
         ..Change::default()
     };
-    match s.update(&old, &c, Some(&new), t0() + 1, false).await.unwrap() {
+    match s
+        .update(&old, &c, Some(&new), t0() + 1, false)
+        .await
+        .unwrap()
+    {
         Updated::Saved {
             key,
             forwarded: false,
@@ -234,14 +242,21 @@ async fn sweep_removes_only_what_expired(s: Arc<dyn Store>) {
 
 async fn liveness_distinguishes_live_forwarded_and_ended(s: Arc<dyn Store>) {
     let (old, new) = (id::generate(), id::generate());
-    s.create(&old, &record(json!({"a": 0}), t0())).await.unwrap();
+    s.create(&old, &record(json!({"a": 0}), t0()))
+        .await
+        .unwrap();
     assert_eq!(s.liveness(&old, t0() + 1).await.unwrap(), Liveness::Live);
     let c = Change {
         cycle: true,
         ..Change::default()
     };
-    s.update(&old, &c, Some(&new), t0() + 1, false).await.unwrap();
-    assert_eq!(s.liveness(&old, t0() + 2).await.unwrap(), Liveness::Forwarded);
+    s.update(&old, &c, Some(&new), t0() + 1, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.liveness(&old, t0() + 2).await.unwrap(),
+        Liveness::Forwarded
+    );
     s.remove(&new).await.unwrap();
     assert_eq!(s.liveness(&old, t0() + 3).await.unwrap(), Liveness::Ended);
 }
@@ -284,32 +299,44 @@ async fn concurrent_updates_and_a_cycle_lose_nothing(s: Arc<dyn Store>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sled_store_keeps_the_store_contract() {
     let dirs = std::sync::Mutex::new(Vec::new());
-    suite(async || {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::from_toml(&format!(
-            "[store]\npath = {:?}",
-            dir.path().join("s").display().to_string()
-        ))
-        .unwrap();
-        let store = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
-        dirs.lock().unwrap().push(dir);
-        Arc::new(store) as Arc<dyn Store>
-    }, true)
+    suite(
+        async || {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = Config::from_toml(&format!(
+                "[store]\npath = {:?}",
+                dir.path().join("s").display().to_string()
+            ))
+            .unwrap();
+            let store = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
+            dirs.lock().unwrap().push(dir);
+            Arc::new(store) as Arc<dyn Store>
+        },
+        true,
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_store_keeps_the_store_contract() {
-    let Some(server) = common::RedisServer::start() else { return };
+    let Some(server) = common::RedisServer::start() else {
+        return;
+    };
     let n = std::sync::atomic::AtomicUsize::new(0);
-    suite(async || {
-        // A fresh, empty store: its own key prefix on the shared server.
-        let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let cfg = Config::from_toml(&server.store_toml(&format!("suite{i}:"))).unwrap();
-        let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else { unreachable!() };
-        let store = RedisStore::connect(redis, Arc::new(policy()), 8192).await.unwrap();
-        Arc::new(store) as Arc<dyn Store>
-    }, false)
+    suite(
+        async || {
+            // A fresh, empty store: its own key prefix on the shared server.
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let cfg = Config::from_toml(&server.store_toml(&format!("suite{i}:"))).unwrap();
+            let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
+                unreachable!()
+            };
+            let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
+                .await
+                .unwrap();
+            Arc::new(store) as Arc<dyn Store>
+        },
+        false,
+    )
     .await;
 }
 

@@ -155,10 +155,10 @@ impl RawCookie {
                 format!("{:?} must start with '/' and hold no ';'", self.path),
             ));
         }
-        if let Some(d) = &self.domain {
-            if d.is_empty() || d.bytes().any(|b| b == b';' || b <= b' ' || b >= 0x7f) {
-                return Err(invalid("cookie.domain", format!("{d:?} is not a domain")));
-            }
+        if let Some(d) = &self.domain
+            && (d.is_empty() || d.bytes().any(|b| b == b';' || b <= b' ' || b >= 0x7f))
+        {
+            return Err(invalid("cookie.domain", format!("{d:?} is not a domain")));
         }
         let same_site = match self.same_site.to_ascii_lowercase().as_str() {
             "strict" => SameSite::Strict,
@@ -269,13 +269,14 @@ impl RawAdmin {
                 "must not be empty (omit it instead)",
             ));
         }
-        if let Some(addr) = listen {
-            if !addr.ip().is_loopback() && self.token.is_none() {
-                return Err(invalid(
-                    "admin.token",
-                    format!("admin.listen = {addr} is not loopback, so a token is required"),
-                ));
-            }
+        if let Some(addr) = listen
+            && !addr.ip().is_loopback()
+            && self.token.is_none()
+        {
+            return Err(invalid(
+                "admin.token",
+                format!("admin.listen = {addr} is not loopback, so a token is required"),
+            ));
         }
         Ok(AdminConfig {
             listen,

@@ -170,7 +170,9 @@ impl Store for RedisStore {
         now: Millis,
         force_save: bool,
     ) -> Result<Updated, UpdateError> {
-        self.engine.update(key, change, new_key, now, force_save).await
+        self.engine
+            .update(key, change, new_key, now, force_save)
+            .await
     }
 
     async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {

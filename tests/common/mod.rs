@@ -326,7 +326,10 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
         store = if tables.contains("[store]") {
             String::new()
         } else {
-            format!("[store]\npath = {:?}\n", dir.join("sessions").display().to_string())
+            format!(
+                "[store]\npath = {:?}\n",
+                dir.join("sessions").display().to_string()
+            )
         },
         timeout = if top.contains("upstream_timeout") {
             ""
@@ -545,10 +548,28 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Option<RedisServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        RedisServer::start_on(port)
+    }
+
+    /// On a given port, e.g. to bring a stopped server back.
+    pub fn start_on(port: u16) -> Option<RedisServer> {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = match std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(dir.path())
             .stdout(std::process::Stdio::null())
@@ -557,11 +578,17 @@ impl RedisServer {
         {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("SKIPPED: redis-server is not installed ({e}); `apt-get install redis-server` runs these tests");
+                eprintln!(
+                    "SKIPPED: redis-server is not installed ({e}); `apt-get install redis-server` runs these tests"
+                );
                 return None;
             }
         };
-        let server = RedisServer { port, child, _dir: dir };
+        let server = RedisServer {
+            port,
+            child,
+            _dir: dir,
+        };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Some(server);
@@ -577,7 +604,10 @@ impl RedisServer {
 
     /// `[store]` lines for a sidecar on this server, under its own key prefix.
     pub fn store_toml(&self, prefix: &str) -> String {
-        format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\ncommand_timeout = 2\n", self.url())
+        format!(
+            "[store]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\ncommand_timeout = 2\n",
+            self.url()
+        )
     }
 
     pub fn stop(&mut self) {

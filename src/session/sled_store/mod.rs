@@ -178,10 +178,8 @@ impl Cells for SledCells {
             .compare_and_swap(key, expected, new.map(Entry::encode))
             .map_err(backend)?
             .is_ok();
-        if swapped {
-            if let Some(o) = old {
-                self.unindex_old(key, o, new)?;
-            }
+        if swapped && let Some(o) = old {
+            self.unindex_old(key, o, new)?;
         }
         Ok(swapped)
     }

@@ -1,0 +1,238 @@
+//! CONTRACT §9: several sidecars on one Redis share the sessions, and every clause holds across
+//! them. A real redis-server is started per test (skipped, saying so, when it is not installed).
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+/// Two sidecars in front of the same app, sharing one Redis.
+async fn pair(server: &RedisServer) -> (Sidecar, Sidecar) {
+    let app = start_app(echo).await;
+    let store = server.store_toml("pair:");
+    (
+        sidecar_for(app, &store).await,
+        sidecar_for(app, &store).await,
+    )
+}
+
+fn cookie_of(resp: &reqwest::Response) -> String {
+    format!("sessionid={}", cookie_value(&set_cookies(resp)[0]))
+}
+
+#[tokio::test]
+async fn a_session_created_through_one_sidecar_works_through_the_other() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = pair(&server).await;
+    let resp = plain()
+        .get(a.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let cookie = cookie_of(&resp);
+    let resp = plain()
+        .get(b.url("/"))
+        .header("cookie", &cookie)
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    assert!(set_cookies(&resp).len() == 1);
+    let seen_b = seen(resp).await;
+    assert_eq!(seen_b.status(), "existing");
+    assert_eq!(seen_b.session(), json!({"n": 1}));
+    let seen_a = seen(
+        plain()
+            .get(a.url("/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen_a.session(), json!({"n": 2}));
+}
+
+#[tokio::test]
+async fn concurrent_requests_through_both_sidecars_merge_per_key() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = pair(&server).await;
+    let resp = plain()
+        .get(a.url("/"))
+        .header("x-test-incr", "start")
+        .send()
+        .await
+        .unwrap();
+    let cookie = cookie_of(&resp);
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let url = if i % 2 == 0 { a.url("/") } else { b.url("/") };
+            let (cookie, set) = (cookie.clone(), format!(r#"{{"k{i}":{i}}}"#));
+            tokio::spawn(async move {
+                let r = plain()
+                    .get(url)
+                    .header("cookie", cookie)
+                    .header("x-test-delay-ms", "30")
+                    .header("x-test-reply", reply(&[("X-Session-Set", &set)]))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let data = seen(
+        plain()
+            .get(b.url("/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+    .session();
+    assert_eq!(data.as_object().unwrap().len(), 41, "{data}");
+}
+
+#[tokio::test]
+async fn a_logout_through_one_ends_the_session_on_the_other_at_once() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = pair(&server).await;
+    let resp = plain()
+        .get(a.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let cookie = cookie_of(&resp);
+    let out = plain()
+        .get(a.url("/logout"))
+        .header("cookie", &cookie)
+        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
+        .send()
+        .await
+        .unwrap();
+    assert!(set_cookies(&out)[0].contains("Max-Age=0"));
+    let resp = plain()
+        .get(b.url("/"))
+        .header("cookie", &cookie)
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let fresh = cookie_of(&resp);
+    assert_ne!(fresh, cookie, "a new key, never the old one");
+    assert_eq!(seen(resp).await.status(), "new");
+}
+
+#[tokio::test]
+async fn a_cycle_through_one_is_honoured_by_the_other() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = pair(&server).await;
+    let resp = plain()
+        .get(a.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let old = cookie_of(&resp);
+    let login = plain()
+        .get(a.url("/login"))
+        .header("cookie", &old)
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Cycle", "1"), ("X-Session-Subject", "u1")]),
+        )
+        .send()
+        .await
+        .unwrap();
+    let new = cookie_of(&login);
+    let stale = seen(
+        plain()
+            .get(b.url("/"))
+            .header("cookie", &old)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        stale.status(),
+        "new",
+        "the old key stops working everywhere"
+    );
+    let seen_new = seen(
+        plain()
+            .get(b.url("/"))
+            .header("cookie", &new)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen_new.session(), json!({"n": 1}));
+    assert_eq!(b.store.subject_keys("u1", b.now()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn redis_down_is_a_503_and_service_resumes_when_it_returns() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let port = server.port;
+    let (a, _b) = pair(&server).await;
+    let resp = plain()
+        .get(a.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let cookie = cookie_of(&resp);
+    server.stop();
+    for incr in [false, true] {
+        let mut req = plain().get(a.url("/")).header("cookie", &cookie);
+        if incr {
+            req = req.header("x-test-incr", "n");
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 503);
+        assert!(set_cookies(&resp).is_empty(), "no cookie changed");
+        assert!(resp.text().await.unwrap().contains("session store"));
+    }
+    let resp = plain()
+        .get(a.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503, "no fresh session either");
+    assert!(set_cookies(&resp).is_empty());
+    let _back = RedisServer::start_on(port).unwrap();
+    let mut resumed = false;
+    for _ in 0..100 {
+        let resp = plain()
+            .get(a.url("/"))
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(resumed, "the sidecar reconnected by itself");
+}
