@@ -236,3 +236,38 @@ async fn redis_down_is_a_503_and_service_resumes_when_it_returns() {
     }
     assert!(resumed, "the sidecar reconnected by itself");
 }
+
+#[tokio::test]
+async fn a_redis_slower_than_the_command_timeout_is_a_503_not_a_hang() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let store = server
+        .store_toml("slow:")
+        .replace("command_timeout = 2", "command_timeout = 1");
+    let s = sidecar_for(app, &store).await;
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let cookie = cookie_of(&resp);
+    server.stall(3.0);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let resp = plain()
+        .get(s.url("/"))
+        .header("cookie", &cookie)
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503, "after {:?}", started.elapsed());
+    assert!(set_cookies(&resp).is_empty());
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(2800),
+        "answered within the timeout, not after the stall"
+    );
+}

@@ -570,6 +570,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(["--enable-debug-command", "local"])
             .arg("--dir")
             .arg(dir.path())
             .stdout(std::process::Stdio::null())
@@ -608,6 +609,36 @@ impl RedisServer {
             "[store]\nbackend = \"redis\"\nurl = \"{}\"\nkey_prefix = \"{prefix}\"\ncommand_timeout = 2\n",
             self.url()
         )
+    }
+
+    /// Blocks the server for `secs` seconds (`DEBUG SLEEP` through redis-cli), as an overloaded
+    /// Redis would be. Returns once the server is asleep.
+    pub fn stall(&self, secs: f64) {
+        std::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "DEBUG",
+                "SLEEP",
+                &secs.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-cli comes with redis-server");
+        // Wait until a PING no longer answers within 100 ms.
+        for _ in 0..100 {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            c.write_all(b"PING\r\n").unwrap();
+            let mut buf = [0u8; 16];
+            if c.read(&mut buf).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("redis did not stall");
     }
 
     pub fn stop(&mut self) {
