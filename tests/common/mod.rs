@@ -614,7 +614,7 @@ impl RedisServer {
     /// Blocks the server for `secs` seconds (`DEBUG SLEEP` through redis-cli), as an overloaded
     /// Redis would be. Returns once the server is asleep.
     pub fn stall(&self, secs: f64) {
-        std::process::Command::new("redis-cli")
+        let mut cli = std::process::Command::new("redis-cli")
             .args([
                 "-p",
                 &self.port.to_string(),
@@ -625,6 +625,7 @@ impl RedisServer {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-cli comes with redis-server");
+        std::thread::spawn(move || cli.wait());
         // Wait until a PING no longer answers within 100 ms.
         for _ in 0..100 {
             use std::io::{Read, Write};
