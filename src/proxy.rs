@@ -162,26 +162,26 @@ impl Sidecar {
         let now = self.clock.now();
         let mut loaded = None;
         for key in &presented.keys {
-            if let Some(r) = self.store.load(key, now).await? {
-                loaded = Some((key.clone(), r));
+            if let Some((r, version)) = self.store.load_versioned(key, now).await? {
+                loaded = Some((key.clone(), r, version));
                 break;
             }
         }
         let empty = Data::new();
-        let snapshot = loaded.as_ref().map_or(&empty, |(_, r)| &r.data);
+        let snapshot = loaded.as_ref().map_or(&empty, |(_, r, _)| &r.data);
         let h = &mut parts.headers;
         h.insert(
             &self.names.data,
             HeaderValue::from_str(&json::encode_ascii(snapshot)).expect("ASCII JSON"),
         );
         let (status, age) = match &loaded {
-            Some((_, r)) => ("existing", self.expiry_age(r, now)),
+            Some((_, r, _)) => ("existing", self.expiry_age(r, now)),
             None => ("new", self.policy.new_session_age()),
         };
         h.insert(&self.names.status, HeaderValue::from_static(status));
         h.insert(&self.names.expiry_age, HeaderValue::from(age));
         if self.config.expose_id
-            && let Some((key, _)) = &loaded
+            && let Some((key, _, _)) = &loaded
         {
             h.insert(&self.names.id, HeaderValue::from_str(key).expect("hex key"));
         }
@@ -288,13 +288,13 @@ impl Sidecar {
     /// Applies one response's changes (CONTRACT §2 order) and says what to do with the cookie.
     async fn apply(
         &self,
-        loaded: Option<(String, Record)>,
+        loaded: Option<(String, Record, Vec<u8>)>,
         presented: &Presented,
         change: &Change,
         now: Millis,
     ) -> Result<CookieAction, ProxyError> {
         let force = self.policy.save_every_request;
-        let Some((key, snapshot)) = loaded else {
+        let Some((key, snapshot, version)) = loaded else {
             return self.fresh(change, now, presented.carried).await;
         };
         if change.flush {
@@ -328,7 +328,14 @@ impl Sidecar {
         let new_key = change.cycle.then(id::generate);
         let updated = self
             .store
-            .update(&key, change, new_key.as_deref(), now, force)
+            .update(
+                &key,
+                Some((&snapshot, &version)),
+                change,
+                new_key.as_deref(),
+                now,
+                force,
+            )
             .await
             .map_err(|e| match e {
                 UpdateError::TooLarge(t) => ProxyError::TooLarge(t),

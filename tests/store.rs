@@ -59,6 +59,40 @@ async fn suite(open: impl AsyncFn() -> Arc<dyn Store>, sweeps: bool) {
     }
     liveness_distinguishes_live_forwarded_and_ended(open().await).await;
     concurrent_updates_and_a_cycle_lose_nothing(open().await).await;
+    a_stale_version_costs_a_reread_not_a_change(open().await).await;
+}
+
+async fn a_stale_version_costs_a_reread_not_a_change(s: Arc<dyn Store>) {
+    let k = id::generate();
+    s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
+    let (seen, version) = s.load_versioned(&k, t0() + 1).await.unwrap().unwrap();
+    // Fresh: the version is current, the write lands.
+    s.update(
+        &k,
+        Some((&seen, &version)),
+        &set("b", json!(1)),
+        None,
+        t0() + 2,
+        false,
+    )
+    .await
+    .unwrap();
+    // Stale: someone wrote since; the change still merges with the latest value.
+    s.update(
+        &k,
+        Some((&seen, &version)),
+        &set("c", json!(2)),
+        None,
+        t0() + 3,
+        false,
+    )
+    .await
+    .unwrap();
+    let r = s.load(&k, t0() + 4).await.unwrap().unwrap();
+    assert_eq!(
+        r.data,
+        *json!({"a": 0, "b": 1, "c": 2}).as_object().unwrap()
+    );
 }
 
 async fn create_then_load(s: Arc<dyn Store>) {
@@ -83,10 +117,10 @@ async fn expired_records_are_never_loaded(s: Arc<dyn Store>) {
 async fn updates_merge_per_key_against_the_latest_state(s: Arc<dyn Store>) {
     let k = id::generate();
     s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
-    s.update(&k, &set("x", json!(1)), None, t0() + 1, false)
+    s.update(&k, None, &set("x", json!(1)), None, t0() + 1, false)
         .await
         .unwrap();
-    s.update(&k, &set("y", json!(2)), None, t0() + 2, false)
+    s.update(&k, None, &set("y", json!(2)), None, t0() + 2, false)
         .await
         .unwrap();
     let r = s.load(&k, t0() + 3).await.unwrap().unwrap();
@@ -96,7 +130,7 @@ async fn updates_merge_per_key_against_the_latest_state(s: Arc<dyn Store>) {
     );
     assert_eq!(r.saved, t0() + 2);
     let again = s
-        .update(&k, &set("y", json!(2)), None, t0() + 4, false)
+        .update(&k, None, &set("y", json!(2)), None, t0() + 4, false)
         .await
         .unwrap();
     assert_eq!(again, Updated::Unchanged { forwarded: false });
@@ -110,7 +144,7 @@ async fn emptying_removes_the_record(s: Arc<dyn Store>) {
         ..Change::default()
     };
     assert_eq!(
-        s.update(&k, &c, None, t0() + 1, false).await.unwrap(),
+        s.update(&k, None, &c, None, t0() + 1, false).await.unwrap(),
         Updated::Removed { forwarded: false }
     );
     assert_eq!(s.liveness(&k, t0() + 1).await.unwrap(), Liveness::Ended);
@@ -122,7 +156,7 @@ async fn an_update_after_removal_reports_the_session_ended(s: Arc<dyn Store>) {
     assert!(s.remove(&k).await.unwrap());
     assert!(!s.remove(&k).await.unwrap());
     assert_eq!(
-        s.update(&k, &set("b", json!(1)), None, t0() + 1, false)
+        s.update(&k, None, &set("b", json!(1)), None, t0() + 1, false)
             .await
             .unwrap(),
         Updated::Ended
@@ -144,7 +178,7 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
         ..Change::default()
     };
     match s
-        .update(&old, &c, Some(&new), t0() + 1, false)
+        .update(&old, None, &c, Some(&new), t0() + 1, false)
         .await
         .unwrap()
     {
@@ -160,7 +194,7 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
         "old key no longer loads"
     );
     match s
-        .update(&old, &set("late", json!(true)), None, t0() + 3, false)
+        .update(&old, None, &set("late", json!(true)), None, t0() + 3, false)
         .await
         .unwrap()
     {
@@ -176,7 +210,7 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
     // The forward is short-lived.
     let later = t0() + 3_600_000;
     assert_eq!(
-        s.update(&old, &set("x", json!(1)), None, later, false)
+        s.update(&old, None, &set("x", json!(1)), None, later, false)
             .await
             .unwrap(),
         Updated::Ended
@@ -188,7 +222,7 @@ async fn size_cap_leaves_the_record_untouched(s: Arc<dyn Store>) {
     s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
     let big = set("big", json!("x".repeat(10_000)));
     assert!(matches!(
-        s.update(&k, &big, None, t0() + 1, false).await,
+        s.update(&k, None, &big, None, t0() + 1, false).await,
         Err(UpdateError::TooLarge(_))
     ));
     let r = s.load(&k, t0() + 2).await.unwrap().unwrap();
@@ -203,7 +237,7 @@ async fn subjects_index_live_sessions(s: Arc<dyn Store>) {
             subject: Some(Some("user-1".into())),
             ..Change::default()
         };
-        s.update(k, &c, None, t0() + 1, false).await.unwrap();
+        s.update(k, None, &c, None, t0() + 1, false).await.unwrap();
     }
     let mut keys = s.subject_keys("user-1", t0() + 2).await.unwrap();
     keys.sort();
@@ -215,7 +249,9 @@ async fn subjects_index_live_sessions(s: Arc<dyn Store>) {
         subject: Some(None),
         ..Change::default()
     };
-    s.update(&k2, &untag, None, t0() + 3, false).await.unwrap();
+    s.update(&k2, None, &untag, None, t0() + 3, false)
+        .await
+        .unwrap();
     assert!(s.subject_keys("user-1", t0() + 4).await.unwrap().is_empty());
 }
 
@@ -250,7 +286,7 @@ async fn liveness_distinguishes_live_forwarded_and_ended(s: Arc<dyn Store>) {
         cycle: true,
         ..Change::default()
     };
-    s.update(&old, &c, Some(&new), t0() + 1, false)
+    s.update(&old, None, &c, Some(&new), t0() + 1, false)
         .await
         .unwrap();
     assert_eq!(
@@ -274,10 +310,19 @@ async fn concurrent_updates_and_a_cycle_lose_nothing(s: Arc<dyn Store>) {
                     cycle: true,
                     ..Change::default()
                 };
-                s.update(&k, &c, Some(&new), t0() + 1, false).await.unwrap();
+                s.update(&k, None, &c, Some(&new), t0() + 1, false)
+                    .await
+                    .unwrap();
             } else {
                 let u = s
-                    .update(&k, &set(&format!("k{i}"), json!(i)), None, t0() + 1, false)
+                    .update(
+                        &k,
+                        None,
+                        &set(&format!("k{i}"), json!(i)),
+                        None,
+                        t0() + 1,
+                        false,
+                    )
                     .await
                     .unwrap();
                 assert!(matches!(u, Updated::Saved { .. }), "{u:?}");

@@ -84,6 +84,14 @@ impl<C: Cells> Engine<C> {
     }
 
     pub async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
+        Ok(self.load_versioned(key, now).await?.map(|(r, _)| r))
+    }
+
+    pub async fn load_versioned(
+        &self,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
         let Some(raw) = self.cells.get(key).await? else {
             return Ok(None);
         };
@@ -93,7 +101,7 @@ impl<C: Cells> Engine<C> {
             _ => return Ok(None),
         }
         match Entry::decode(&raw).map_err(corrupt)? {
-            Entry::Session(r) => Ok(Some(r)),
+            Entry::Session(r) => Ok(Some((r, raw))),
             Entry::Moved(_) => Ok(None),
         }
     }
@@ -106,15 +114,30 @@ impl<C: Cells> Engine<C> {
     pub async fn update(
         &self,
         key: &str,
+        seen: Option<(&Record, &[u8])>,
         change: &Change,
         new_key: Option<&str>,
         now: Millis,
         force_save: bool,
     ) -> Result<Updated, UpdateError> {
         let policy = &*self.policy;
+        // First try: what the request loaded, if it is still live (the swap checks it is still
+        // there); after that, the latest value.
+        let mut hint = seen
+            .filter(|(r, _)| r.deadline > now)
+            .map(|(record, raw)| Current {
+                key: key.to_string(),
+                raw: raw.to_vec(),
+                record: record.clone(),
+                forwarded: false,
+            });
         loop {
-            let Some(cur) = self.resolve(key, now).await? else {
-                return Ok(Updated::Ended);
+            let cur = match hint.take() {
+                Some(cur) => cur,
+                None => match self.resolve(key, now).await? {
+                    Some(cur) => cur,
+                    None => return Ok(Updated::Ended),
+                },
             };
             let forwarded = cur.forwarded;
             let old = Entry::Session(cur.record.clone());

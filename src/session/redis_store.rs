@@ -158,6 +158,14 @@ impl Store for RedisStore {
         self.engine.load(key, now).await
     }
 
+    async fn load_versioned(
+        &self,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
+        self.engine.load_versioned(key, now).await
+    }
+
     async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
         self.engine.create(key, record).await
     }
@@ -165,13 +173,14 @@ impl Store for RedisStore {
     async fn update(
         &self,
         key: &str,
+        seen: Option<(&Record, &[u8])>,
         change: &Change,
         new_key: Option<&str>,
         now: Millis,
         force_save: bool,
     ) -> Result<Updated, UpdateError> {
         self.engine
-            .update(key, change, new_key, now, force_save)
+            .update(key, seen, change, new_key, now, force_save)
             .await
     }
 

@@ -67,14 +67,24 @@ pub trait Store: Send + Sync + 'static {
     /// The live record under `key`, or `None` when there is none or it has expired.
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError>;
 
+    /// As `load`, with the stored bytes: handed back to `update`, they let the common case (no
+    /// one changed the session meanwhile) write without reading it again.
+    async fn load_versioned(
+        &self,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<(Record, Vec<u8>)>, StoreError>;
+
     /// Stores a brand-new session; `false` if the key is taken (then nothing is written).
     async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError>;
 
     /// Applies `change` (data, expiry, subject, and a cycle to `new_key`) to the latest live
     /// record under `key`, following the forward a cycle left behind. `change.flush` is ignored.
+    /// `seen` is what `load_versioned` returned, tried first; a stale one only costs a re-read.
     async fn update(
         &self,
         key: &str,
+        seen: Option<(&Record, &[u8])>,
         change: &Change,
         new_key: Option<&str>,
         now: Millis,

@@ -225,16 +225,27 @@ impl Store for Faulty {
         self.check()?;
         self.inner.create(key, record).await
     }
+    async fn load_versioned(
+        &self,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
+        self.check()?;
+        self.inner.load_versioned(key, now).await
+    }
     async fn update(
         &self,
         key: &str,
+        seen: Option<(&Record, &[u8])>,
         change: &Change,
         new_key: Option<&str>,
         now: Millis,
         force: bool,
     ) -> Result<Updated, UpdateError> {
         self.check()?;
-        self.inner.update(key, change, new_key, now, force).await
+        self.inner
+            .update(key, seen, change, new_key, now, force)
+            .await
     }
     async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
         self.check()?;

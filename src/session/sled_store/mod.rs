@@ -191,6 +191,14 @@ impl Store for SledStore {
         self.engine.load(key, now).await
     }
 
+    async fn load_versioned(
+        &self,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
+        self.engine.load_versioned(key, now).await
+    }
+
     async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
         self.engine.create(key, record).await
     }
@@ -198,13 +206,14 @@ impl Store for SledStore {
     async fn update(
         &self,
         key: &str,
+        seen: Option<(&Record, &[u8])>,
         change: &Change,
         new_key: Option<&str>,
         now: Millis,
         force_save: bool,
     ) -> Result<Updated, UpdateError> {
         self.engine
-            .update(key, change, new_key, now, force_save)
+            .update(key, seen, change, new_key, now, force_save)
             .await
     }
 
