@@ -80,8 +80,9 @@ def rss_mib(pid):
 class Stack:
     """Upstream, sidecar and nginx, all on 127.0.0.1."""
 
-    def __init__(self, tmp, store_path=None):
+    def __init__(self, tmp, store_path=None, redis_port=None):
         self.tmp = tmp
+        self.redis_port = redis_port
         self.up_port, self.sc_port, self.ng_port = free_port(), free_port(), free_port()
         self.upstream = subprocess.Popen([os.path.join(ROOT, "target/release/examples/bench_upstream"),
                                           str(self.up_port)])
@@ -118,8 +119,10 @@ http {{
     def start_sidecar(self):
         conf = os.path.join(self.tmp, "sidecar.toml")
         with open(conf, "w") as f:
+            store = (f'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{self.redis_port}/0"\n'
+                     if self.redis_port else f'[store]\npath = "{self.store_path}"\n')
             f.write(f'listen = "127.0.0.1:{self.sc_port}"\nupstream = "http://127.0.0.1:{self.up_port}"\n'
-                    f'skip_paths = ["/static/"]\n[store]\npath = "{self.store_path}"\n[admin]\nlisten = ""\n')
+                    f'skip_paths = ["/static/"]\n{store}[admin]\nlisten = ""\n')
         started = time.time()
         self.sidecar = subprocess.Popen([os.path.join(ROOT, "target/release/session-sidecar"), "--config", conf],
                                         env={**os.environ, "RUST_LOG": "warn"})
@@ -205,6 +208,8 @@ def main():
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--big", type=int, default=1_000_000, help="sessions in the large-store scenario (0: skip)")
     ap.add_argument("--replot", action="store_true", help="only redraw the table and chart from results.json")
+    ap.add_argument("--redis", action="store_true", help="also the visit counter on the Redis store")
+    ap.add_argument("--only-redis", action="store_true", help="only the Redis visit counter (results-redis.*)")
     args = ap.parse_args()
     if args.replot:
         with open(os.path.join(BENCH, "results.json")) as f:
@@ -212,6 +217,14 @@ def main():
         return 0
     if args.smoke:
         args.seconds, args.rounds, args.sessions, args.big = 2, 1, 100, 0
+    if args.only_redis:
+        ensure_tools(need_oha=False)
+        sh("cargo", "build", "--release", "--locked", "--quiet", "--bin", "session-sidecar",
+           "--example", "bench_upstream", cwd=ROOT)
+        res = redis_counter(tempfile.mkdtemp(prefix="sidecar-bench-"), args)
+        with open(os.path.join(BENCH, "results-redis.json"), "w") as f:
+            json.dump({"machine": machine(), "command": " ".join(sys.argv), "redis": res}, f, indent=2)
+        return 1 if res["lost"] else 0
     ensure_tools(need_oha=not args.smoke)
     sh("cargo", "build", "--release", "--locked", "--quiet", "--bin", "session-sidecar",
        "--example", "bench_upstream", "--example", "bench_fill", cwd=ROOT)
@@ -255,6 +268,8 @@ def main():
 
     if args.big:
         results["big"] = big_store(tmp, args)
+    if args.redis:
+        results["redis"] = redis_counter(tmp, args)
     write_outputs(results, args.smoke)
     if results["lost_sessions"]:
         print("FAIL: sessions were lost")
@@ -284,6 +299,59 @@ def big_store(tmp, args):
         stack.stop()
 
 
+def redis_calls(port):
+    """Commands Redis has executed so far (INFO commandstats), to count round trips."""
+    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True,
+                         text=True, check=True).stdout
+    total = sum(int(m) for m in re.findall(r"calls=(\d+)", out))
+    # Commands a script runs are counted too: each swap script runs one GET and one SET or DEL
+    # (SADD/SREM only when a subject changes). Round trips are what the sidecar sent itself.
+    m = re.search(r"cmdstat_evalsha:calls=(\d+)", out)
+    evalsha = int(m.group(1)) if m else 0
+    return total - 2 * evalsha
+
+
+def redis_counter(tmp, args):
+    """The visit counter with the sidecar on Redis (on this machine), against nginx, same run."""
+    if not shutil.which("redis-server"):
+        sh("apt-get", "install", "-y", "-qq", "redis-server", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+    wait_port(port, redis)
+    stack = Stack(tmp, redis_port=port)
+    try:
+        cookies = make_sessions(stack.sc_port, args.sessions)
+        cookie_file = os.path.join(tmp, "cookies-redis.txt")
+        with open(cookie_file, "w") as f:
+            f.write("\n".join(cookies) + "\n")
+        rounds = {"nginx": [], "sidecar": []}
+        for _ in range(args.rounds):
+            rounds["nginx"].append(wrk(stack.ng_port, "/count", args.seconds, cookie_file))
+            before = redis_calls(port)
+            res = wrk(stack.sc_port, "/count", args.seconds, cookie_file)
+            res["redis_calls_per_req"] = (redis_calls(port) - before) / res["requests"]
+            rounds["sidecar"].append(res)
+            print(f"redis visit counter: nginx {rounds['nginx'][-1]['rps']:.0f} req/s, sidecar {res['rps']:.0f} req/s "
+                  f"p99 {res['p99_ms']:.3f} ms, {res['redis_calls_per_req']:.2f} Redis round trips/req", flush=True)
+        med = {w: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for w, rs in rounds.items()}
+        # Read-only round trips: the same on /read.
+        before = redis_calls(port)
+        read = wrk(stack.sc_port, "/read", max(2, args.seconds // 2), cookie_file)
+        read_calls = (redis_calls(port) - before) / read["requests"]
+        res = {"nginx_rps": med["nginx"]["rps"], "sidecar_rps": med["sidecar"]["rps"],
+               "ratio": med["sidecar"]["rps"] / med["nginx"]["rps"], "p99_ms": med["sidecar"]["p99_ms"],
+               "calls_per_write": med["sidecar"]["redis_calls_per_req"], "calls_per_read": read_calls,
+               "lost": stack.stats()["lost"]}
+        print(f"redis: ratio {res['ratio']:.2f}, {res['calls_per_write']:.2f} round trips per counter request, "
+              f"{res['calls_per_read']:.2f} per read-only request, lost {res['lost']}")
+        return res
+    finally:
+        stack.stop()
+        redis.terminate()
+        redis.wait()
+
+
 def machine():
     cpu = ""
     with open("/proc/cpuinfo") as f:
@@ -311,6 +379,13 @@ def write_outputs(results, smoke):
         lines.append(f"Fixed rate 10,000 req/s on `/read` (oha, latency-corrected): sidecar p99 "
                      f"{fr['sidecar']['p99_ms']:.3f} ms, nginx p99 {fr['nginx']['p99_ms']:.3f} ms "
                      f"(difference {fr['sidecar']['p99_ms'] - fr['nginx']['p99_ms']:+.3f} ms; target ≤ +0.3 ms).")
+    if "redis" in results:
+        r = results["redis"]
+        lines.append("")
+        lines.append(f"Visit counter on the Redis store (redis-server on this machine, no persistence): "
+                     f"{r['sidecar_rps']:.0f} req/s vs nginx {r['nginx_rps']:.0f} = {r['ratio']:.2f}x, "
+                     f"p99 {r['p99_ms']:.3f} ms; Redis round trips per request: {r['calls_per_write']:.2f} "
+                     f"(counter), {r['calls_per_read']:.2f} (read-only).")
     if "big" in results:
         b = results["big"]
         lines.append("")
