@@ -14,11 +14,26 @@ use async_trait::async_trait;
 
 use super::changes::{self, Change};
 use super::entry::{Entry, Head, MAX_HOPS, Moved};
-use super::store::{Liveness, StoreError, UpdateError, Updated};
+use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
 use super::{Millis, Policy, Record};
 
 #[async_trait]
 pub trait Cells: Send + Sync + 'static {
+    /// Session keys indexed under `subject` (may include stale ones; the engine checks each).
+    async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Drops a stale member from a subject's index.
+    async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError>;
+
+    /// Removes expired entries, if the backend does not expire them by itself.
+    async fn sweep(&self, now: Millis) -> Result<Swept, StoreError>;
+
+    /// Returns once every change acknowledged so far is durable.
+    async fn sync(&self) -> Result<(), StoreError>;
+
+    /// Whether the backend answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// The raw entry under `key`.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
@@ -263,5 +278,72 @@ impl<C: Cells> Engine<C> {
                 return Ok(true);
             }
         }
+    }
+}
+
+#[async_trait]
+impl<C: Cells> Store for Engine<C> {
+    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
+        Engine::load(self, key, now).await
+    }
+
+    async fn load_versioned(
+        &self,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
+        Engine::load_versioned(self, key, now).await
+    }
+
+    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
+        Engine::create(self, key, record).await
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        seen: Option<(&Record, &[u8])>,
+        change: &Change,
+        new_key: Option<&str>,
+        now: Millis,
+        force_save: bool,
+    ) -> Result<Updated, UpdateError> {
+        Engine::update(self, key, seen, change, new_key, now, force_save).await
+    }
+
+    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
+        Engine::liveness(self, key, now).await
+    }
+
+    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
+        Engine::touch(self, key, now).await
+    }
+
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        Engine::remove(self, key).await
+    }
+
+    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        for key in self.cells.subject_members(subject).await? {
+            match Engine::load(self, &key, now).await? {
+                Some(r) if r.subject.as_deref() == Some(subject) => keys.push(key),
+                Some(_) => {}
+                None => self.cells.forget_member(subject, &key).await?,
+            }
+        }
+        Ok(keys)
+    }
+
+    async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
+        self.cells.sweep(now).await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.cells.sync().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.cells.ping().await
     }
 }

@@ -17,10 +17,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::cells::{Cells, Engine};
-use super::changes::Change;
 use super::entry::Entry;
-use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
-use super::{Millis, Policy, Record};
+use super::store::{StoreError, Swept};
+use super::{Millis, Policy};
 use crate::config::RedisConfig;
 
 /// KEYS[1] the cell. ARGV: 1 "0" = expect absent, "1" = expect ARGV[2]; 3 new bytes ("" =
@@ -106,11 +105,44 @@ impl Cells for RedisCells {
             .map_err(backend)?;
         Ok(swapped == 1)
     }
+
+    async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        conn.smembers(format!("{}u:{subject}", self.prefix))
+            .await
+            .map_err(backend)
+    }
+
+    async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn
+            .srem(format!("{}u:{subject}", self.prefix), key)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn sweep(&self, _now: Millis) -> Result<Swept, StoreError> {
+        // Redis expires every cell at its deadline by itself.
+        Ok(Swept::default())
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(backend)
+    }
 }
 
-pub struct RedisStore {
-    engine: Engine<RedisCells>,
-}
+/// The shared store: the same [`Engine`] as sled, over Redis cells.
+pub type RedisStore = Engine<RedisCells>;
 
 impl RedisStore {
     pub async fn connect(
@@ -130,16 +162,14 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| open(e.to_string()))?;
-        Ok(RedisStore {
-            engine: Engine {
-                cells: RedisCells {
-                    conn,
-                    prefix: cfg.key_prefix.clone(),
-                    swap: Script::new(SWAP),
-                },
-                policy,
-                max_bytes,
+        Ok(Engine {
+            cells: RedisCells {
+                conn,
+                prefix: cfg.key_prefix.clone(),
+                swap: Script::new(SWAP),
             },
+            policy,
+            max_bytes,
         })
     }
 }
@@ -149,86 +179,5 @@ pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}********{}", &url[..s + 3], &url[at..]),
         _ => url.to_string(),
-    }
-}
-
-#[async_trait]
-impl Store for RedisStore {
-    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        self.engine.load(key, now).await
-    }
-
-    async fn load_versioned(
-        &self,
-        key: &str,
-        now: Millis,
-    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
-        self.engine.load_versioned(key, now).await
-    }
-
-    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
-        self.engine.create(key, record).await
-    }
-
-    async fn update(
-        &self,
-        key: &str,
-        seen: Option<(&Record, &[u8])>,
-        change: &Change,
-        new_key: Option<&str>,
-        now: Millis,
-        force_save: bool,
-    ) -> Result<Updated, UpdateError> {
-        self.engine
-            .update(key, seen, change, new_key, now, force_save)
-            .await
-    }
-
-    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
-        self.engine.liveness(key, now).await
-    }
-
-    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
-        self.engine.touch(key, now).await
-    }
-
-    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        self.engine.remove(key).await
-    }
-
-    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
-        let cells = &self.engine.cells;
-        let set = format!("{}u:{subject}", cells.prefix);
-        let mut conn = cells.conn.clone();
-        let members: Vec<String> = conn.smembers(&set).await.map_err(backend)?;
-        let mut keys = Vec::new();
-        for key in members {
-            match self.engine.load(&key, now).await? {
-                Some(r) if r.subject.as_deref() == Some(subject) => keys.push(key),
-                Some(_) => {}
-                None => {
-                    let _: i64 = conn.srem(&set, &key).await.map_err(backend)?;
-                }
-            }
-        }
-        Ok(keys)
-    }
-
-    async fn sweep(&self, _now: Millis) -> Result<Swept, StoreError> {
-        // Redis expires every cell at its deadline by itself.
-        Ok(Swept::default())
-    }
-
-    async fn sync(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.engine.cells.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(backend)
     }
 }

@@ -25,23 +25,22 @@ pub use index::BUCKET_MS;
 use index::{index_end, index_key, subject_key};
 
 use super::cells::{Cells, Engine};
-use super::changes::Change;
 use super::entry::Entry;
-use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
-use super::{Millis, Policy, Record};
+use super::store::{StoreError, Swept};
+use super::{Millis, Policy};
 use crate::config::StoreConfig;
 
-pub struct SledStore {
-    db: sled::Db,
-    engine: Engine<SledCells>,
-    committer: Option<Committer>,
-}
+/// The embedded store: the shared [`Engine`] over sled's cells.
+pub type SledStore = Engine<SledCells>;
 
-/// The three trees; the cells are the `records` tree's entries.
+/// The database, its three trees (the cells are the `records` tree's entries) and the
+/// group-commit thread.
 pub struct SledCells {
+    db: sled::Db,
     records: sled::Tree,
     index: sled::Tree,
     subjects: sled::Tree,
+    committer: Option<Committer>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -84,25 +83,23 @@ impl SledStore {
             records: tree("records")?,
             index: tree("expiry")?,
             subjects: tree("subjects")?,
-        };
-        Ok(SledStore {
             db,
-            engine: Engine {
-                cells,
-                policy,
-                max_bytes,
-            },
             committer,
+        };
+        Ok(Engine {
+            cells,
+            policy,
+            max_bytes,
         })
     }
 
     /// Number of entries (sessions and forwards, live or not yet swept).
     pub fn len(&self) -> usize {
-        self.engine.cells.records.len()
+        self.cells.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.engine.cells.records.is_empty()
+        self.cells.records.is_empty()
     }
 }
 
@@ -183,68 +180,21 @@ impl Cells for SledCells {
         }
         Ok(swapped)
     }
-}
 
-#[async_trait]
-impl Store for SledStore {
-    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        self.engine.load(key, now).await
-    }
-
-    async fn load_versioned(
-        &self,
-        key: &str,
-        now: Millis,
-    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
-        self.engine.load_versioned(key, now).await
-    }
-
-    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
-        self.engine.create(key, record).await
-    }
-
-    async fn update(
-        &self,
-        key: &str,
-        seen: Option<(&Record, &[u8])>,
-        change: &Change,
-        new_key: Option<&str>,
-        now: Millis,
-        force_save: bool,
-    ) -> Result<Updated, UpdateError> {
-        self.engine
-            .update(key, seen, change, new_key, now, force_save)
-            .await
-    }
-
-    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
-        self.engine.liveness(key, now).await
-    }
-
-    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
-        self.engine.touch(key, now).await
-    }
-
-    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        self.engine.remove(key).await
-    }
-
-    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
+    async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError> {
         let mut keys = Vec::new();
-        for item in self
-            .engine
-            .cells
-            .subjects
-            .scan_prefix(subject_key(subject, ""))
-        {
+        for item in self.subjects.scan_prefix(subject_key(subject, "")) {
             let (k, _) = item.map_err(backend)?;
-            let key = String::from_utf8_lossy(&k[subject.len() + 1..]).into_owned();
-            match self.load(&key, now).await? {
-                Some(r) if r.subject.as_deref() == Some(subject) => keys.push(key),
-                _ => {}
-            }
+            keys.push(String::from_utf8_lossy(&k[subject.len() + 1..]).into_owned());
         }
         Ok(keys)
+    }
+
+    async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError> {
+        self.subjects
+            .remove(subject_key(subject, key))
+            .map(|_| ())
+            .map_err(backend)
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
@@ -255,8 +205,6 @@ impl Store for SledStore {
         let mut start: Vec<u8> = Vec::new();
         loop {
             let batch: Vec<sled::IVec> = self
-                .engine
-                .cells
                 .index
                 .range(start.clone()..end.to_vec())
                 .keys()
@@ -268,13 +216,9 @@ impl Store for SledStore {
             }
             for entry_key in batch {
                 let key = String::from_utf8_lossy(&entry_key[8..]).into_owned();
-                let keep = match self.engine.cells.get_entry(&key)? {
+                let keep = match self.get_entry(&key)? {
                     Some((raw, e)) if e.deadline() <= now => {
-                        let removed = self
-                            .engine
-                            .cells
-                            .swap(&key, Some(&raw), Some(&e), None)
-                            .await?;
+                        let removed = self.swap(&key, Some(&raw), Some(&e), None).await?;
                         match e {
                             Entry::Session(_) if removed => swept.sessions += 1,
                             Entry::Moved(_) if removed => swept.forwards += 1,
@@ -288,11 +232,7 @@ impl Store for SledStore {
                         // must exist instead.
                         let current = index_key(e.deadline(), &key);
                         if current[..] != entry_key[..] {
-                            self.engine
-                                .cells
-                                .index
-                                .insert(current, &[])
-                                .map_err(backend)?;
+                            self.index.insert(current, &[]).map_err(backend)?;
                             false
                         } else {
                             true
@@ -301,11 +241,7 @@ impl Store for SledStore {
                     None => false,
                 };
                 if !keep {
-                    self.engine
-                        .cells
-                        .index
-                        .remove(&entry_key)
-                        .map_err(backend)?;
+                    self.index.remove(&entry_key).map_err(backend)?;
                 }
                 start = entry_key.to_vec();
                 start.push(0);
@@ -328,16 +264,11 @@ impl Store for SledStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.engine
-            .cells
-            .records
-            .get(b"\0ping")
-            .map(|_| ())
-            .map_err(backend)
+        self.records.get(b"\0ping").map(|_| ()).map_err(backend)
     }
 }
 
-impl Drop for SledStore {
+impl Drop for SledCells {
     /// Flushes, and joins the commit thread so its handle on the database (and the directory
     /// lock) is gone when the store is.
     fn drop(&mut self) {
