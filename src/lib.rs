@@ -13,13 +13,16 @@
 //! - [`cookie`]: taking, verifying, signing and setting the session cookie.
 //! - [`session`]: keys, records, the per-key merge, the store trait, sled, the sweeper.
 //! - [`error`]: the responses the sidecar makes itself and their status codes.
+//! - [`admin`]: the operator's listener; [`metrics`]: the Prometheus series.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod cookie;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod session;
@@ -75,34 +78,89 @@ pub enum RunError {
     GraceExceeded(usize),
     #[error("flushing the session store on shutdown failed: {0}")]
     Flush(StoreError),
+    #[error("config key `admin.listen`: cannot bind {addr}: {source}")]
+    AdminBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
-/// Serves `listener` until `shutdown` resolves, then drains and flushes the store.
+/// Binds the admin listener the config asks for (none when `admin.listen = ""`).
+pub async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, RunError> {
+    match config.admin.listen {
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|source| RunError::AdminBind { addr, source }),
+        None => Ok(None),
+    }
+}
+
+/// Serves `listener` (and the admin listener the config asks for) until `shutdown` resolves,
+/// then drains and flushes the store.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     deps: Deps,
 ) -> Result<(), RunError> {
+    let admin = bind_admin(&config).await?;
+    run_with_admin(config, listener, admin, shutdown, deps).await
+}
+
+/// As [`run`], with the admin listener already bound (or none).
+pub async fn run_with_admin(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+    deps: Deps,
+) -> Result<(), RunError> {
     let config = Arc::new(config);
     let policy = Arc::new(policy(&config));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(metrics::Metered {
+        inner: deps.store.clone(),
+        metrics: metrics.clone(),
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(session::sweeper::run(
-        deps.store.clone(),
+        store.clone(),
         deps.clock.clone(),
         config.expiry.sweep_interval,
-        stop_rx,
+        stop_rx.clone(),
     ));
+    let admin_task = admin.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(admin = %addr, "admin listener serving");
+        }
+        let admin = Arc::new(admin::Admin {
+            store: store.clone(),
+            clock: deps.clock.clone(),
+            metrics: metrics.clone(),
+            cookie: cookie::SessionCookie::new(
+                config.cookie.clone(),
+                config.secret_key.as_deref(),
+                &config.secret_key_fallbacks,
+            ),
+            token: config.admin.token.clone(),
+        });
+        tokio::spawn(admin::serve(listener, admin, stop_rx))
+    });
     let sidecar = Arc::new(proxy::Sidecar::new(
         config.clone(),
-        deps.store.clone(),
+        store.clone(),
         deps.clock.clone(),
         policy,
+        metrics.clone(),
     ));
-    let cut = server::serve(listener, sidecar, shutdown, &config).await;
+    let cut = server::serve(listener, sidecar, shutdown, &config, metrics).await;
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
-    deps.store.sync().await.map_err(RunError::Flush)?;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    store.sync().await.map_err(RunError::Flush)?;
     if cut > 0 {
         tracing::error!(cut, "shutdown grace ran out; requests were cut");
         return Err(RunError::GraceExceeded(cut));

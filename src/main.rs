@@ -77,7 +77,15 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             store = %config.store.path.display(),
             "session-sidecar serving"
         );
-        session_sidecar::run(config, listener, session_sidecar::shutdown_signal(), deps).await?;
+        let admin = session_sidecar::bind_admin(&config).await?;
+        session_sidecar::run_with_admin(
+            config,
+            listener,
+            admin,
+            session_sidecar::shutdown_signal(),
+            deps,
+        )
+        .await?;
         Ok(())
     })
 }

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::cookie::{Presented, SessionCookie};
 use crate::error::{Body, ProxyError};
 use crate::headers;
+use crate::metrics::{HeaderLabel, Metrics, Status};
 use crate::session::changes::{self, Change};
 use crate::session::store::{Liveness, Store, UpdateError, Updated};
 use crate::session::{Clock, Data, Millis, Policy, Record, id, json, seconds_until};
@@ -44,6 +45,7 @@ pub struct Sidecar {
     cookie: SessionCookie,
     upstream: Upstream,
     names: Names,
+    metrics: Arc<Metrics>,
 }
 
 fn header_name(prefix: &str, suffix: &str) -> HeaderName {
@@ -57,6 +59,7 @@ impl Sidecar {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         policy: Arc<Policy>,
+        metrics: Arc<Metrics>,
     ) -> Sidecar {
         let p = &config.header_prefix;
         let names = Names {
@@ -77,6 +80,7 @@ impl Sidecar {
             clock,
             policy,
             names,
+            metrics,
         }
     }
 
@@ -86,7 +90,23 @@ impl Sidecar {
             .then(|| (req.method().clone(), req.uri().path().to_string()));
         let mut carried = false;
         let result = self.proxy(req, peer, &mut carried).await;
-        let mut resp = result.unwrap_or_else(ProxyError::into_response);
+        let mut resp = result.unwrap_or_else(|e| {
+            if let ProxyError::BadHeader(b) = &e {
+                let header = b.header.clone();
+                self.metrics
+                    .bad_upstream_headers
+                    .get_or_create(&HeaderLabel { header })
+                    .inc();
+            }
+            let status = e.status().as_u16().to_string();
+            self.metrics
+                .refusals
+                .get_or_create(&Status { status })
+                .inc();
+            e.into_response()
+        });
+        self.metrics
+            .observe_request(resp.status().as_u16(), started.elapsed());
         if carried && !varies_on_cookie(resp.headers()) {
             resp.headers_mut()
                 .append(VARY, HeaderValue::from_static("Cookie"));
@@ -308,6 +328,7 @@ impl Sidecar {
                 false,
             )?;
             self.store.remove(&key).await?;
+            self.metrics.sessions_flushed.inc();
             tracing::info!("session flushed");
             let action = self.fresh(change, now, true).await?;
             self.store.sync().await?;
@@ -359,7 +380,9 @@ impl Sidecar {
             } => CookieAction::Keep,
             Updated::Removed { forwarded: false } => CookieAction::Remove,
             Updated::Saved { key, record, .. } => {
+                self.metrics.merges.inc();
                 if change.cycle {
+                    self.metrics.sessions_cycled.inc();
                     tracing::info!("session key cycled");
                 }
                 self.cookie_for(key, &record, now)
@@ -396,6 +419,7 @@ impl Sidecar {
             let key = id::generate();
             if self.store.create(&key, &record).await? {
                 self.store.sync().await?;
+                self.metrics.sessions_created.inc();
                 tracing::debug!("session created");
                 return Ok(self.cookie_for(key, &record, now));
             }
@@ -415,7 +439,12 @@ impl Sidecar {
         ),
         ProxyError,
     > {
-        let mut resp = self.upstream.send(req).await?;
+        let started = std::time::Instant::now();
+        let sent = self.upstream.send(req).await;
+        self.metrics
+            .upstream_duration
+            .observe(started.elapsed().as_secs_f64());
+        let mut resp = sent?;
         let upgrades = match client_upgrade {
             Some(c) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 Some((c, hyper::upgrade::on(&mut resp)))

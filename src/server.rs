@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::Sidecar;
 
 async fn refuse(mut stream: TcpStream) {
@@ -52,6 +53,7 @@ pub async fn serve(
     sidecar: Arc<Sidecar>,
     shutdown: impl Future<Output = ()>,
     config: &Config,
+    metrics: Arc<Metrics>,
 ) -> usize {
     let grace = config.shutdown_grace;
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -110,11 +112,14 @@ pub async fn serve(
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
+        let open = metrics.open_connections.clone();
+        open.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
+            open.dec();
         });
     }
     drop(listener);

@@ -455,3 +455,22 @@ async fn sigterm_under_load_cuts_no_request_and_keeps_every_change() {
     p.signal("-TERM");
     let _ = tokio::task::spawn_blocking(move || p.wait()).await;
 }
+
+#[test]
+fn an_admin_listener_that_cannot_bind_stops_the_start_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[store]\npath = {:?}\n[admin]\nlisten = \"{}\"\n",
+            dir.path().join("s").display().to_string(),
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let (ok, out) = run_cli(&["--config", cfg.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.contains("admin.listen"), "{out}");
+}

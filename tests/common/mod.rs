@@ -282,6 +282,8 @@ pub struct Sidecar {
     pub addr: SocketAddr,
     pub app: SocketAddr,
     pub clock: Arc<ManualClock>,
+    /// The admin listener (always on in tests, on a free port).
+    pub admin: SocketAddr,
     pub store: Arc<dyn Store>,
     pub faulty: Arc<Faulty>,
     /// Owns the temporary directory when the sidecar made it.
@@ -333,7 +335,12 @@ pub async fn sidecar_for(app: SocketAddr, extra: &str) -> Sidecar {
 pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> Sidecar {
     let (top, tables) = split_extra(extra);
     let text = format!(
-        "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\n{timeout}{top}\n{store}[admin]\nlisten = \"\"\n{tables}",
+        "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\n{timeout}{top}\n{store}{admin}{tables}",
+        admin = if tables.contains("[admin]") {
+            ""
+        } else {
+            "[admin]\nlisten = \"\"\n"
+        },
         store = if tables.contains("[store]") {
             String::new()
         } else {
@@ -374,9 +381,12 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
         clock: clock.clone(),
     };
     let store = deps.store.clone();
-    let task = tokio::spawn(session_sidecar::run(
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let task = tokio::spawn(session_sidecar::run_with_admin(
         config,
         listener,
+        Some(admin),
         async {
             let _ = rx.await;
         },
@@ -386,6 +396,7 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
         addr,
         app,
         clock,
+        admin: admin_addr,
         store,
         faulty,
         dir: None,

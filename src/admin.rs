@@ -1,0 +1,240 @@
+//! The operator's listener (CONTRACT §8): health, readiness, metrics, and looking at or ending
+//! sessions by key or by subject. Loopback by default; with `[admin] token` every endpoint but
+//! `/healthz` and `/readyz` wants `Authorization: Bearer <token>`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cookie::SessionCookie;
+use crate::metrics::Metrics;
+use crate::session::store::Store;
+use crate::session::{Clock, Millis, id};
+
+pub struct Admin {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub cookie: SessionCookie,
+    pub token: Option<String>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: &str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Byte comparison whose time does not depend on where the inputs differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn rfc3339(ms: Millis) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+impl Admin {
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        same(given.as_bytes(), token.as_bytes())
+    }
+
+    /// A raw key as `/subjects` lists it, or a cookie value (signed or not).
+    fn key_of(&self, text: &str) -> Option<String> {
+        if id::is_well_formed(text) {
+            return Some(text.to_string());
+        }
+        self.cookie.verify(text)
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Resp {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        match (method.clone(), path.as_str()) {
+            (Method::GET, "/healthz") => return text(StatusCode::OK, "ok"),
+            (Method::GET, "/readyz") => {
+                return match self.store.ping().await {
+                    Ok(()) => text(StatusCode::OK, "ready"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "readiness: the store does not answer");
+                        text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the session store does not answer",
+                        )
+                    }
+                };
+            }
+            _ => {}
+        }
+        if !self.authorized(&req) {
+            return text(StatusCode::UNAUTHORIZED, "unauthorized");
+        }
+        let now = self.clock.now();
+        let result = match (method, path.as_str()) {
+            (Method::GET, "/metrics") => {
+                let mut r = text(StatusCode::OK, &self.metrics.encode());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Ok(r)
+            }
+            (m, p) if p.starts_with("/sessions/") => {
+                self.session(m, &p["/sessions/".len()..], now).await
+            }
+            (m, p) if p.starts_with("/subjects/") => {
+                self.subject(m, &p["/subjects/".len()..], now).await
+            }
+            _ => Ok(text(StatusCode::NOT_FOUND, "no such endpoint")),
+        };
+        result.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "admin request failed");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the session store is unavailable",
+            )
+        })
+    }
+
+    async fn session(
+        &self,
+        method: Method,
+        raw: &str,
+        now: Millis,
+    ) -> Result<Resp, crate::session::store::StoreError> {
+        let Some(key) = self.key_of(raw) else {
+            return Ok(text(StatusCode::NOT_FOUND, "no such session"));
+        };
+        match method {
+            Method::GET => Ok(match self.store.load(&key, now).await? {
+                Some(r) => json(
+                    StatusCode::OK,
+                    json!({
+                        "key": key,
+                        "data": r.data,
+                        "created": rfc3339(r.created),
+                        "last_activity": rfc3339(r.accessed),
+                        "last_saved": rfc3339(r.saved),
+                        "expires": rfc3339(r.deadline),
+                        "subject": r.subject,
+                    }),
+                ),
+                None => text(StatusCode::NOT_FOUND, "no such session"),
+            }),
+            Method::DELETE => {
+                let live = self.store.load(&key, now).await?.is_some();
+                if live && self.store.remove(&key).await? {
+                    self.store.sync().await?;
+                    self.metrics.sessions_flushed.inc();
+                    tracing::info!("session ended through the admin interface");
+                    Ok(Response::builder()
+                        .status(StatusCode::NO_CONTENT)
+                        .body(Full::new(Bytes::new()))
+                        .expect("static response"))
+                } else {
+                    Ok(text(StatusCode::NOT_FOUND, "no such session"))
+                }
+            }
+            _ => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE")),
+        }
+    }
+
+    async fn subject(
+        &self,
+        method: Method,
+        subject: &str,
+        now: Millis,
+    ) -> Result<Resp, crate::session::store::StoreError> {
+        let keys = self.store.subject_keys(subject, now).await?;
+        match method {
+            Method::GET => Ok(json(
+                StatusCode::OK,
+                json!({"subject": subject, "sessions": keys}),
+            )),
+            Method::DELETE => {
+                let mut ended = 0;
+                for key in &keys {
+                    if self.store.remove(key).await? {
+                        ended += 1;
+                    }
+                }
+                self.store.sync().await?;
+                self.metrics.sessions_flushed.inc_by(ended);
+                tracing::info!(subject, ended, "subject's sessions revoked");
+                Ok(json(
+                    StatusCode::OK,
+                    json!({"subject": subject, "revoked": ended}),
+                ))
+            }
+            _ => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE")),
+        }
+    }
+}
+
+/// Serves the admin listener until `stop` turns true.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::error!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,259 @@
+//! Prometheus metrics (CONTRACT §8), served by the admin listener as text.
+//!
+//! Names carry the `session_sidecar_` prefix; counters get `_total` from the encoder. Histogram
+//! buckets start at 100 µs: the sidecar's own work is sub-millisecond, the upstream's is not.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::session::changes::Change;
+use crate::session::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
+use crate::session::{Millis, Record};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Class {
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Status {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeaderLabel {
+    pub header: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOp {
+    pub op: String,
+    pub result: String,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 16)
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<Class, Counter>,
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+    pub sessions_created: Counter,
+    pub sessions_flushed: Counter,
+    pub sessions_cycled: Counter,
+    pub sessions_expired: Counter,
+    pub merges: Counter,
+    pub refusals: Family<Status, Counter>,
+    pub bad_upstream_headers: Family<HeaderLabel, Counter>,
+    pub store_operations: Family<StoreOp, Counter>,
+    pub store_duration: Histogram,
+    pub open_connections: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("session_sidecar");
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Histogram::new(latency_buckets()),
+            upstream_duration: Histogram::new(latency_buckets()),
+            sessions_created: Counter::default(),
+            sessions_flushed: Counter::default(),
+            sessions_cycled: Counter::default(),
+            sessions_expired: Counter::default(),
+            merges: Counter::default(),
+            refusals: Family::default(),
+            bad_upstream_headers: Family::default(),
+            store_operations: Family::default(),
+            store_duration: Histogram::new(exponential_buckets(0.00001, 2.0, 16)),
+            open_connections: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "requests",
+            "Responses sent, by status class",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "upstream_duration_seconds",
+            "Time the upstream took to answer the head",
+            m.upstream_duration.clone(),
+        );
+        r.register(
+            "sessions_created",
+            "Sessions created",
+            m.sessions_created.clone(),
+        );
+        r.register(
+            "sessions_flushed",
+            "Sessions ended by a flush or an admin delete",
+            m.sessions_flushed.clone(),
+        );
+        r.register(
+            "sessions_cycled",
+            "Session keys cycled",
+            m.sessions_cycled.clone(),
+        );
+        r.register(
+            "sessions_expired",
+            "Expired sessions removed by the sweeper",
+            m.sessions_expired.clone(),
+        );
+        r.register(
+            "merges",
+            "Responses whose changes were merged into a stored session",
+            m.merges.clone(),
+        );
+        r.register(
+            "refusals",
+            "Responses the sidecar made itself, by status",
+            m.refusals.clone(),
+        );
+        r.register(
+            "bad_upstream_headers",
+            "Malformed change headers from the upstream",
+            m.bad_upstream_headers.clone(),
+        );
+        r.register(
+            "store_operations",
+            "Store operations, by operation and result",
+            m.store_operations.clone(),
+        );
+        r.register(
+            "store_duration_seconds",
+            "Time per store operation",
+            m.store_duration.clone(),
+        );
+        r.register(
+            "open_connections",
+            "Open client connections",
+            m.open_connections.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn observe_request(&self, status: u16, elapsed: Duration) {
+        let class = format!("{}xx", status / 100);
+        self.requests.get_or_create(&Class { class }).inc();
+        self.request_duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// A store that counts and times every operation of the store it wraps.
+pub struct Metered {
+    pub inner: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Metered {
+    fn record<T, E>(&self, op: &str, started: Instant, result: &Result<T, E>) {
+        self.metrics
+            .store_duration
+            .observe(started.elapsed().as_secs_f64());
+        let result = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .store_operations
+            .get_or_create(&StoreOp {
+                op: op.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+}
+
+macro_rules! metered {
+    ($self:ident, $op:literal, $call:expr) => {{
+        let started = Instant::now();
+        let result = $call.await;
+        $self.record($op, started, &result);
+        result
+    }};
+}
+
+#[async_trait]
+impl Store for Metered {
+    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
+        metered!(self, "load", self.inner.load(key, now))
+    }
+    async fn load_versioned(
+        &self,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
+        metered!(self, "load", self.inner.load_versioned(key, now))
+    }
+    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
+        metered!(self, "create", self.inner.create(key, record))
+    }
+    async fn update(
+        &self,
+        key: &str,
+        seen: Option<(&Record, &[u8])>,
+        change: &Change,
+        new_key: Option<&str>,
+        now: Millis,
+        force_save: bool,
+    ) -> Result<Updated, UpdateError> {
+        metered!(
+            self,
+            "update",
+            self.inner
+                .update(key, seen, change, new_key, now, force_save)
+        )
+    }
+    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
+        metered!(self, "liveness", self.inner.liveness(key, now))
+    }
+    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
+        metered!(self, "touch", self.inner.touch(key, now))
+    }
+    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        metered!(self, "remove", self.inner.remove(key))
+    }
+    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
+        metered!(self, "subject_keys", self.inner.subject_keys(subject, now))
+    }
+    async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
+        let swept = metered!(self, "sweep", self.inner.sweep(now));
+        if let Ok(s) = &swept {
+            self.metrics.sessions_expired.inc_by(s.sessions as u64);
+        }
+        swept
+    }
+    async fn sync(&self) -> Result<(), StoreError> {
+        metered!(self, "sync", self.inner.sync())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        metered!(self, "ping", self.inner.ping())
+    }
+}

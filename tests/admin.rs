@@ -1,0 +1,293 @@
+//! CONTRACT §8: the admin listener — health, readiness, metrics, sessions by key, subjects, and
+//! the token rules — against a real running sidecar.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn admin_url(s: &Sidecar, path: &str) -> String {
+    format!("http://{}{}", s.admin, path)
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let s = sidecar("").await;
+    assert_eq!(
+        plain()
+            .get(admin_url(&s, "/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        plain()
+            .get(admin_url(&s, "/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    s.faulty
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = plain().get(admin_url(&s, "/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        plain()
+            .get(admin_url(&s, "/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "alive while the store is not"
+    );
+}
+
+#[tokio::test]
+async fn metrics_move_as_traffic_flows() {
+    let s = sidecar("").await;
+    let before = plain()
+        .get(admin_url(&s, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        before.contains("session_sidecar_open_connections"),
+        "{before}"
+    );
+    let b = browser();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    b.get(s.url("/"))
+        .header("x-test-reply", reply(&[("X-Session-Set", "{bad")]))
+        .send()
+        .await
+        .unwrap();
+    let text = plain()
+        .get(admin_url(&s, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "session_sidecar_requests_total{class=\"2xx\"} 2",
+        "session_sidecar_requests_total{class=\"5xx\"} 1",
+        "session_sidecar_sessions_created_total 1",
+        "session_sidecar_merges_total 1",
+        "session_sidecar_refusals_total{status=\"502\"} 1",
+        "session_sidecar_bad_upstream_headers_total{header=\"X-Session-Set\"} 1",
+        "session_sidecar_request_duration_seconds_count 3",
+        "session_sidecar_upstream_duration_seconds_count 3",
+        "session_sidecar_store_operations_total{op=\"create\",result=\"ok\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line} in:\n{text}");
+    }
+    assert!(
+        text.contains("session_sidecar_store_duration_seconds_bucket"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_session_can_be_shown_and_ended_by_key_or_cookie_value() {
+    let s = sidecar("[security]\nsecret_key = \"admin test secret\"").await;
+    let b = browser();
+    let r = b
+        .get(s.url("/"))
+        .header(
+            "x-test-reply",
+            reply(&[
+                ("X-Session-Set", r#"{"user":"ann"}"#),
+                ("X-Session-Subject", "ann"),
+            ]),
+        )
+        .send()
+        .await
+        .unwrap();
+    let cookie = cookie_value(&set_cookies(&r)[0]);
+    let keys: Value = plain()
+        .get(admin_url(&s, "/subjects/ann"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = keys["sessions"][0].as_str().unwrap().to_string();
+    for id in [&key, &cookie] {
+        let shown: Value = plain()
+            .get(admin_url(&s, &format!("/sessions/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(shown["data"], json!({"user": "ann"}));
+        assert_eq!(shown["subject"], json!("ann"));
+        for field in ["created", "last_activity", "expires"] {
+            assert!(
+                shown[field].as_str().unwrap().contains('T'),
+                "{field}: {shown}"
+            );
+        }
+    }
+    assert_eq!(
+        plain()
+            .get(admin_url(&s, &format!("/sessions/{}", "0".repeat(64))))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let del = plain()
+        .delete(admin_url(&s, &format!("/sessions/{key}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    assert_eq!(
+        plain()
+            .delete(admin_url(&s, &format!("/sessions/{key}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
+        "new"
+    );
+}
+
+#[tokio::test]
+async fn revoking_a_subject_ends_all_of_its_sessions() {
+    let s = sidecar("").await;
+    let browsers: Vec<_> = (0..3).map(|_| browser()).collect();
+    for b in &browsers {
+        b.get(s.url("/login"))
+            .header(
+                "x-test-reply",
+                reply(&[
+                    ("X-Session-Set", r#"{"u":1}"#),
+                    ("X-Session-Subject", "user-9"),
+                ]),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    let other = browser();
+    other
+        .get(s.url("/login"))
+        .header(
+            "x-test-reply",
+            reply(&[
+                ("X-Session-Set", r#"{"u":2}"#),
+                ("X-Session-Subject", "user-10"),
+            ]),
+        )
+        .send()
+        .await
+        .unwrap();
+    let listed: Value = plain()
+        .get(admin_url(&s, "/subjects/user-9"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["sessions"].as_array().unwrap().len(), 3);
+    let revoked: Value = plain()
+        .delete(admin_url(&s, "/subjects/user-9"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(revoked["revoked"], json!(3));
+    for b in &browsers {
+        assert_eq!(
+            seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
+            "new"
+        );
+    }
+    assert_eq!(
+        seen(other.get(s.url("/")).send().await.unwrap())
+            .await
+            .status(),
+        "existing"
+    );
+}
+
+#[tokio::test]
+async fn with_a_token_everything_but_health_needs_it() {
+    let s = sidecar("[admin]\nlisten = \"\"\ntoken = \"s3cret-token\"").await;
+    assert_eq!(
+        plain()
+            .get(admin_url(&s, "/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        plain()
+            .get(admin_url(&s, "/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("s3cret-token"),
+        Some("Bearer s3cret-tokenX"),
+    ] {
+        let mut req = plain().get(admin_url(&s, "/metrics"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{auth:?}");
+        assert_eq!(r.text().await.unwrap(), "unauthorized\n", "nothing leaked");
+    }
+    let r = plain()
+        .get(admin_url(&s, "/subjects/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let ok = plain()
+        .get(admin_url(&s, "/metrics"))
+        .header("authorization", "Bearer s3cret-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
