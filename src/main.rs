@@ -32,20 +32,70 @@ enum Command {
     CheckConfig,
     /// Remove expired sessions once and print how many (Django's clearsessions).
     ClearExpired,
+    /// Look at or end one session, through the running sidecar's admin listener.
+    Sessions {
+        #[command(subcommand)]
+        action: SessionAction,
+    },
+    /// List or revoke a subject's sessions ("log out everywhere"), through the admin listener.
+    Subjects {
+        #[command(subcommand)]
+        action: SubjectAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionAction {
+    /// Print the session's data and metadata as JSON.
+    Show { key: String },
+    /// End the session (as a logout).
+    Delete { key: String },
+}
+
+#[derive(Subcommand)]
+enum SubjectAction {
+    /// Print the keys of the subject's live sessions.
+    List { subject: String },
+    /// End all of them.
+    Revoke { subject: String },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    // The log format comes from the config when it can be read; errors reading it are reported
+    // by the command itself.
+    let json = Config::load(&cli.config).is_ok_and(|c| c.log_json);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(ansi && !json);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let result = match cli.command {
         Some(Command::CheckConfig) => check_config(&cli.config),
         Some(Command::ClearExpired) => clear_expired(&cli.config),
+        Some(Command::Sessions { action }) => match action {
+            SessionAction::Show { key } => {
+                admin_call(&cli.config, "GET", &format!("/sessions/{key}"))
+            }
+            SessionAction::Delete { key } => {
+                admin_call(&cli.config, "DELETE", &format!("/sessions/{key}"))
+            }
+        },
+        Some(Command::Subjects { action }) => match action {
+            SubjectAction::List { subject } => {
+                admin_call(&cli.config, "GET", &format!("/subjects/{subject}"))
+            }
+            SubjectAction::Revoke { subject } => {
+                admin_call(&cli.config, "DELETE", &format!("/subjects/{subject}"))
+            }
+        },
         None => serve(&cli.config),
     };
     match result {
@@ -106,6 +156,46 @@ fn clear_expired(path: &std::path::Path) -> anyhow::Result<()> {
         let swept = deps.store.sweep(deps.clock.now()).await?;
         deps.store.sync().await?;
         println!("removed {} expired session(s)", swept.sessions);
+        Ok(())
+    })
+}
+
+/// One request to the running sidecar's admin listener, with the token from the same config.
+fn admin_call(path: &std::path::Path, method: &str, endpoint: &str) -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let config = Config::load(path)?;
+    let addr = config
+        .admin
+        .listen
+        .context("the admin listener is off in this config (admin.listen = \"\")")?;
+    runtime()?.block_on(async move {
+        let client: Client<_, Full<bytes::Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{endpoint}"));
+        if let Some(token) = &config.admin.token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let resp = client
+            .request(req.body(Full::default())?)
+            .await
+            .with_context(|| {
+                format!("cannot reach the admin listener at {addr}: is the sidecar running?")
+            })?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        match status.as_u16() {
+            200 => println!("{}", text.trim_end()),
+            204 => println!("done"),
+            401 => anyhow::bail!("the admin listener refused the token (admin.token)"),
+            404 => anyhow::bail!("not found: {}", text.trim_end()),
+            other => anyhow::bail!("admin listener answered {other}: {}", text.trim_end()),
+        }
         Ok(())
     })
 }

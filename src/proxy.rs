@@ -21,6 +21,18 @@ use crate::session::store::{Liveness, Store, UpdateError, Updated};
 use crate::session::{Clock, Data, Millis, Policy, Record, id, json, seconds_until};
 use crate::upstream::Upstream;
 
+/// What the access log says about a request, gathered on the way.
+#[derive(Default)]
+struct Access {
+    /// The request carried our cookie, or the response sets or deletes it (`Vary: Cookie`).
+    carried: bool,
+    /// `new`, `existing`, or `-` on a skip path or before the session was looked at.
+    session: &'static str,
+    /// Data operations the upstream asked for.
+    ops: usize,
+    upstream_ms: f64,
+}
+
 /// What the response does with the browser's cookie.
 #[derive(Debug, PartialEq)]
 enum CookieAction {
@@ -86,10 +98,10 @@ impl Sidecar {
 
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = std::time::Instant::now();
-        let logged = tracing::enabled!(tracing::Level::DEBUG)
+        let logged = tracing::enabled!(target: "access", tracing::Level::INFO)
             .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let mut carried = false;
-        let result = self.proxy(req, peer, &mut carried).await;
+        let mut info = Access::default();
+        let result = self.proxy(req, peer, &mut info).await;
         let mut resp = result.unwrap_or_else(|e| {
             if let ProxyError::BadHeader(b) = &e {
                 let header = b.header.clone();
@@ -107,16 +119,22 @@ impl Sidecar {
         });
         self.metrics
             .observe_request(resp.status().as_u16(), started.elapsed());
-        if carried && !varies_on_cookie(resp.headers()) {
+        if info.carried && !varies_on_cookie(resp.headers()) {
             resp.headers_mut()
                 .append(VARY, HeaderValue::from_static("Cookie"));
         }
         if let Some((method, path)) = logged {
-            tracing::debug!(
+            // The path without the query string: queries often carry secrets.
+            tracing::info!(
+                target: "access",
                 %method,
                 path,
                 status = resp.status().as_u16(),
+                bytes = hyper::body::Body::size_hint(resp.body()).exact(),
                 latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+                upstream_ms = info.upstream_ms,
+                session = info.session,
+                ops = info.ops,
                 "request"
             );
         }
@@ -127,7 +145,7 @@ impl Sidecar {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        carried: &mut bool,
+        info: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
         self.check_head(&req)?;
         let mut req = req;
@@ -143,7 +161,7 @@ impl Sidecar {
             .skip_paths
             .iter()
             .any(|p| parts.uri.path().starts_with(p.as_str()));
-        *carried = presented.carried && !skip;
+        info.carried = presented.carried && !skip;
         headers::take_ours(&mut parts.headers, prefix);
         let upgrade = client_upgrade.is_some();
         let host = parts
@@ -167,7 +185,11 @@ impl Sidecar {
 
         if skip {
             let (mut rparts, rbody, upgrades) = self
-                .forward(Request::from_parts(parts, body), client_upgrade)
+                .forward(
+                    Request::from_parts(parts, body),
+                    client_upgrade,
+                    &mut info.upstream_ms,
+                )
                 .await?;
             let taken = headers::take_ours(&mut rparts.headers, prefix);
             if !taken.is_empty() {
@@ -198,6 +220,7 @@ impl Sidecar {
             Some((_, r, _)) => ("existing", self.expiry_age(r, now)),
             None => ("new", self.policy.new_session_age()),
         };
+        info.session = status;
         h.insert(&self.names.status, HeaderValue::from_static(status));
         h.insert(&self.names.expiry_age, HeaderValue::from(age));
         if self.config.expose_id
@@ -207,7 +230,11 @@ impl Sidecar {
         }
 
         let (mut rparts, rbody, upgrades) = self
-            .forward(Request::from_parts(parts, body), client_upgrade)
+            .forward(
+                Request::from_parts(parts, body),
+                client_upgrade,
+                &mut info.upstream_ms,
+            )
             .await?;
         let taken = headers::take_ours(&mut rparts.headers, prefix);
         if rparts.status.is_server_error() {
@@ -220,6 +247,7 @@ impl Sidecar {
             return Ok(finish(rparts, rbody, upgrades));
         }
         let (change, unknown) = headers::parse_changes(&taken, prefix, snapshot)?;
+        info.ops = change.ops.len();
         for name in unknown {
             tracing::warn!(
                 header = name,
@@ -258,7 +286,7 @@ impl Sidecar {
                 h.append(SET_COOKIE, self.cookie.removal());
             }
         }
-        *carried = true; // sets or deletes the cookie: Vary either way
+        info.carried = true; // sets or deletes the cookie: Vary either way
         Ok(resp)
     }
 
@@ -431,6 +459,7 @@ impl Sidecar {
         &self,
         req: Request<Incoming>,
         client_upgrade: Option<OnUpgrade>,
+        upstream_ms: &mut f64,
     ) -> Result<
         (
             http::response::Parts,
@@ -441,9 +470,9 @@ impl Sidecar {
     > {
         let started = std::time::Instant::now();
         let sent = self.upstream.send(req).await;
-        self.metrics
-            .upstream_duration
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed().as_secs_f64();
+        self.metrics.upstream_duration.observe(elapsed);
+        *upstream_ms = elapsed * 1000.0;
         let mut resp = sent?;
         let upgrades = match client_upgrade {
             Some(c) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {

@@ -337,6 +337,8 @@ fn start_with(mut cmd: Command) -> Proc {
             let Ok(line) = line else { break };
             if let Some(rest) = line.split("listen=").nth(1) {
                 let _ = tx.send(rest.split_whitespace().next().unwrap().to_string());
+            } else if let Some(rest) = line.split("\"listen\":\"").nth(1) {
+                let _ = tx.send(rest.split('"').next().unwrap().to_string());
             }
             log2.lock().unwrap().push_str(&line);
             log2.lock().unwrap().push('\n');
@@ -473,4 +475,79 @@ fn an_admin_listener_that_cannot_bind_stops_the_start_naming_it() {
     let (ok, out) = run_cli(&["--config", cfg.to_str().unwrap()], &[]);
     assert!(!ok);
     assert!(out.contains("admin.listen"), "{out}");
+}
+
+#[tokio::test]
+async fn the_cli_shows_and_ends_sessions_through_the_admin_listener() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = dir.path().join("sidecar.toml");
+    let write = |token: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:0\"\nupstream = \"http://{app}\"\n[store]\npath = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{token}\"\n",
+                dir.path().join("sessions").display().to_string()
+            ),
+        )
+        .unwrap()
+    };
+    write("cli-token");
+    let cfg = path.to_str().unwrap().to_string();
+    let (ok, out) = run_cli(&["subjects", "list", "u1", "--config", &cfg], &[]);
+    assert!(!ok && out.contains("is the sidecar running?"), "{out}");
+    let p = start(&path);
+    let b = browser();
+    b.get(p.url("/"))
+        .header(
+            "x-test-reply",
+            reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Subject", "u1")]),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (ok, out) = run_cli(&["subjects", "list", "u1", "--config", &cfg], &[]);
+    assert!(ok, "{out}");
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let key = listed["sessions"][0].as_str().unwrap().to_string();
+    let (ok, out) = run_cli(&["sessions", "show", &key, "--config", &cfg], &[]);
+    assert!(ok && out.contains("\"a\":1"), "{out}");
+    let (ok, out) = run_cli(&["subjects", "revoke", "u1", "--config", &cfg], &[]);
+    assert!(ok && out.contains("\"revoked\":1"), "{out}");
+    let (ok, out) = run_cli(&["sessions", "delete", &key, "--config", &cfg], &[]);
+    assert!(!ok && out.contains("not found"), "{out}");
+    write("wrong-token");
+    let (ok, out) = run_cli(&["subjects", "list", "u1", "--config", &cfg], &[]);
+    assert!(!ok && out.contains("refused the token"), "{out}");
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+}
+
+#[tokio::test]
+async fn one_access_log_event_per_request_in_json_without_the_query() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), app, "log_format = \"json\"");
+    let p = start(&config);
+    plain().get(p.url("/shop/cart?token=query-secret")).header("x-test-incr", "n").send().await.unwrap();
+    p.signal("-TERM");
+    let (_, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
+    let access: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .collect();
+    assert_eq!(access.len(), 1, "{log}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["path"], "/shop/cart");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["session"], "new");
+    assert_eq!(f["ops"], 1);
+    assert!(f["latency_ms"].as_f64().is_some() && f["upstream_ms"].as_f64().is_some(), "{f}");
+    assert!(!log.contains("query-secret"), "{log}");
 }

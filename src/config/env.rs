@@ -27,6 +27,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("", "max_headers", Kind::Int),
     ("", "header_read_timeout", Kind::Int),
     ("", "max_connections", Kind::Int),
+    ("", "log_format", Kind::Str),
     ("cookie", "name", Kind::Str),
     ("cookie", "path", Kind::Str),
     ("cookie", "domain", Kind::Str),

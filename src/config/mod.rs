@@ -125,6 +125,8 @@ pub struct Config {
     /// Time a client has to send a complete request head (slowloris defence).
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// One JSON object per log line instead of text.
+    pub log_json: bool,
     pub cookie: CookieConfig,
     pub expiry: ExpiryConfig,
     pub store: StoreConfig,

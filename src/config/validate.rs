@@ -107,6 +107,16 @@ impl RawConfig {
             max_headers: self.max_headers,
             header_read_timeout: secs("header_read_timeout", self.header_read_timeout, false)?,
             max_connections: self.max_connections,
+            log_json: match self.log_format.as_str() {
+                "text" => false,
+                "json" => true,
+                other => {
+                    return Err(invalid(
+                        "log_format",
+                        format!("{other:?} is not one of \"text\", \"json\""),
+                    ));
+                }
+            },
             cookie,
             expiry,
             store,
