@@ -534,7 +534,12 @@ async fn one_access_log_event_per_request_in_json_without_the_query() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), app, "log_format = \"json\"");
     let p = start(&config);
-    plain().get(p.url("/shop/cart?token=query-secret")).header("x-test-incr", "n").send().await.unwrap();
+    plain()
+        .get(p.url("/shop/cart?token=query-secret"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
     p.signal("-TERM");
     let (_, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
     let access: Vec<serde_json::Value> = log
@@ -548,6 +553,9 @@ async fn one_access_log_event_per_request_in_json_without_the_query() {
     assert_eq!(f["status"], 200);
     assert_eq!(f["session"], "new");
     assert_eq!(f["ops"], 1);
-    assert!(f["latency_ms"].as_f64().is_some() && f["upstream_ms"].as_f64().is_some(), "{f}");
+    assert!(
+        f["latency_ms"].as_f64().is_some() && f["upstream_ms"].as_f64().is_some(),
+        "{f}"
+    );
     assert!(!log.contains("query-secret"), "{log}");
 }
