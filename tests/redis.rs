@@ -271,3 +271,169 @@ async fn a_redis_slower_than_the_command_timeout_is_a_503_not_a_hang() {
         "answered within the timeout, not after the stall"
     );
 }
+
+/// A redis-server that speaks TLS only, with a certificate from a throwaway CA (openssl).
+struct TlsRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_redis() -> Option<TlsRedis> {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+    };
+    if !matches!(run(&["version"]), Ok(true)) {
+        eprintln!("SKIPPED: openssl is not installed; it makes the test certificates");
+        return None;
+    }
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for args in [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test CA",
+        ][..],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    ] {
+        assert!(run(args).unwrap(), "openssl {args:?}");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = match std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            "server.pem",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+        ])
+        .args([
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED: redis-server is not installed ({e})");
+            return None;
+        }
+    };
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(TlsRedis { port, dir, child });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("TLS redis-server did not start");
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_serves_sessions_and_an_untrusted_certificate_is_refused() {
+    let Some(redis) = tls_redis() else { return };
+    let ca = redis.dir.path().join("ca.pem");
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let app = start_app(echo).await;
+    let store = format!(
+        "[store]\nbackend = \"redis\"\nurl = \"{url}\"\ntls_ca_file = {:?}\n",
+        ca.display().to_string()
+    );
+    let s = sidecar_for(app, &store).await;
+    let b = browser();
+    b.get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let seen = seen(
+        b.get(s.url("/"))
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen.session(), json!({"n": 1}));
+    // Without the CA the server's certificate is not trusted: the store does not open.
+    let cfg = session_sidecar::Config::from_toml(&format!(
+        "[store]\nbackend = \"redis\"\nurl = \"{url}\"\nconnect_timeout = 2"
+    ))
+    .unwrap();
+    let err = match session_sidecar::Deps::open(&cfg).await {
+        Ok(_) => panic!("an untrusted certificate was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("cannot open the session store"), "{err}");
+}

@@ -48,6 +48,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("store", "key_prefix", Kind::Str),
     ("store", "connect_timeout", Kind::Int),
     ("store", "command_timeout", Kind::Int),
+    ("store", "tls_ca_file", Kind::Str),
     ("security", "secret_key", Kind::Str),
     ("security", "secret_key_fallbacks", Kind::List),
     ("admin", "listen", Kind::Str),

@@ -97,6 +97,7 @@ pub struct RedisConfig {
     pub key_prefix: String,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

@@ -86,6 +86,9 @@ pub struct RawStore {
     pub connect_timeout: u64,
     /// Redis: seconds to wait for one command's answer before the request gets 503.
     pub command_timeout: u64,
+    /// Redis over TLS: a PEM file of the CA that signed the server's certificate, when it is not
+    /// in the public web PKI (a private CA). Absent: the public roots.
+    pub tls_ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -165,6 +168,7 @@ impl Default for RawStore {
             key_prefix: DEFAULT_REDIS_PREFIX.into(),
             connect_timeout: 5,
             command_timeout: 2,
+            tls_ca_file: None,
         }
     }
 }

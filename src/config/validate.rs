@@ -220,10 +220,10 @@ impl RawStore {
                         "must be redis://host:port/db or rediss://host:port/db",
                     ));
                 }
-                if scheme == "rediss" {
+                if self.tls_ca_file.is_some() && scheme != "rediss" {
                     return Err(invalid(
-                        "store.url",
-                        "rediss:// (TLS) is not built into this version yet; use redis:// on a trusted network",
+                        "store.tls_ca_file",
+                        "only applies to a rediss:// (TLS) url",
                     ));
                 }
                 if self.key_prefix.is_empty() {
@@ -234,6 +234,7 @@ impl RawStore {
                     key_prefix: self.key_prefix,
                     connect_timeout: secs("store.connect_timeout", self.connect_timeout, false)?,
                     command_timeout: secs("store.command_timeout", self.command_timeout, false)?,
+                    tls_ca_file: self.tls_ca_file.map(PathBuf::from),
                 })
             }
             other => {

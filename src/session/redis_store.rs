@@ -154,7 +154,24 @@ impl RedisStore {
             path: redact(&cfg.url),
             reason,
         };
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| open(e.to_string()))?;
+        if cfg.url.starts_with("rediss://") {
+            // rustls needs one crypto provider for the process; ring is the one built in.
+            // Installing twice (a second store, tests) is harmless.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = match &cfg.tls_ca_file {
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| open(format!("store.tls_ca_file {}: {e}", ca.display())))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(cfg.url.as_str(), certs)
+            }
+            None => redis::Client::open(cfg.url.as_str()),
+        }
+        .map_err(|e| open(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(Some(cfg.command_timeout))
