@@ -7,8 +7,9 @@ use serde_json::{Value, json};
 
 const N: usize = 48;
 
-#[tokio::test]
-async fn concurrent_requests_setting_their_own_keys_lose_none() {
+/// Starts a session, then sends N overlapping requests on it, request `i` carrying the header
+/// `header(i)` that makes the app store key `k{i}`; returns the session afterwards.
+async fn n_overlapping_writes(header: impl Fn(usize) -> (&'static str, String)) -> Value {
     let s = sidecar("").await;
     let b = browser();
     b.get(s.url("/"))
@@ -21,27 +22,31 @@ async fn concurrent_requests_setting_their_own_keys_lose_none() {
         .unwrap();
     let tasks: Vec<_> = (0..N)
         .map(|i| {
-            let b = b.clone();
-            let url = s.url("/");
+            let (name, value) = header(i);
+            let req = b
+                .get(s.url("/"))
+                .header("x-test-delay-ms", "50")
+                .header(name, value);
             tokio::spawn(async move {
-                let set = format!(r#"{{"k{i}":{i}}}"#);
-                let resp = b
-                    .get(url)
-                    .header("x-test-delay-ms", "50")
-                    .header("x-test-reply", reply(&[("X-Session-Set", &set)]))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 200);
+                assert_eq!(req.send().await.unwrap().status(), 200);
             })
         })
         .collect();
     for t in tasks {
         t.await.unwrap();
     }
-    let data = seen(b.get(s.url("/")).send().await.unwrap())
+    seen(b.get(s.url("/")).send().await.unwrap())
         .await
-        .session();
+        .session()
+}
+
+#[tokio::test]
+async fn concurrent_requests_setting_their_own_keys_lose_none() {
+    let data = n_overlapping_writes(|i| {
+        let set = format!(r#"{{"k{i}":{i}}}"#);
+        ("x-test-reply", reply(&[("X-Session-Set", &set)]))
+    })
+    .await;
     assert_eq!(data.as_object().unwrap().len(), N + 1, "{data}");
     for i in 0..N {
         assert_eq!(data[format!("k{i}")], json!(i));
@@ -50,42 +55,13 @@ async fn concurrent_requests_setting_their_own_keys_lose_none() {
 
 #[tokio::test]
 async fn concurrent_full_session_echoes_lose_none() {
-    let s = sidecar("").await;
-    let b = browser();
-    b.get(s.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[("X-Session-Set", r#"{"start":0}"#)]),
-        )
-        .send()
-        .await
-        .unwrap();
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let b = b.clone();
-            let url = s.url("/");
-            tokio::spawn(async move {
-                // Each answers the whole dictionary it was sent plus its own key, as a
-                // Django-style app that saves the full session would.
-                let add = format!(r#"{{"k{i}":{i}}}"#);
-                let resp = b
-                    .get(url)
-                    .header("x-test-delay-ms", "50")
-                    .header("x-test-full-set", add)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 200);
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let data = seen(b.get(s.url("/")).send().await.unwrap())
-        .await
-        .session();
+    // Each answers the whole dictionary it was sent plus its own key, as a Django-style app
+    // that saves the full session would.
+    let data = n_overlapping_writes(|i| ("x-test-full-set", format!(r#"{{"k{i}":{i}}}"#))).await;
     assert_eq!(data.as_object().unwrap().len(), N + 1, "{data}");
+    for i in 0..N {
+        assert_eq!(data[format!("k{i}")], json!(i));
+    }
 }
 
 #[tokio::test]
