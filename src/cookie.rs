@@ -53,44 +53,60 @@ impl SessionCookie {
         &self.config.name
     }
 
-    /// Removes our cookie from the request's `Cookie` headers (other cookies pass as they were)
-    /// and says what it held.
-    pub fn take(&self, headers: &mut HeaderMap) -> Presented {
-        let mut presented = Presented::default();
-        let name = self.config.name.as_str();
-        let ours = |pair: &str| pair.split_once('=').map_or(pair, |(n, _)| n).trim() == name;
-        if !headers
+    /// Whether the request carries a cookie with our name (before [`take`](Self::take)).
+    pub fn carried(&self, headers: &HeaderMap) -> bool {
+        let name = self.config.name.as_bytes();
+        headers
             .get_all(COOKIE)
             .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.split(';').any(&ours)))
-        {
+            .any(|v| pairs(v.as_bytes()).any(|(n, _, _)| n == name))
+    }
+
+    /// Removes our cookie from the request's `Cookie` headers and says what it held. The other
+    /// cookies pass byte for byte, whatever bytes they hold (a page script may set `theme=été`),
+    /// joined into one `Cookie` header as an HTTP/1.1 upstream expects (RFC 9113 §8.2.3).
+    pub fn take(&self, headers: &mut HeaderMap) -> Presented {
+        let mut presented = Presented::default();
+        let name = self.config.name.as_bytes();
+        let count = headers.get_all(COOKIE).iter().count();
+        if count == 0 || (count == 1 && !self.carried(headers)) {
             return presented;
         }
-        let mut kept: Vec<String> = Vec::new();
+        let mut kept: Vec<u8> = Vec::new();
         for value in headers.get_all(COOKIE) {
-            let Ok(text) = value.to_str() else { continue };
-            for pair in text.split(';') {
-                if ours(pair) {
+            for (n, v, piece) in pairs(value.as_bytes()) {
+                if n == name {
                     presented.carried = true;
-                    let raw = pair.split_once('=').map_or("", |(_, v)| v).trim();
                     if presented.keys.len() < MAX_CANDIDATES
+                        && let Ok(raw) = std::str::from_utf8(v)
                         && let Some(key) = self.verify(raw.trim_matches('"'))
                         && !presented.keys.contains(&key)
                     {
                         presented.keys.push(key);
                     }
-                } else if !pair.trim().is_empty() {
-                    kept.push(pair.trim().to_string());
+                } else {
+                    if !kept.is_empty() {
+                        kept.extend_from_slice(b"; ");
+                    }
+                    kept.extend_from_slice(piece);
                 }
             }
         }
         headers.remove(COOKIE);
         if !kept.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+            && let Ok(v) = HeaderValue::from_bytes(&kept)
         {
             headers.insert(COOKIE, v);
         }
         presented
+    }
+
+    /// Whether an upstream `Set-Cookie` value sets or deletes a cookie of our name.
+    pub fn is_ours_set_cookie(&self, value: &HeaderValue) -> bool {
+        let bytes = value.as_bytes();
+        let first = bytes.split(|&b| b == b';').next().unwrap_or(bytes);
+        let name = first.split(|&b| b == b'=').next().unwrap_or(first);
+        name.trim_ascii() == self.config.name.as_bytes()
     }
 
     /// The session key inside a cookie value, if it verifies.
@@ -159,6 +175,19 @@ impl SessionCookie {
         });
         c
     }
+}
+
+/// The `name=value` pieces of a `Cookie` header as bytes, trimmed, empty pieces skipped:
+/// `(name, value, piece)`.
+fn pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8], &[u8])> {
+    header
+        .split(|&b| b == b';')
+        .map(<[u8]>::trim_ascii)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.iter().position(|&b| b == b'=') {
+            Some(i) => (p[..i].trim_ascii(), p[i + 1..].trim_ascii(), p),
+            None => (p, &p[p.len()..], p),
+        })
 }
 
 fn at(now: Millis) -> OffsetDateTime {

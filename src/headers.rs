@@ -9,8 +9,9 @@ use crate::session::changes::{Change, Op, diff};
 use crate::session::{Data, ExpiryMode};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded; names listed in `Connection` join them.
-pub static HOP_BY_HOP: [&str; 8] = [
+pub static HOP_BY_HOP: [&str; 9] = [
     "connection",
+    "http2-settings",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
@@ -23,6 +24,8 @@ pub static HOP_BY_HOP: [&str; 8] = [
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Other spellings of "who the client is" that only a trusted proxy in front may set.
+pub static UNTRUSTED_FORWARDING: [&str; 2] = ["forwarded", "x-real-ip"];
 
 /// Removes hop-by-hop headers. For an upgrade (WebSocket) the `Upgrade` header and
 /// `Connection: upgrade` are kept, because the next hop must see them to switch protocols.
@@ -49,14 +52,50 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Whether `name` (lower-case, as `HeaderName` keeps it) belongs to the sidecar.
+/// How a header name relates to the sidecar's prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ours<'a> {
+    /// Not the sidecar's.
+    No,
+    /// The dashed spelling, e.g. `x-session-set`: the suffix (`""`, `"-set"`, ...).
+    Dashed(&'a str),
+    /// Another spelling CGI, WSGI and PHP read as the same name (`x_session_set`): stripped,
+    /// never applied.
+    Other,
+}
+
+/// Whether `name` (lower-case, as `HeaderName` keeps it) belongs to the sidecar, comparing as
+/// CGI does: `_` reads as `-` (CONTRACT: spellings).
+pub fn ours<'a>(name: &'a str, prefix: &str) -> Ours<'a> {
+    let (n, p) = (name.as_bytes(), prefix.as_bytes());
+    if n.len() < p.len() {
+        return Ours::No;
+    }
+    let same = |a: u8, b: u8| a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_'));
+    if !n.iter().zip(p).all(|(&a, &b)| same(a, b)) {
+        return Ours::No;
+    }
+    let rest = &name[p.len()..];
+    if !(rest.is_empty() || rest.starts_with(['-', '_'])) {
+        return Ours::No;
+    }
+    if &n[..p.len()] == p && !rest.contains('_') {
+        Ours::Dashed(rest)
+    } else {
+        Ours::Other
+    }
+}
+
+/// Whether `name` belongs to the sidecar in any spelling.
 pub fn is_ours(name: &str, prefix: &str) -> bool {
-    name.strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+    ours(name, prefix) != Ours::No
 }
 
 /// Removes every header that belongs to the sidecar and returns them in order.
 pub fn take_ours(headers: &mut HeaderMap, prefix: &str) -> Vec<(HeaderName, HeaderValue)> {
+    if !headers.keys().any(|n| is_ours(n.as_str(), prefix)) {
+        return Vec::new();
+    }
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|n| is_ours(n.as_str(), prefix))
@@ -70,6 +109,26 @@ pub fn take_ours(headers: &mut HeaderMap, prefix: &str) -> Vec<(HeaderName, Head
         headers.remove(&name);
     }
     taken
+}
+
+/// The protocols of an `Upgrade` request, if the sidecar vouches for every one of them
+/// (`allowed` holds lower-case names, e.g. `websocket`). Anything else, `h2c` above all, must go
+/// upstream as a plain request: a spliced connection would carry later requests unscrubbed.
+pub fn vouched_upgrade(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let mut any = false;
+    for value in headers.get_all(UPGRADE) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for proto in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let name = proto.split('/').next().unwrap_or("").trim();
+            if !allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
 }
 
 /// Appends the peer to `X-Forwarded-For` and sets `X-Forwarded-Proto/-Host` unless a trusted
@@ -86,6 +145,11 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>, 
     let _ = write!(chain, "{peer}");
     if let Ok(v) = HeaderValue::from_str(&chain) {
         headers.insert(&X_FORWARDED_FOR, v);
+    }
+    if !trust {
+        for name in UNTRUSTED_FORWARDING {
+            headers.remove(name);
+        }
     }
     if !(trust && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -127,7 +191,7 @@ pub fn display_name(name: &str) -> String {
 ///
 /// `snapshot` is what the upstream was sent; a full `X-Session` is diffed against it (or against
 /// an empty session when the same response flushes). Returns the names of unknown headers too,
-/// for the caller to log.
+/// and of other spellings (`X_Session_Set`), which are never applied, for the caller to log.
 pub fn parse_changes(
     taken: &[(HeaderName, HeaderValue)],
     prefix: &str,
@@ -139,8 +203,15 @@ pub fn parse_changes(
         header: display_name(name.as_str()),
         problem,
     };
+    let mut dashed = Vec::with_capacity(taken.len());
     for (name, value) in taken {
-        match &name.as_str()[prefix.len()..] {
+        match ours(name.as_str(), prefix) {
+            Ours::Dashed(suffix) => dashed.push((name, suffix, value)),
+            _ => unknown.push(name.as_str().to_string()),
+        }
+    }
+    for &(name, suffix, value) in &dashed {
+        match suffix {
             "-flush" => change.flush |= flag(value).map_err(|p| bad(name, p))?,
             "-cycle" => change.cycle |= flag(value).map_err(|p| bad(name, p))?,
             _ => {}
@@ -148,8 +219,8 @@ pub fn parse_changes(
     }
     let empty = Data::new();
     let baseline = if change.flush { &empty } else { snapshot };
-    for (name, value) in taken {
-        match &name.as_str()[prefix.len()..] {
+    for &(name, suffix, value) in &dashed {
+        match suffix {
             "" => {
                 let full = object(value).map_err(|p| bad(name, p))?;
                 change.ops.extend(diff(baseline, &full));

@@ -12,13 +12,13 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use crate::config::Config;
-use crate::cookie::{Presented, SessionCookie};
+use crate::cookie::SessionCookie;
 use crate::error::{Body, ProxyError};
-use crate::headers;
+use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
-use crate::session::changes::{self, Change};
-use crate::session::store::{Liveness, Store, UpdateError, Updated};
-use crate::session::{Clock, Data, Millis, Policy, Record, id, json, seconds_until};
+use crate::session::sessions::{CookieOp, Outcome, Refused, Sessions};
+use crate::session::store::Store;
+use crate::session::{Clock, Policy, json};
 use crate::upstream::Upstream;
 
 /// What the access log says about a request, gathered on the way.
@@ -33,14 +33,6 @@ struct Access {
     upstream_ms: f64,
 }
 
-/// What the response does with the browser's cookie.
-#[derive(Debug, PartialEq)]
-enum CookieAction {
-    Keep,
-    Set(String, Option<u64>),
-    Remove,
-}
-
 /// The request headers the sidecar adds, named with the configured prefix.
 struct Names {
     data: HeaderName,
@@ -51,9 +43,8 @@ struct Names {
 
 pub struct Sidecar {
     config: Arc<Config>,
-    store: Arc<dyn Store>,
+    sessions: Sessions,
     clock: Arc<dyn Clock>,
-    policy: Arc<Policy>,
     cookie: SessionCookie,
     upstream: Upstream,
     names: Names,
@@ -87,10 +78,9 @@ impl Sidecar {
                 &config.secret_key_fallbacks,
             ),
             upstream: Upstream::new(config.upstream.clone(), config.upstream_timeout),
+            sessions: Sessions::new(store, policy, config.max_session_bytes),
             config,
-            store,
             clock,
-            policy,
             names,
             metrics,
         }
@@ -147,23 +137,25 @@ impl Sidecar {
         peer: SocketAddr,
         info: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
-        self.check_head(&req)?;
-        let mut req = req;
-        let client_upgrade = req
-            .headers()
-            .contains_key(UPGRADE)
-            .then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        let prefix = self.config.header_prefix.as_str();
-        let presented = self.cookie.take(&mut parts.headers);
         let skip = self
             .config
             .skip_paths
             .iter()
-            .any(|p| parts.uri.path().starts_with(p.as_str()));
-        info.carried = presented.carried && !skip;
+            .any(|p| req.uri().path().starts_with(p.as_str()));
+        // Known before anything can fail, so that every answer to a cookie-carrying request,
+        // the sidecar's own 431 included, says `Vary: Cookie`.
+        info.carried = !skip && self.cookie.carried(req.headers());
+        self.check_head(&req)?;
+        let mut req = req;
+        let upgrade = headers::vouched_upgrade(req.headers(), &self.config.upgrades);
+        if req.headers().contains_key(UPGRADE) && !upgrade {
+            tracing::debug!("an upgrade the sidecar does not vouch for goes up as a plain request");
+        }
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let prefix = self.config.header_prefix.as_str();
+        let presented = self.cookie.take(&mut parts.headers);
         headers::take_ours(&mut parts.headers, prefix);
-        let upgrade = client_upgrade.is_some();
         let host = parts
             .headers
             .get(HOST)
@@ -198,33 +190,34 @@ impl Sidecar {
                     "ignored session headers from the upstream on a skip path"
                 );
             }
+            self.drop_our_set_cookie(&mut rparts.headers);
             return Ok(finish(rparts, rbody, upgrades));
         }
 
         let now = self.clock.now();
-        let mut loaded = None;
-        for key in &presented.keys {
-            if let Some((r, version)) = self.store.load_versioned(key, now).await? {
-                loaded = Some((key.clone(), r, version));
-                break;
-            }
-        }
-        let empty = Data::new();
-        let snapshot = loaded.as_ref().map_or(&empty, |(_, r, _)| &r.data);
+        let loaded = self
+            .sessions
+            .open(&presented.keys, presented.carried, now)
+            .await?;
         let h = &mut parts.headers;
         h.insert(
             &self.names.data,
-            HeaderValue::from_str(&json::encode_ascii(snapshot)).expect("ASCII JSON"),
+            HeaderValue::from_str(&json::encode_ascii(loaded.data()))
+                .expect("the encoder writes visible ASCII only"),
         );
-        let (status, age) = match &loaded {
-            Some((_, r, _)) => ("existing", self.expiry_age(r, now)),
-            None => ("new", self.policy.new_session_age()),
+        let status = if loaded.is_existing() {
+            "existing"
+        } else {
+            "new"
         };
         info.session = status;
         h.insert(&self.names.status, HeaderValue::from_static(status));
-        h.insert(&self.names.expiry_age, HeaderValue::from(age));
+        h.insert(
+            &self.names.expiry_age,
+            HeaderValue::from(self.sessions.expiry_age(&loaded, now)),
+        );
         if self.config.expose_id
-            && let Some((key, _, _)) = &loaded
+            && let Some(key) = loaded.key()
         {
             h.insert(&self.names.id, HeaderValue::from_str(key).expect("hex key"));
         }
@@ -237,6 +230,7 @@ impl Sidecar {
             )
             .await?;
         let taken = headers::take_ours(&mut rparts.headers, prefix);
+        self.drop_our_set_cookie(&mut rparts.headers);
         if rparts.status.is_server_error() {
             if !taken.is_empty() {
                 tracing::warn!(
@@ -244,50 +238,105 @@ impl Sidecar {
                     "upstream answered 5xx: its session headers were ignored"
                 );
             }
+            self.sessions.activity(&loaded, self.clock.now()).await;
             return Ok(finish(rparts, rbody, upgrades));
         }
-        let (change, unknown) = headers::parse_changes(&taken, prefix, snapshot)?;
+        let (change, unknown) = match headers::parse_changes(&taken, prefix, loaded.data()) {
+            Ok(parsed) => parsed,
+            Err(bad) => {
+                self.sessions.activity(&loaded, self.clock.now()).await;
+                return Err(bad.into());
+            }
+        };
         info.ops = change.ops.len();
         for name in unknown {
             tracing::warn!(
                 header = name,
-                "ignored an unknown session header from the upstream"
+                "ignored a session header from the upstream (unknown name or spelling)"
             );
         }
         // The changes land against the store as it is now, not as it was when the request came
         // in: a session that expired meanwhile must not be revived.
         let now = self.clock.now();
-        let action = match self.apply(loaded, &presented, &change, now).await {
+        let outcome = match self.sessions.commit(loaded, &change, now).await {
+            Ok(outcome) => outcome,
+            Err(Refused::Ended) => return Err(ProxyError::SessionEnded),
+            Err(Refused::Store(e)) => return Err(e.into()),
             // Name the headers that carried the oversized data, as for any bad change header.
-            Err(ProxyError::TooLarge(t)) => {
-                let names: Vec<String> = taken
+            Err(Refused::TooLarge(t)) => {
+                let names: std::collections::BTreeSet<String> = taken
                     .iter()
                     .map(|(n, _)| n.as_str())
-                    .filter(|n| matches!(&n[prefix.len()..], "" | "-set" | "-delete"))
+                    .filter(|n| {
+                        matches!(
+                            headers::ours(n, prefix),
+                            Ours::Dashed("" | "-set" | "-delete")
+                        )
+                    })
                     .map(headers::display_name)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
                     .collect();
                 return Err(ProxyError::BadHeader(headers::BadHeader {
-                    header: names.join(", "),
+                    header: names.into_iter().collect::<Vec<_>>().join(", "),
                     problem: t.to_string(),
                 }));
             }
-            other => other?,
         };
+        self.count(&outcome);
         let mut resp = finish(rparts, rbody, upgrades);
         let h = resp.headers_mut();
-        match action {
-            CookieAction::Keep => return Ok(resp),
-            CookieAction::Set(key, max_age) => {
+        match outcome.cookie {
+            CookieOp::Keep => return Ok(resp),
+            CookieOp::Set { key, max_age } => {
                 h.append(SET_COOKIE, self.cookie.set(&key, max_age, now));
             }
-            CookieAction::Remove => {
+            CookieOp::Remove => {
                 h.append(SET_COOKIE, self.cookie.removal());
             }
         }
         info.carried = true; // sets or deletes the cookie: Vary either way
         Ok(resp)
+    }
+
+    fn count(&self, outcome: &Outcome) {
+        let m = &self.metrics;
+        if outcome.created {
+            m.sessions_created.inc();
+        }
+        if outcome.flushed {
+            m.sessions_flushed.inc();
+        }
+        if outcome.cycled {
+            m.sessions_cycled.inc();
+        }
+        if outcome.merged {
+            m.merges.inc();
+        }
+    }
+
+    /// The session cookie's name belongs to the sidecar: an upstream `Set-Cookie` for it would
+    /// overwrite or delete the visitor's session in the browser.
+    fn drop_our_set_cookie(&self, headers: &mut http::HeaderMap) {
+        if !headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .any(|v| self.cookie.is_ours_set_cookie(v))
+        {
+            return;
+        }
+        let kept: Vec<HeaderValue> = headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter(|v| !self.cookie.is_ours_set_cookie(v))
+            .cloned()
+            .collect();
+        headers.remove(SET_COOKIE);
+        for v in kept {
+            headers.append(SET_COOKIE, v);
+        }
+        tracing::warn!(
+            cookie = self.cookie.name(),
+            "dropped the upstream's Set-Cookie for the session cookie's name"
+        );
     }
 
     /// The configured limits on the request head (431 beyond them).
@@ -315,143 +364,6 @@ impl Sidecar {
             )));
         }
         Ok(())
-    }
-
-    /// Whole seconds left for a loaded session, counting this request as activity.
-    fn expiry_age(&self, r: &Record, now: Millis) -> u64 {
-        let accessed = if self.policy.touch_due(r, now) {
-            now
-        } else {
-            r.accessed
-        };
-        seconds_until(self.policy.deadline_if_accessed(r, accessed), now)
-    }
-
-    fn cookie_for(&self, key: String, record: &Record, now: Millis) -> CookieAction {
-        let max_age = (!self.policy.browser_close(record))
-            .then(|| seconds_until(self.policy.expires_at(record), now));
-        CookieAction::Set(key, max_age)
-    }
-
-    /// Applies one response's changes (CONTRACT §2 order) and says what to do with the cookie.
-    async fn apply(
-        &self,
-        loaded: Option<(String, Record, Vec<u8>)>,
-        presented: &Presented,
-        change: &Change,
-        now: Millis,
-    ) -> Result<CookieAction, ProxyError> {
-        let force = self.policy.save_every_request;
-        let Some((key, snapshot, version)) = loaded else {
-            return self.fresh(change, now, presented.carried).await;
-        };
-        if change.flush {
-            // Refuse an oversized fresh session before the old one is gone.
-            changes::apply(
-                &mut Record::new(now),
-                change,
-                &self.policy,
-                now,
-                self.config.max_session_bytes,
-                false,
-            )?;
-            self.store.remove(&key).await?;
-            self.metrics.sessions_flushed.inc();
-            tracing::info!("session flushed");
-            let action = self.fresh(change, now, true).await?;
-            self.store.sync().await?;
-            return Ok(action);
-        }
-        if change.is_empty() && !force {
-            // The session may have ended while the upstream worked: then drop the stale cookie.
-            if self.store.liveness(&key, now).await? == Liveness::Ended {
-                return Ok(CookieAction::Remove);
-            }
-            if self.policy.touch_due(&snapshot, now)
-                && let Err(e) = self.store.touch(&key, now).await
-            {
-                tracing::error!(error = %e, "recording session activity failed");
-            }
-            return Ok(CookieAction::Keep);
-        }
-        let new_key = change.cycle.then(id::generate);
-        let updated = self
-            .store
-            .update(
-                &key,
-                Some((&snapshot, &version)),
-                change,
-                new_key.as_deref(),
-                now,
-                force,
-            )
-            .await
-            .map_err(|e| match e {
-                UpdateError::TooLarge(t) => ProxyError::TooLarge(t),
-                UpdateError::Store(s) => ProxyError::Store(s),
-            })?;
-        let action = match updated {
-            Updated::Ended => {
-                let mut would = snapshot;
-                let effect =
-                    changes::apply(&mut would, change, &self.policy, now, usize::MAX, force)
-                        .expect("no size limit");
-                if effect.save {
-                    return Err(ProxyError::SessionEnded);
-                }
-                return Ok(CookieAction::Remove);
-            }
-            Updated::Unchanged { .. } => return Ok(CookieAction::Keep),
-            Updated::Removed { forwarded: true }
-            | Updated::Saved {
-                forwarded: true, ..
-            } => CookieAction::Keep,
-            Updated::Removed { forwarded: false } => CookieAction::Remove,
-            Updated::Saved { key, record, .. } => {
-                self.metrics.merges.inc();
-                if change.cycle {
-                    self.metrics.sessions_cycled.inc();
-                    tracing::info!("session key cycled");
-                }
-                self.cookie_for(key, &record, now)
-            }
-        };
-        self.store.sync().await?;
-        Ok(action)
-    }
-
-    /// A visitor without a live session: store a new one if the change leaves data.
-    async fn fresh(
-        &self,
-        change: &Change,
-        now: Millis,
-        stale: bool,
-    ) -> Result<CookieAction, ProxyError> {
-        let mut record = Record::new(now);
-        let effect = changes::apply(
-            &mut record,
-            change,
-            &self.policy,
-            now,
-            self.config.max_session_bytes,
-            self.policy.save_every_request,
-        )?;
-        if !effect.save || record.deadline <= now {
-            return Ok(if stale {
-                CookieAction::Remove
-            } else {
-                CookieAction::Keep
-            });
-        }
-        loop {
-            let key = id::generate();
-            if self.store.create(&key, &record).await? {
-                self.store.sync().await?;
-                self.metrics.sessions_created.inc();
-                tracing::debug!("session created");
-                return Ok(self.cookie_for(key, &record, now));
-            }
-        }
     }
 
     /// Sends the request upstream; for a switched protocol, pairs the two upgrade handles.

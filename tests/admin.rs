@@ -108,7 +108,7 @@ async fn metrics_move_as_traffic_flows() {
 
 #[tokio::test]
 async fn a_session_can_be_shown_and_ended_by_key_or_cookie_value() {
-    let s = sidecar("[security]\nsecret_key = \"admin test secret\"").await;
+    let s = sidecar("[security]\nsecret_key = \"admin test secret, long enough for hmac\"").await;
     let b = browser();
     let r = b
         .get(s.url("/"))

@@ -140,7 +140,7 @@ async fn unknown_malformed_and_forged_cookies_are_never_adopted() {
 #[tokio::test]
 async fn signed_cookies_verify_rotate_and_reject_forgeries() {
     let app = start_app(echo).await;
-    let old_secret = "[security]\nsecret_key = \"the old secret\"";
+    let old_secret = "[security]\nsecret_key = \"the old secret, thirty-two bytes long\"";
     let s = sidecar_for(app, old_secret).await;
     let resp = plain()
         .get(s.url("/"))
@@ -162,7 +162,7 @@ async fn signed_cookies_verify_rotate_and_reject_forgeries() {
     let (_, dir) = s.stop().await;
     let dir = dir.unwrap();
     // Rotate: the new secret signs, the old one still verifies.
-    let rotated = "[security]\nsecret_key = \"a brand new secret\"\nsecret_key_fallbacks = [\"the old secret\"]";
+    let rotated = "[security]\nsecret_key = \"a brand new secret of thirty-two bytes\"\nsecret_key_fallbacks = [\"the old secret, thirty-two bytes long\"]";
     let s2 = sidecar_at(app, rotated, dir.path()).await;
     let resp = plain()
         .get(s2.url("/"))

@@ -166,7 +166,7 @@ async fn session_keys_and_secrets_never_appear_in_logs_or_error_bodies() {
     let config = write_config(
         dir.path(),
         app,
-        "expose_id = true\n[security]\nsecret_key = \"log-test-secret\"",
+        "expose_id = true\n[security]\nsecret_key = \"log-test-secret-0123456789abcdef0123\"",
     );
     let mut cmd = Command::new(BIN);
     cmd.args(["--config", config.to_str().unwrap()])
@@ -238,7 +238,11 @@ async fn session_keys_and_secrets_never_appear_in_logs_or_error_bodies() {
 fn check_config_validates_masks_secrets_and_names_bad_keys() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, "[security]\nsecret_key = \"hunter2hunter2\"\n").unwrap();
+    std::fs::write(
+        &good,
+        "[security]\nsecret_key = \"hunter2hunter2hunter2hunter2hunter2\"\n",
+    )
+    .unwrap();
     let (ok, out) = run_cli(&["check-config", "--config", good.to_str().unwrap()], &[]);
     assert!(ok, "{out}");
     assert!(

@@ -126,6 +126,10 @@ pub struct Config {
     /// Time a client has to send a complete request head (slowloris defence).
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive, h2c).
+    pub idle_connection_timeout: Duration,
+    /// Lower-cased protocols a client may switch to (`Upgrade`); others go up as plain requests.
+    pub upgrades: Vec<String>,
     /// One JSON object per log line instead of text.
     pub log_json: bool,
     pub cookie: CookieConfig,

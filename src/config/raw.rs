@@ -20,6 +20,11 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_HEADER_READ_TIMEOUT: u64 = 30;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_IDLE_CONNECTION_TIMEOUT: u64 = 120;
+/// The protocols a client may switch to through the sidecar: those it can vouch for.
+pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
+/// The shortest `secret_key` accepted: 32 bytes, the strength of the HMAC it keys.
+pub const MIN_SECRET_BYTES: usize = 32;
 /// Prefix of the environment variables that override keys of the file.
 pub const ENV_PREFIX: &str = "SESSION_SIDECAR_";
 
@@ -39,6 +44,8 @@ pub struct RawConfig {
     pub max_headers: usize,
     pub header_read_timeout: u64,
     pub max_connections: usize,
+    pub idle_connection_timeout: u64,
+    pub upgrades: Vec<String>,
     pub log_format: String,
     pub cookie: RawCookie,
     pub expiry: RawExpiry,
@@ -121,6 +128,8 @@ impl Default for RawConfig {
             max_headers: DEFAULT_MAX_HEADERS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_connection_timeout: DEFAULT_IDLE_CONNECTION_TIMEOUT,
+            upgrades: DEFAULT_UPGRADES.iter().map(|s| s.to_string()).collect(),
             log_format: "text".into(),
             cookie: RawCookie::default(),
             expiry: RawExpiry::default(),

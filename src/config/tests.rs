@@ -59,7 +59,10 @@ fn environment_overrides_convert_to_the_key_type() {
         ("SESSION_SIDECAR_UPSTREAM_TIMEOUT", "7"),
         ("SESSION_SIDECAR_COOKIE__SECURE", "true"),
         ("SESSION_SIDECAR_SKIP_PATHS", "[\"/static/\"]"),
-        ("SESSION_SIDECAR_SECURITY__SECRET_KEY", "s3cret"),
+        (
+            "SESSION_SIDECAR_SECURITY__SECRET_KEY",
+            "s3cret-s3cret-s3cret-s3cret-s3cret",
+        ),
         ("OTHER", "ignored"),
     ]
     .map(|(a, b)| (a.to_string(), b.to_string()));
@@ -69,7 +72,10 @@ fn environment_overrides_convert_to_the_key_type() {
     assert_eq!(c.upstream_timeout, Duration::from_secs(7));
     assert!(c.cookie.secure);
     assert_eq!(c.skip_paths, vec!["/static/".to_string()]);
-    assert_eq!(c.secret_key.as_deref(), Some("s3cret"));
+    assert_eq!(
+        c.secret_key.as_deref(),
+        Some("s3cret-s3cret-s3cret-s3cret-s3cret")
+    );
 }
 
 #[test]
@@ -92,7 +98,7 @@ fn unknown_or_mistyped_environment_variables_are_errors_naming_them() {
 #[test]
 fn check_config_output_masks_secrets() {
     let out = effective_toml(
-        "[security]\nsecret_key = \"topsecretvalue\"\nsecret_key_fallbacks = [\"oldsecretvalue\"]",
+        "[security]\nsecret_key = \"topsecretvalue-topsecretvalue-topsecretvalue\"\nsecret_key_fallbacks = [\"oldsecretvalue\"]",
         std::iter::empty(),
     )
     .unwrap();
@@ -101,4 +107,27 @@ fn check_config_output_masks_secrets() {
         "{out}"
     );
     assert!(out.contains("********"));
+}
+
+#[test]
+fn a_short_secret_key_is_refused_naming_the_key() {
+    let e = Config::from_toml("[security]\nsecret_key = \"hunter2\"").unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("security.secret_key") && text.contains("32"),
+        "{text}"
+    );
+    // An old, shorter key may still verify during a rotation.
+    let long = "k".repeat(32);
+    Config::from_toml(&format!(
+        "[security]\nsecret_key = \"{long}\"\nsecret_key_fallbacks = [\"old\"]"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn upgrades_default_to_websocket_and_refuse_h2c() {
+    assert_eq!(Config::from_toml("").unwrap().upgrades, vec!["websocket"]);
+    let e = Config::from_toml("upgrades = [\"websocket\", \"H2C\"]").unwrap_err();
+    assert!(e.to_string().contains("upgrades"), "{e}");
 }

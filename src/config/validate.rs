@@ -80,6 +80,17 @@ impl RawConfig {
                 "must not be empty (omit it instead)",
             ));
         }
+        if let Some(k) = &sec.secret_key
+            && k.len() < MIN_SECRET_BYTES
+        {
+            return Err(invalid(
+                "security.secret_key",
+                format!(
+                    "is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
+                    k.len()
+                ),
+            ));
+        }
         if sec.secret_key.is_none() && !sec.secret_key_fallbacks.is_empty() {
             return Err(invalid(
                 "security.secret_key_fallbacks",
@@ -107,6 +118,12 @@ impl RawConfig {
             max_headers: self.max_headers,
             header_read_timeout: secs("header_read_timeout", self.header_read_timeout, false)?,
             max_connections: self.max_connections,
+            idle_connection_timeout: secs(
+                "idle_connection_timeout",
+                self.idle_connection_timeout,
+                false,
+            )?,
+            upgrades: validate_upgrades(&self.upgrades)?,
             log_json: match self.log_format.as_str() {
                 "text" => false,
                 "json" => true,
@@ -125,6 +142,24 @@ impl RawConfig {
             admin,
         })
     }
+}
+
+fn validate_upgrades(list: &[String]) -> Result<Vec<String>, ConfigError> {
+    list.iter()
+        .map(|p| {
+            let p = p.trim().to_ascii_lowercase();
+            if !is_token(&p) {
+                return Err(invalid("upgrades", format!("{p:?} is not a protocol name")));
+            }
+            if p == "h2c" {
+                return Err(invalid(
+                    "upgrades",
+                    "h2c cannot be allowed: a spliced HTTP/2 connection would carry later requests to the app unscrubbed",
+                ));
+            }
+            Ok(p)
+        })
+        .collect()
 }
 
 fn parse_upstream(text: &str) -> Result<http::uri::Authority, ConfigError> {

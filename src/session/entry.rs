@@ -1,7 +1,14 @@
 //! What a store keeps under a session key, byte for byte: an [`Entry`] — a live session, or the
 //! forward a cycle left behind (in the same place, so that a cycle turns the old record into
 //! its forward with one compare-and-swap). Bytes: a tag, the deadline (8 bytes, big-endian),
-//! then JSON; the fixed head lets a reader tell an expired or ended entry without parsing it.
+//! the format version (one byte), then JSON; the fixed head lets a reader tell an expired or
+//! ended entry without parsing it.
+//!
+//! Format versions (a release reads every one written before it):
+//! - 1: no version byte; the JSON follows the deadline (it starts with `{`, which no version
+//!   byte ever equals).
+//! - 2: the version byte `2`. Fields added to the record later take their defaults when an older
+//!   record lacks them, and fields a newer release added are ignored.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +20,8 @@ pub const MAX_HOPS: usize = 4;
 
 const TAG_SESSION: u8 = b'S';
 const TAG_MOVED: u8 = b'M';
+/// The format this release writes.
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Moved {
@@ -50,7 +59,16 @@ impl Head {
 
 impl Entry {
     pub fn decode(bytes: &[u8]) -> Result<Entry, String> {
-        let body = bytes.get(9..).ok_or("truncated entry")?;
+        let body = match bytes.get(9..).ok_or("truncated entry")? {
+            v1 @ [b'{', ..] => v1,
+            [FORMAT_VERSION, rest @ ..] => rest,
+            [v, ..] => {
+                return Err(format!(
+                    "record format version {v} is newer than this release reads ({FORMAT_VERSION})"
+                ));
+            }
+            [] => return Err("truncated entry".into()),
+        };
         match Head::read(bytes)? {
             Head::Session { .. } => serde_json::from_slice(body).map(Entry::Session),
             Head::Moved { .. } => serde_json::from_slice(body).map(Entry::Moved),
@@ -65,6 +83,7 @@ impl Entry {
             Entry::Moved(_) => TAG_MOVED,
         });
         out.extend_from_slice(&self.deadline().to_be_bytes());
+        out.push(FORMAT_VERSION);
         match self {
             Entry::Session(r) => serde_json::to_writer(&mut out, r),
             Entry::Moved(m) => serde_json::to_writer(&mut out, m),
@@ -79,5 +98,66 @@ impl Entry {
             Entry::Session(r) => r.deadline,
             Entry::Moved(m) => m.until,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session as release 0.1 (format 1, no version byte) wrote it, byte for byte.
+    fn v1_session() -> Vec<u8> {
+        let mut raw = vec![b'S'];
+        raw.extend_from_slice(&5_000i64.to_be_bytes());
+        raw.extend_from_slice(
+            br#"{"data":{"n":1},"created":1,"saved":2,"accessed":3,"expiry":"Default","subject":"u1","deadline":5000}"#,
+        );
+        raw
+    }
+
+    #[test]
+    fn format_1_records_still_read() {
+        let Entry::Session(r) = Entry::decode(&v1_session()).unwrap() else {
+            panic!("a session")
+        };
+        assert_eq!(r.data["n"], 1);
+        assert_eq!(r.subject.as_deref(), Some("u1"));
+        assert_eq!(r.deadline, 5000);
+        let mut moved = vec![b'M'];
+        moved.extend_from_slice(&9i64.to_be_bytes());
+        moved.extend_from_slice(br#"{"to":"abc","until":9}"#);
+        assert!(matches!(Entry::decode(&moved).unwrap(), Entry::Moved(m) if m.to == "abc"));
+    }
+
+    #[test]
+    fn written_records_carry_the_version_and_round_trip() {
+        let mut r = Record::new(7);
+        r.data.insert("k".into(), serde_json::json!("v"));
+        let raw = Entry::Session(r.clone()).encode();
+        assert_eq!(raw[9], FORMAT_VERSION);
+        let Entry::Session(back) = Entry::decode(&raw).unwrap() else {
+            panic!("a session")
+        };
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn fields_added_or_missing_do_not_make_a_record_corrupt() {
+        let mut raw = vec![b'S'];
+        raw.extend_from_slice(&5_000i64.to_be_bytes());
+        raw.push(FORMAT_VERSION);
+        raw.extend_from_slice(br#"{"data":{"n":1},"deadline":5000,"a_future_field":[1,2]}"#);
+        let Entry::Session(r) = Entry::decode(&raw).unwrap() else {
+            panic!("a session")
+        };
+        assert_eq!(r.data["n"], 1);
+        assert_eq!(r.subject, None);
+    }
+
+    #[test]
+    fn a_newer_format_is_named_not_misread() {
+        let mut raw = Entry::Session(Record::new(0)).encode();
+        raw[9] = FORMAT_VERSION + 1;
+        assert!(Entry::decode(&raw).unwrap_err().contains("newer"));
     }
 }

@@ -1,5 +1,7 @@
 //! The session's wire form: compact JSON with every non-ASCII character escaped as `\uXXXX`,
-//! so CGI/WSGI/PHP stacks that mangle header bytes above 0x7F see plain ASCII.
+//! so CGI/WSGI/PHP stacks that mangle header bytes above 0x7F see plain ASCII. DEL (0x7F) is
+//! escaped too: it is ASCII, but a header value may not carry it (RFC 9110 §5.5), and serde_json
+//! only escapes the controls below 0x20.
 
 use std::io;
 
@@ -18,7 +20,7 @@ impl Formatter for AsciiFormatter {
     ) -> io::Result<()> {
         let mut start = 0;
         for (i, ch) in fragment.char_indices() {
-            if ch.is_ascii() {
+            if ch.is_ascii() && ch != '\x7f' {
                 continue;
             }
             writer.write_all(&fragment.as_bytes()[start..i])?;
@@ -65,6 +67,17 @@ mod tests {
         assert!(s.is_ascii(), "{s}");
         assert!(s.contains("\\u00eb") && s.contains("\\ud83d\\ude00"), "{s}");
         assert!(!s.contains(": ") && !s.contains(", "), "compact: {s}");
+        let back: Data = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn every_code_point_round_trips_as_a_valid_header_value() {
+        let all: String = (0..=0x10ffffu32).filter_map(char::from_u32).collect();
+        let d = data(json!({ "all": all, "del": "a\u{7f}b", "nul": "\u{0}" }));
+        let s = encode_ascii(&d);
+        assert!(s.contains("\\u007f"), "DEL is escaped");
+        http::HeaderValue::from_str(&s).expect("a header value hyper accepts");
         let back: Data = serde_json::from_str(&s).unwrap();
         assert_eq!(back, d);
     }

@@ -3,17 +3,20 @@
 //! - [`id`]: random keys.
 //! - [`json`]: the ASCII-only wire form of the data.
 //! - [`changes`]: the per-key merge of one response's changes into a record.
-//! - [`entry`]: what a store keeps under a key; [`cells`]: the store logic shared by backends.
+//! - [`entry`]: what a store keeps under a key; [`engine`]: the store logic shared by backends,
+//!   written once over compare-and-swap cells.
+//! - [`sessions`]: the API the HTTP pipeline uses: open a request's session, commit its change.
 //! - [`store`]: the storage trait and its error type; [`sled_store`]: the embedded default;
 //!   [`redis_store`]: the shared store for several sidecars.
 //! - [`sweeper`]: the background removal of expired records.
 
-pub mod cells;
 pub mod changes;
+pub mod engine;
 pub mod entry;
 pub mod id;
 pub mod json;
 pub mod redis_store;
+pub mod sessions;
 pub mod sled_store;
 pub mod store;
 pub mod sweeper;
@@ -68,9 +71,10 @@ impl Clock for ManualClock {
 }
 
 /// Django's `set_expiry`, as the upstream last asked for it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ExpiryMode {
     /// The configured policy (`cookie_age`, `expire_at_browser_close`).
+    #[default]
     Default,
     /// N seconds after the last save.
     Seconds(u64),
@@ -80,8 +84,10 @@ pub enum ExpiryMode {
     At(Millis),
 }
 
-/// One stored session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One stored session. Every field has a default, so that a record written before a field
+/// existed still reads (see `entry` for the format versions).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Record {
     pub data: Data,
     pub created: Millis,

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::cells::{Cells, Engine};
+use super::engine::{Cells, Engine};
 use super::entry::Entry;
 use super::store::{StoreError, Swept};
 use super::{Millis, Policy};

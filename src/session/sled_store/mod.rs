@@ -1,7 +1,7 @@
 //! The embedded store: sled, one process per directory.
 //!
 //! Sessions live in the `records` tree, one compare-and-swap cell per key; the shared
-//! [`Engine`](super::cells::Engine) does the merge, cycle and no-resurrection logic on top.
+//! [`Engine`](super::engine::Engine) does the merge, cycle and no-resurrection logic on top.
 //! (sled's multi-tree transactions take a process-wide write lock and, once used, put every
 //! other operation behind a read lock; single-key CAS keeps reads and writes concurrent.)
 //!
@@ -24,7 +24,7 @@ use commit::{Committer, spawn_committer};
 pub use index::BUCKET_MS;
 use index::{index_end, index_key, subject_key};
 
-use super::cells::{Cells, Engine};
+use super::engine::{Cells, Engine};
 use super::entry::Entry;
 use super::store::{StoreError, Swept};
 use super::{Millis, Policy};

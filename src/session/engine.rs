@@ -174,10 +174,21 @@ impl<C: Cells> Engine<C> {
                 continue;
             }
             if !effect.save {
-                return Ok(Updated::Unchanged { forwarded });
+                // A change that changes nothing is still activity (idle timeout).
+                if !policy.touch_due(&record, now) {
+                    return Ok(Updated::Unchanged { forwarded });
+                }
+                record.accessed = now;
+                record.deadline = policy.deadline(&record);
+                if swap(Some(Entry::Session(record))).await? {
+                    return Ok(Updated::Unchanged { forwarded });
+                }
+                continue;
             }
             let new = Entry::Session(record.clone());
-            let Some(next) = new_key else {
+            // A session a concurrent cycle already renamed (a double-clicked login) is not renamed
+            // again: this change lands in it like any in-flight request's.
+            let Some(next) = new_key.filter(|_| !forwarded) else {
                 if swap(Some(new)).await? {
                     return Ok(Updated::Saved {
                         key: cur.key,

@@ -1,0 +1,293 @@
+//! The session-level API the HTTP pipeline talks to: [`Sessions::open`] the keys a request
+//! presented, then [`Sessions::commit`] the change its response asked for and get back an
+//! [`Outcome`] to render. Every session decision (flush, cycle, fresh session, the "ended" refusal,
+//! activity for the idle timeout) is made here, so each can be tested without a server.
+
+use std::sync::Arc;
+
+use super::changes::{self, Change, TooLarge};
+use super::store::{Liveness, Store, StoreError, UpdateError, Updated};
+use super::{Data, Millis, Policy, Record, id, seconds_until};
+
+/// What a request found under the keys its cookie presented.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The live session: its key, the record and the stored bytes (a compare-and-swap hint).
+    live: Option<(String, Record, Vec<u8>)>,
+    /// The request carried our cookie (live or not).
+    carried: bool,
+}
+
+static EMPTY: std::sync::LazyLock<Data> = std::sync::LazyLock::new(Data::new);
+
+impl Loaded {
+    /// The data the upstream is shown: the live session's, or `{}`.
+    pub fn data(&self) -> &Data {
+        self.live.as_ref().map_or(&EMPTY, |(_, r, _)| &r.data)
+    }
+
+    /// `true` for an existing session (CONTRACT's `X-Session-Status: existing`).
+    pub fn is_existing(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// The live session's key (for `expose_id`).
+    pub fn key(&self) -> Option<&str> {
+        self.live.as_ref().map(|(k, _, _)| k.as_str())
+    }
+
+    pub fn record(&self) -> Option<&Record> {
+        self.live.as_ref().map(|(_, r, _)| r)
+    }
+}
+
+/// What the response does with the browser's cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CookieOp {
+    /// Nothing: the browser's cookie (or lack of one) stays right.
+    Keep,
+    /// Set the cookie to `key`; `max_age` in seconds, `None` for a browser-session cookie.
+    Set { key: String, max_age: Option<u64> },
+    /// Delete the cookie (the session is gone, or the presented one was stale).
+    Remove,
+}
+
+/// What a commit did, for the response and for the metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub cookie: CookieOp,
+    pub created: bool,
+    pub flushed: bool,
+    pub cycled: bool,
+    /// A change was merged into an existing session.
+    pub merged: bool,
+}
+
+impl Outcome {
+    fn cookie(cookie: CookieOp) -> Outcome {
+        Outcome {
+            cookie,
+            created: false,
+            flushed: false,
+            cycled: false,
+            merged: false,
+        }
+    }
+}
+
+/// Why a change was refused; the stored session is exactly as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The session ended while the request was in flight and the change would revive it.
+    #[error("the session ended while the request was in flight")]
+    Ended,
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<UpdateError> for Refused {
+    fn from(e: UpdateError) -> Refused {
+        match e {
+            UpdateError::TooLarge(t) => Refused::TooLarge(t),
+            UpdateError::Store(s) => Refused::Store(s),
+        }
+    }
+}
+
+pub struct Sessions {
+    store: Arc<dyn Store>,
+    policy: Arc<Policy>,
+    max_bytes: usize,
+}
+
+impl Sessions {
+    pub fn new(store: Arc<dyn Store>, policy: Arc<Policy>, max_bytes: usize) -> Sessions {
+        Sessions {
+            store,
+            policy,
+            max_bytes,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Loads the first of `keys` that holds a live session.
+    pub async fn open(
+        &self,
+        keys: &[String],
+        carried: bool,
+        now: Millis,
+    ) -> Result<Loaded, StoreError> {
+        for key in keys {
+            if let Some((record, raw)) = self.store.load_versioned(key, now).await? {
+                return Ok(Loaded {
+                    live: Some((key.clone(), record, raw)),
+                    carried,
+                });
+            }
+        }
+        Ok(Loaded {
+            live: None,
+            carried,
+        })
+    }
+
+    /// Whole seconds left (`X-Session-Expiry-Age`), counting this request as activity.
+    pub fn expiry_age(&self, loaded: &Loaded, now: Millis) -> u64 {
+        let Some(r) = loaded.record() else {
+            return self.policy.new_session_age();
+        };
+        let accessed = if self.policy.touch_due(r, now) {
+            now
+        } else {
+            r.accessed
+        };
+        seconds_until(self.policy.deadline_if_accessed(r, accessed), now)
+    }
+
+    /// Records that a request reached the live session, whatever its response (idle timeout).
+    /// Failure is logged, not fatal: the request itself did not ask for a write.
+    pub async fn activity(&self, loaded: &Loaded, now: Millis) {
+        if let Some((key, r, _)) = &loaded.live
+            && self.policy.touch_due(r, now)
+            && let Err(e) = self.store.touch(key, now).await
+        {
+            tracing::error!(error = %e, "recording session activity failed");
+        }
+    }
+
+    /// Applies one response's change (CONTRACT order: flush, cycle, data, expiry) against the
+    /// latest stored state and says what to do with the cookie.
+    pub async fn commit(
+        &self,
+        loaded: Loaded,
+        change: &Change,
+        now: Millis,
+    ) -> Result<Outcome, Refused> {
+        let force = self.policy.save_every_request;
+        let carried = loaded.carried;
+        let Some((key, snapshot, raw)) = loaded.live else {
+            return self.fresh(change, now, carried).await;
+        };
+        if change.flush {
+            // Refuse an oversized fresh session before the old one is gone.
+            changes::apply(
+                &mut Record::new(now),
+                change,
+                &self.policy,
+                now,
+                self.max_bytes,
+                false,
+            )?;
+            self.store.remove(&key).await?;
+            tracing::info!("session flushed");
+            let mut outcome = self.fresh(change, now, true).await?;
+            self.store.sync().await?;
+            outcome.flushed = true;
+            return Ok(outcome);
+        }
+        if change.is_empty() && !force {
+            // The session may have ended while the upstream worked: then drop the stale cookie.
+            if self.store.liveness(&key, now).await? == Liveness::Ended {
+                return Ok(Outcome::cookie(CookieOp::Remove));
+            }
+            if self.policy.touch_due(&snapshot, now)
+                && let Err(e) = self.store.touch(&key, now).await
+            {
+                tracing::error!(error = %e, "recording session activity failed");
+            }
+            return Ok(Outcome::cookie(CookieOp::Keep));
+        }
+        let new_key = change.cycle.then(id::generate);
+        let updated = self
+            .store
+            .update(
+                &key,
+                Some((&snapshot, &raw)),
+                change,
+                new_key.as_deref(),
+                now,
+                force,
+            )
+            .await?;
+        let outcome = match updated {
+            Updated::Ended => {
+                let mut would = snapshot;
+                let effect =
+                    changes::apply(&mut would, change, &self.policy, now, usize::MAX, force)
+                        .expect("no size limit");
+                if effect.save {
+                    return Err(Refused::Ended);
+                }
+                return Ok(Outcome::cookie(CookieOp::Remove));
+            }
+            Updated::Unchanged { .. } => return Ok(Outcome::cookie(CookieOp::Keep)),
+            // Landed in the session a concurrent cycle renamed: that cycle's response carries the
+            // cookie, this one carries none.
+            Updated::Removed { forwarded: true }
+            | Updated::Saved {
+                forwarded: true, ..
+            } => Outcome {
+                merged: true,
+                ..Outcome::cookie(CookieOp::Keep)
+            },
+            Updated::Removed { forwarded: false } => Outcome::cookie(CookieOp::Remove),
+            Updated::Saved {
+                key: saved, record, ..
+            } => {
+                let cycled = saved != key;
+                if cycled {
+                    tracing::info!("session key cycled");
+                }
+                Outcome {
+                    merged: true,
+                    cycled,
+                    ..Outcome::cookie(self.cookie_for(saved, &record, now))
+                }
+            }
+        };
+        self.store.sync().await?;
+        Ok(outcome)
+    }
+
+    fn cookie_for(&self, key: String, record: &Record, now: Millis) -> CookieOp {
+        let max_age = (!self.policy.browser_close(record))
+            .then(|| seconds_until(self.policy.expires_at(record), now));
+        CookieOp::Set { key, max_age }
+    }
+
+    /// A visitor without a live session: store a new one if the change leaves data.
+    async fn fresh(&self, change: &Change, now: Millis, stale: bool) -> Result<Outcome, Refused> {
+        let mut record = Record::new(now);
+        let effect = changes::apply(
+            &mut record,
+            change,
+            &self.policy,
+            now,
+            self.max_bytes,
+            self.policy.save_every_request,
+        )?;
+        if !effect.save || record.deadline <= now {
+            return Ok(Outcome::cookie(if stale {
+                CookieOp::Remove
+            } else {
+                CookieOp::Keep
+            }));
+        }
+        loop {
+            let key = id::generate();
+            if self.store.create(&key, &record).await? {
+                self.store.sync().await?;
+                tracing::debug!("session created");
+                return Ok(Outcome {
+                    created: true,
+                    ..Outcome::cookie(self.cookie_for(key, &record, now))
+                });
+            }
+        }
+    }
+}
