@@ -1,9 +1,14 @@
 //! The operator's listener (CONTRACT §8): health, readiness, metrics, and looking at or ending
 //! sessions by key or by subject. Loopback by default; with `[admin] token` every endpoint but
 //! `/healthz` and `/readyz` wants `Authorization: Bearer <token>`.
+//!
+//! No answer contains a session key, not even an echo of the one asked about: an app sharing
+//! the loopback (a pod, a host) could otherwise turn a server-side request forgery into a
+//! session hijack. Sessions are named by their handle ([`id::handle`]), a one-way digest.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -17,8 +22,8 @@ use tokio::sync::watch;
 
 use crate::cookie::SessionCookie;
 use crate::metrics::Metrics;
-use crate::session::store::Store;
-use crate::session::{Clock, Millis, id};
+use crate::session::store::{Store, StoreError};
+use crate::session::{Clock, Millis, Record, id};
 
 pub struct Admin {
     pub store: Arc<dyn Store>,
@@ -26,6 +31,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub cookie: SessionCookie,
     pub token: Option<String>,
+    /// Set when the sidecar starts draining: `/readyz` answers 503 so orchestrators stop
+    /// sending traffic.
+    pub draining: Arc<AtomicBool>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -50,9 +58,23 @@ fn json(status: StatusCode, value: serde_json::Value) -> Resp {
     r
 }
 
-/// Byte comparison whose time does not depend on where the inputs differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Token comparison whose time depends neither on where the inputs differ nor on their lengths:
+/// both are hashed to 32 bytes first, then compared without an early exit.
+fn same_token(given: &[u8], token: &[u8]) -> bool {
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(given), sha2::Sha256::digest(token));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// A path segment percent-decoded (`a%3Fx` → `a?x`); `None` if it is not UTF-8 once decoded.
+fn decode(segment: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
 }
 
 fn rfc3339(ms: Millis) -> String {
@@ -76,15 +98,18 @@ impl Admin {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        same(given.as_bytes(), token.as_bytes())
+        same_token(given.as_bytes(), token.as_bytes())
     }
 
-    /// A raw key as `/subjects` lists it, or a cookie value (signed or not).
-    fn key_of(&self, text: &str) -> Option<String> {
-        if id::is_well_formed(text) {
-            return Some(text.to_string());
+    /// The key a path names: a handle as `/subjects` lists it, a raw key, or a cookie value.
+    async fn key_of(&self, text: &str) -> Result<Option<String>, StoreError> {
+        if id::is_handle(text) {
+            return self.store.find_handle(text).await;
         }
-        self.cookie.verify(text)
+        if id::is_well_formed(text) {
+            return Ok(Some(text.to_string()));
+        }
+        Ok(self.cookie.verify(text))
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Resp {
@@ -93,6 +118,9 @@ impl Admin {
         match (method.clone(), path.as_str()) {
             (Method::GET, "/healthz") => return text(StatusCode::OK, "ok"),
             (Method::GET, "/readyz") => {
+                if self.draining.load(Ordering::SeqCst) {
+                    return text(StatusCode::SERVICE_UNAVAILABLE, "draining");
+                }
                 return match self.store.ping().await {
                     Ok(()) => text(StatusCode::OK, "ready"),
                     Err(e) => {
@@ -119,12 +147,14 @@ impl Admin {
                 );
                 Ok(r)
             }
-            (m, p) if p.starts_with("/sessions/") => {
-                self.session(m, &p["/sessions/".len()..], now).await
-            }
-            (m, p) if p.starts_with("/subjects/") => {
-                self.subject(m, &p["/subjects/".len()..], now).await
-            }
+            (m, p) if p.starts_with("/sessions/") => match decode(&p["/sessions/".len()..]) {
+                Some(k) => self.session(m, &k, now).await,
+                None => Ok(text(StatusCode::NOT_FOUND, "no such session")),
+            },
+            (m, p) if p.starts_with("/subjects/") => match decode(&p["/subjects/".len()..]) {
+                Some(s) => self.subject(m, &s, now).await,
+                None => Ok(text(StatusCode::BAD_REQUEST, "a subject is UTF-8")),
+            },
             _ => Ok(text(StatusCode::NOT_FOUND, "no such endpoint")),
         };
         result.unwrap_or_else(|e| {
@@ -136,29 +166,17 @@ impl Admin {
         })
     }
 
-    async fn session(
-        &self,
-        method: Method,
-        raw: &str,
-        now: Millis,
-    ) -> Result<Resp, crate::session::store::StoreError> {
-        let Some(key) = self.key_of(raw) else {
+    async fn session(&self, method: Method, raw: &str, now: Millis) -> Result<Resp, StoreError> {
+        let Some(key) = self.key_of(raw).await? else {
             return Ok(text(StatusCode::NOT_FOUND, "no such session"));
         };
         match method {
             Method::GET => Ok(match self.store.load(&key, now).await? {
-                Some(r) => json(
-                    StatusCode::OK,
-                    json!({
-                        "key": key,
-                        "data": r.data,
-                        "created": rfc3339(r.created),
-                        "last_activity": rfc3339(r.accessed),
-                        "last_saved": rfc3339(r.saved),
-                        "expires": rfc3339(r.deadline),
-                        "subject": r.subject,
-                    }),
-                ),
+                Some(r) => {
+                    let mut body = metadata(&key, &r);
+                    body["data"] = serde_json::Value::Object(r.data);
+                    json(StatusCode::OK, body)
+                }
                 None => text(StatusCode::NOT_FOUND, "no such session"),
             }),
             Method::DELETE => {
@@ -184,13 +202,21 @@ impl Admin {
         method: Method,
         subject: &str,
         now: Millis,
-    ) -> Result<Resp, crate::session::store::StoreError> {
+    ) -> Result<Resp, StoreError> {
         let keys = self.store.subject_keys(subject, now).await?;
         match method {
-            Method::GET => Ok(json(
-                StatusCode::OK,
-                json!({"subject": subject, "sessions": keys}),
-            )),
+            Method::GET => {
+                let mut sessions = Vec::with_capacity(keys.len());
+                for key in &keys {
+                    if let Some(r) = self.store.load(key, now).await? {
+                        sessions.push(metadata(key, &r));
+                    }
+                }
+                Ok(json(
+                    StatusCode::OK,
+                    json!({"subject": subject, "sessions": sessions}),
+                ))
+            }
             Method::DELETE => {
                 let mut ended = 0;
                 for key in &keys {
@@ -209,6 +235,18 @@ impl Admin {
             _ => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE")),
         }
     }
+}
+
+/// A session's handle and metadata: never its key.
+fn metadata(key: &str, r: &Record) -> serde_json::Value {
+    json!({
+        "handle": id::handle(key),
+        "created": rfc3339(r.created),
+        "last_activity": rfc3339(r.accessed),
+        "last_saved": rfc3339(r.saved),
+        "expires": rfc3339(r.deadline),
+        "subject": r.subject,
+    })
 }
 
 /// Serves the admin listener until `stop` turns true.

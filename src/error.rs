@@ -35,6 +35,8 @@ pub enum ProxyError {
     UpstreamBroken(String),
     #[error("the application did not answer within {0} seconds")]
     UpstreamTimeout(u64),
+    #[error("the request body stalled: nothing arrived for {0} seconds")]
+    ClientTimeout(u64),
     #[error("the session store is unavailable: {0}")]
     Store(#[from] StoreError),
 }
@@ -49,6 +51,7 @@ impl ProxyError {
             | ProxyError::UpstreamDown(_)
             | ProxyError::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -57,15 +60,22 @@ impl ProxyError {
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         match &self {
-            ProxyError::SessionEnded | ProxyError::HeadTooLarge(_) => {
+            ProxyError::SessionEnded
+            | ProxyError::HeadTooLarge(_)
+            | ProxyError::ClientTimeout(_) => {
                 tracing::warn!(status = status.as_u16(), "{self}")
             }
             _ => tracing::error!(status = status.as_u16(), "{self}"),
         }
-        // Store errors can carry paths and backend details; the client only needs the gist.
+        // Store and connection errors carry paths, addresses and library internals: the log
+        // has them, the client only needs the gist.
         let text = match &self {
             ProxyError::Store(_) => {
                 "the session store is unavailable; please retry later".to_string()
+            }
+            ProxyError::UpstreamDown(_) => "the application is unreachable".to_string(),
+            ProxyError::UpstreamBroken(_) => {
+                "the application's answer was broken (not HTTP, too large, or cut off)".to_string()
             }
             other => other.to_string(),
         };

@@ -124,6 +124,8 @@ pub async fn run_with_admin(
         metrics: metrics.clone(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tracker = server::Tracker::new(draining.clone());
     let sweeper = tokio::spawn(session::sweeper::run(
         store.clone(),
         deps.clock.clone(),
@@ -144,6 +146,7 @@ pub async fn run_with_admin(
                 &config.secret_key_fallbacks,
             ),
             token: config.admin.token.clone(),
+            draining,
         });
         tokio::spawn(admin::serve(listener, admin, stop_rx))
     });
@@ -153,8 +156,9 @@ pub async fn run_with_admin(
         deps.clock.clone(),
         policy,
         metrics.clone(),
+        tracker.clone(),
     ));
-    let cut = server::serve(listener, sidecar, shutdown, &config, metrics).await;
+    let cut = server::serve(listener, sidecar, shutdown, &config, metrics, tracker).await;
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     if let Some(t) = admin_task {

@@ -54,7 +54,7 @@ enum SessionAction {
 
 #[derive(Subcommand)]
 enum SubjectAction {
-    /// Print the keys of the subject's live sessions.
+    /// Print the handles and metadata of the subject's live sessions (never their keys).
     List { subject: String },
     /// End all of them.
     Revoke { subject: String },
@@ -82,19 +82,25 @@ fn main() -> ExitCode {
         Some(Command::ClearExpired) => clear_expired(&cli.config),
         Some(Command::Sessions { action }) => match action {
             SessionAction::Show { key } => {
-                admin_call(&cli.config, "GET", &format!("/sessions/{key}"))
+                admin_call(&cli.config, "GET", &format!("/sessions/{}", segment(&key)))
             }
-            SessionAction::Delete { key } => {
-                admin_call(&cli.config, "DELETE", &format!("/sessions/{key}"))
-            }
+            SessionAction::Delete { key } => admin_call(
+                &cli.config,
+                "DELETE",
+                &format!("/sessions/{}", segment(&key)),
+            ),
         },
         Some(Command::Subjects { action }) => match action {
-            SubjectAction::List { subject } => {
-                admin_call(&cli.config, "GET", &format!("/subjects/{subject}"))
-            }
-            SubjectAction::Revoke { subject } => {
-                admin_call(&cli.config, "DELETE", &format!("/subjects/{subject}"))
-            }
+            SubjectAction::List { subject } => admin_call(
+                &cli.config,
+                "GET",
+                &format!("/subjects/{}", segment(&subject)),
+            ),
+            SubjectAction::Revoke { subject } => admin_call(
+                &cli.config,
+                "DELETE",
+                &format!("/subjects/{}", segment(&subject)),
+            ),
         },
         None => serve(&cli.config),
     };
@@ -105,6 +111,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `text` as one path segment: everything but unreserved characters percent-encoded, so a
+/// subject such as `a?x` or `a/b` reaches the admin listener whole.
+fn segment(text: &str) -> String {
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(text, RESERVED).to_string()
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

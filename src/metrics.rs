@@ -243,6 +243,9 @@ impl Store for Metered {
     async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
         metered!(self, "subject_keys", self.inner.subject_keys(subject, now))
     }
+    async fn find_handle(&self, handle: &str) -> Result<Option<String>, StoreError> {
+        metered!(self, "find_handle", self.inner.find_handle(handle))
+    }
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
         let swept = metered!(self, "sweep", self.inner.sweep(now));
         if let Ok(s) = &swept {

@@ -16,6 +16,7 @@ use crate::cookie::SessionCookie;
 use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
+use crate::server::Tracker;
 use crate::session::sessions::{CookieOp, Outcome, Refused, Sessions};
 use crate::session::store::Store;
 use crate::session::{Clock, Policy, json};
@@ -49,6 +50,7 @@ pub struct Sidecar {
     upstream: Upstream,
     names: Names,
     metrics: Arc<Metrics>,
+    tracker: Arc<Tracker>,
 }
 
 fn header_name(prefix: &str, suffix: &str) -> HeaderName {
@@ -63,6 +65,7 @@ impl Sidecar {
         clock: Arc<dyn Clock>,
         policy: Arc<Policy>,
         metrics: Arc<Metrics>,
+        tracker: Arc<Tracker>,
     ) -> Sidecar {
         let p = &config.header_prefix;
         let names = Names {
@@ -83,6 +86,7 @@ impl Sidecar {
             clock,
             names,
             metrics,
+            tracker,
         }
     }
 
@@ -191,7 +195,7 @@ impl Sidecar {
                 );
             }
             self.drop_our_set_cookie(&mut rparts.headers);
-            return Ok(finish(rparts, rbody, upgrades));
+            return Ok(self.finish(rparts, rbody, upgrades));
         }
 
         let now = self.clock.now();
@@ -239,7 +243,7 @@ impl Sidecar {
                 );
             }
             self.sessions.activity(&loaded, self.clock.now()).await;
-            return Ok(finish(rparts, rbody, upgrades));
+            return Ok(self.finish(rparts, rbody, upgrades));
         }
         let (change, unknown) = match headers::parse_changes(&taken, prefix, loaded.data()) {
             Ok(parsed) => parsed,
@@ -282,7 +286,7 @@ impl Sidecar {
             }
         };
         self.count(&outcome);
-        let mut resp = finish(rparts, rbody, upgrades);
+        let mut resp = self.finish(rparts, rbody, upgrades);
         let h = resp.headers_mut();
         match outcome.cookie {
             CookieOp::Keep => return Ok(resp),
@@ -366,6 +370,31 @@ impl Sidecar {
         Ok(())
     }
 
+    /// Builds the client's response from the upstream's: hop-by-hop removed, body streamed, and
+    /// an upgraded connection spliced once both sides have switched protocols (counted, so the
+    /// drain waits for it).
+    fn finish(
+        &self,
+        mut rparts: http::response::Parts,
+        rbody: Incoming,
+        upgrades: Option<(OnUpgrade, OnUpgrade)>,
+    ) -> Response<Body> {
+        let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS && upgrades.is_some();
+        headers::strip_hop_by_hop(&mut rparts.headers, switching);
+        if let Some((client, upstream)) = upgrades.filter(|_| switching) {
+            let guard = self.tracker.splice();
+            let tracker = self.tracker.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = splice(client, upstream) => {}
+                    _ = tracker.cut() => tracing::debug!("upgraded connection closed at the end of the grace"),
+                }
+                drop(guard);
+            });
+        }
+        Response::from_parts(rparts, rbody.map_err(Into::into).boxed())
+    }
+
     /// Sends the request upstream; for a switched protocol, pairs the two upgrade handles.
     async fn forward(
         &self,
@@ -395,21 +424,6 @@ impl Sidecar {
         let (parts, body) = resp.into_parts();
         Ok((parts, body, upgrades))
     }
-}
-
-/// Builds the client's response from the upstream's: hop-by-hop removed, body streamed, and an
-/// upgraded connection spliced once both sides have switched protocols.
-fn finish(
-    mut rparts: http::response::Parts,
-    rbody: Incoming,
-    upgrades: Option<(OnUpgrade, OnUpgrade)>,
-) -> Response<Body> {
-    let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS && upgrades.is_some();
-    headers::strip_hop_by_hop(&mut rparts.headers, switching);
-    if let Some((client, upstream)) = upgrades {
-        tokio::spawn(splice(client, upstream));
-    }
-    Response::from_parts(rparts, rbody.map_err(Into::into).boxed())
 }
 
 /// Whether a `Vary` header already names `Cookie` (or `*`).

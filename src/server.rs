@@ -1,23 +1,135 @@
 //! The accept loop: HTTP/1.1 (keep-alive, upgrades) and h2c through hyper-util's auto builder,
-//! and the graceful drain on shutdown.
+//! idle connections closed, and the graceful drain on shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Sidecar;
+
+/// What is still running: requests whose response is not fully sent, connections, and spliced
+/// (upgraded) connections. The drain waits for all of them; when its grace runs out, the
+/// splices are told to close.
+pub struct Tracker {
+    requests: AtomicUsize,
+    connections: AtomicUsize,
+    splices: AtomicUsize,
+    changed: Notify,
+    draining: Arc<AtomicBool>,
+    drain: watch::Sender<bool>,
+    cut: watch::Sender<bool>,
+}
+
+impl Tracker {
+    /// `draining` is shared with whoever reports readiness (the admin listener).
+    pub fn new(draining: Arc<AtomicBool>) -> Arc<Tracker> {
+        Arc::new(Tracker {
+            requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            splices: AtomicUsize::new(0),
+            changed: Notify::new(),
+            draining,
+            drain: watch::channel(false).0,
+            cut: watch::channel(false).0,
+        })
+    }
+
+    fn all_done(&self) -> bool {
+        self.requests.load(Ordering::SeqCst) == 0
+            && self.connections.load(Ordering::SeqCst) == 0
+            && self.splices.load(Ordering::SeqCst) == 0
+    }
+
+    async fn wait_all_done(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.all_done() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves when the grace has run out: an upgraded connection should close then.
+    pub async fn cut(&self) {
+        let mut rx = self.cut.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Counts a spliced connection for as long as the guard lives.
+    pub fn splice(self: &Arc<Tracker>) -> Guard {
+        Guard::enter(self, |t| &t.splices)
+    }
+}
+
+/// Decrements one of the [`Tracker`]'s counts when dropped.
+pub struct Guard {
+    tracker: Arc<Tracker>,
+    count: fn(&Tracker) -> &AtomicUsize,
+}
+
+impl Guard {
+    fn enter(tracker: &Arc<Tracker>, count: fn(&Tracker) -> &AtomicUsize) -> Guard {
+        count(tracker).fetch_add(1, Ordering::SeqCst);
+        Guard {
+            tracker: tracker.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        (self.count)(&self.tracker).fetch_sub(1, Ordering::SeqCst);
+        self.tracker.changed.notify_waiters();
+    }
+}
+
+/// One connection's requests in flight and the time its last one finished, for the idle
+/// timeout.
+struct Activity {
+    busy: AtomicUsize,
+    idle_since_ms: AtomicU64,
+    born: Instant,
+}
+
+impl Activity {
+    fn idle_for(&self) -> Option<Duration> {
+        if self.busy.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
+        Some(self.born.elapsed().saturating_sub(since))
+    }
+}
+
+/// A request in flight on a connection: counted globally and on its connection.
+struct InFlight {
+    _global: Guard,
+    activity: Arc<Activity>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.activity;
+        a.idle_since_ms
+            .store(a.born.elapsed().as_millis() as u64, Ordering::SeqCst);
+        a.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -27,38 +139,23 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
-/// Counts requests whose response has not been fully sent; the guard lives in the response body.
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn enter(counter: &Arc<AtomicUsize>) -> InFlight {
-        counter.fetch_add(1, Ordering::SeqCst);
-        InFlight(counter.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// What a client gets when `max_connections` are already open: a plain answer, then a close.
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 52\r\nconnection: close\r\nretry-after: 1\r\n\r\ntoo many open connections; please retry in a moment\n";
 
-/// Serves until `shutdown` resolves, then stops accepting and waits up to `shutdown_grace` for
-/// the requests in flight. Returns how many requests were cut when the grace ran out.
+/// Serves until `shutdown` resolves, then stops accepting, marks the sidecar as draining and
+/// waits up to `shutdown_grace` for requests, connections and spliced upgrades. Returns how many
+/// requests were still in flight when the grace ran out (0 after a clean drain).
 pub async fn serve(
     listener: TcpListener,
     sidecar: Arc<Sidecar>,
     shutdown: impl Future<Output = ()>,
     config: &Config,
     metrics: Arc<Metrics>,
+    tracker: Arc<Tracker>,
 ) -> usize {
     let grace = config.shutdown_grace;
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let idle = config.idle_connection_timeout;
     let connections = Arc::new(Semaphore::new(config.max_connections));
-    let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The HTTP layer's own limits sit above the configured ones, so that the sidecar itself
     // answers most oversized heads with a plain-text 431 (proxy.rs); only far larger ones meet
@@ -74,6 +171,7 @@ pub async fn serve(
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_header_list_size((config.max_header_bytes * 2).min(u32::MAX as usize) as u32);
+    let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -94,41 +192,90 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let sidecar = sidecar.clone();
-        let in_flight = in_flight.clone();
-        let service = service_fn(move |req| {
-            let sidecar = sidecar.clone();
-            let guard = InFlight::enter(&in_flight);
-            async move {
-                let resp = sidecar.handle(req, peer).await;
-                Ok::<_, std::convert::Infallible>(resp.map(|body| {
-                    body.map_frame(move |frame| {
-                        let _ = &guard;
-                        frame
-                    })
-                    .boxed()
-                }))
-            }
+        let activity = Arc::new(Activity {
+            busy: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            born: Instant::now(),
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let service = {
+            let (sidecar, tracker, activity) = (sidecar.clone(), tracker.clone(), activity.clone());
+            service_fn(move |req| {
+                let sidecar = sidecar.clone();
+                activity.busy.fetch_add(1, Ordering::SeqCst);
+                let guard = InFlight {
+                    _global: Guard::enter(&tracker, |t| &t.requests),
+                    activity: activity.clone(),
+                };
+                async move {
+                    let resp = sidecar.handle(req, peer).await;
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                        body.map_frame(move |frame| {
+                            let _ = &guard;
+                            frame
+                        })
+                        .boxed()
+                    }))
+                }
+            })
+        };
+        let connection = Guard::enter(&tracker, |t| &t.connections);
         let open = metrics.open_connections.clone();
+        let builder = builder.clone();
+        let mut drain = tracker.drain.subscribe();
         open.inc();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let mut closing = false;
+            loop {
+                let check = activity
+                    .idle_for()
+                    .map_or(idle, |spent| idle.saturating_sub(spent));
+                tokio::select! {
+                    done = conn.as_mut() => {
+                        if let Err(e) = done {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = drain.wait_for(|d| *d), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = tokio::time::sleep(check), if !closing => {
+                        if activity.idle_for().is_some_and(|spent| spent >= idle) {
+                            tracing::debug!(%peer, "closing an idle connection");
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
             }
             drop(permit);
             open.dec();
+            drop(connection);
         });
     }
     drop(listener);
+    tracker.draining.store(true, Ordering::SeqCst);
+    let _ = tracker.drain.send(true);
     tracing::info!(
         grace_s = grace.as_secs(),
         "shutting down: listener closed, draining requests"
     );
-    tokio::select! {
-        _ = graceful.shutdown() => 0,
-        _ = tokio::time::sleep(grace) => in_flight.load(Ordering::SeqCst).max(1),
+    let drained = tokio::time::timeout(grace, tracker.wait_all_done())
+        .await
+        .is_ok();
+    if drained {
+        return 0;
     }
+    let splices = tracker.splices.load(Ordering::SeqCst);
+    if splices > 0 {
+        tracing::warn!(
+            splices,
+            "closing upgraded connections still open at the end of the grace"
+        );
+        let _ = tracker.cut.send(true);
+    }
+    tracker.requests.load(Ordering::SeqCst)
 }

@@ -1,21 +1,106 @@
-//! The pooled HTTP/1.1 client to the upstream: URI rewrite, timeout, and the 502/504 mapping.
+//! The pooled HTTP/1.1 client to the upstream: URI rewrite, timeouts, and the 502/504 mapping.
+//!
+//! The upstream's timeout starts once the client's request body has been sent: a slow upload is
+//! the client's time, not the app's (a 504 would blame the app). While the body is still coming,
+//! a client that sends nothing for the same timeout gets 408; an upstream that stops reading it
+//! meanwhile gets the 504.
 
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::Notify;
 
 use crate::error::ProxyError;
 
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Watched>,
     authority: Authority,
     timeout: Duration,
+}
+
+/// How far the client's request body has come.
+struct Progress {
+    started: Instant,
+    /// Milliseconds after `started` of the last frame from the client.
+    last_ms: AtomicU64,
+    /// The upstream connection asked for more and the client has not sent it yet.
+    waiting_on_client: AtomicBool,
+    done: AtomicBool,
+    finished: Notify,
+}
+
+impl Progress {
+    fn mark(&self) {
+        self.last_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn finish(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.finished.notify_waiters();
+    }
+
+    fn quiet_for(&self) -> Duration {
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::SeqCst)))
+    }
+}
+
+/// The client's request body on its way upstream, reporting its progress.
+pub struct Watched {
+    inner: Incoming,
+    progress: Arc<Progress>,
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let p = &self.progress;
+        match &polled {
+            Poll::Pending => p.waiting_on_client.store(true, Ordering::SeqCst),
+            Poll::Ready(Some(Ok(_))) => {
+                p.waiting_on_client.store(false, Ordering::SeqCst);
+                p.mark();
+                if self.inner.is_end_stream() {
+                    p.finish();
+                }
+            }
+            Poll::Ready(_) => p.finish(),
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.progress.finish();
+    }
 }
 
 impl Upstream {
@@ -36,36 +121,83 @@ impl Upstream {
     }
 
     /// Sends `req` (its URI is rewritten to the upstream; headers are the caller's business)
-    /// and waits at most the configured timeout for the response head.
-    pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
-        let path = req
-            .uri()
+    /// and waits for the response head: at most the configured timeout once the request body
+    /// is sent.
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path);
-        *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path are valid");
-        *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
-                Err(if e.is_connect() {
-                    ProxyError::UpstreamDown(text)
-                } else {
-                    ProxyError::UpstreamBroken(text)
-                })
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = Some(path);
+        parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are valid");
+        parts.version = Version::HTTP_11;
+        let progress = Arc::new(Progress {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
+            done: AtomicBool::new(body.is_end_stream()),
+            finished: Notify::new(),
+        });
+        let body = Watched {
+            inner: body,
+            progress: progress.clone(),
+        };
+        let response = self.client.request(Request::from_parts(parts, body));
+        tokio::pin!(response);
+        // While the body is coming: no deadline for the app, an idle deadline for the client.
+        while !progress.done.load(Ordering::SeqCst) {
+            let finished = progress.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if progress.done.load(Ordering::SeqCst) {
+                break;
             }
+            let quiet = self.timeout.saturating_sub(progress.quiet_for());
+            tokio::select! {
+                r = &mut response => return self.answer(r),
+                _ = finished => {}
+                _ = tokio::time::sleep(quiet) => {
+                    if progress.quiet_for() >= self.timeout {
+                        return Err(if progress.waiting_on_client.load(Ordering::SeqCst) {
+                            ProxyError::ClientTimeout(self.timeout.as_secs())
+                        } else {
+                            ProxyError::UpstreamTimeout(self.timeout.as_secs())
+                        });
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(self.timeout, response).await {
+            Ok(r) => self.answer(r),
             Err(_) => Err(ProxyError::UpstreamTimeout(self.timeout.as_secs())),
         }
+    }
+
+    fn answer(
+        &self,
+        r: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let e = match r {
+            Ok(resp) => return Ok(resp),
+            Err(e) => e,
+        };
+        // The whole chain goes to the log; the client's body says only what happened.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        Err(if e.is_connect() {
+            ProxyError::UpstreamDown(text)
+        } else {
+            ProxyError::UpstreamBroken(text)
+        })
     }
 }

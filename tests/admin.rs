@@ -131,16 +131,24 @@ async fn a_session_can_be_shown_and_ended_by_key_or_cookie_value() {
         .json()
         .await
         .unwrap();
-    let key = keys["sessions"][0].as_str().unwrap().to_string();
-    for id in [&key, &cookie] {
-        let shown: Value = plain()
+    // The signed cookie value ends with the raw key; no admin answer may contain it.
+    let raw_key = cookie[cookie.len() - 64..].to_string();
+    assert!(!keys.to_string().contains(&raw_key), "{keys}");
+    let key = keys["sessions"][0]["handle"].as_str().unwrap().to_string();
+    assert_eq!(key.len(), 16, "{keys}");
+    assert_eq!(keys["sessions"][0]["subject"], json!("ann"));
+    for id in [&key, &cookie, &raw_key] {
+        let body = plain()
             .get(admin_url(&s, &format!("/sessions/{id}")))
             .send()
             .await
             .unwrap()
-            .json()
+            .text()
             .await
             .unwrap();
+        assert!(!body.contains(&raw_key), "the key leaked: {body}");
+        let shown: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(shown["handle"], json!(key));
         assert_eq!(shown["data"], json!({"user": "ann"}));
         assert_eq!(shown["subject"], json!("ann"));
         for field in ["created", "last_activity", "expires"] {

@@ -195,12 +195,7 @@ pub fn effective_toml(
         mask(k);
     }
     raw.security.secret_key_fallbacks.iter_mut().for_each(mask);
-    if let Some(at) = raw.store.url.find('@') {
-        // redis://user:password@host → redis://********@host
-        if let Some(scheme_end) = raw.store.url.find("://") {
-            raw.store.url.replace_range(scheme_end + 3..at, "********");
-        }
-    }
+    raw.store.url = crate::session::redis_store::redact(&raw.store.url);
     if let Some(t) = raw.admin.token.as_mut() {
         mask(t);
     }

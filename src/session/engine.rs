@@ -25,6 +25,12 @@ pub trait Cells: Send + Sync + 'static {
     /// Drops a stale member from a subject's index.
     async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError>;
 
+    /// The first stored key for which `wanted` holds (admin look-ups by handle; may scan).
+    async fn find_key(
+        &self,
+        wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
+    ) -> Result<Option<String>, StoreError>;
+
     /// Removes expired entries, if the backend does not expire them by itself.
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError>;
 
@@ -344,6 +350,12 @@ impl<C: Cells> Store for Engine<C> {
             }
         }
         Ok(keys)
+    }
+
+    async fn find_handle(&self, handle: &str) -> Result<Option<String>, StoreError> {
+        self.cells
+            .find_key(&|key| super::id::handle(key) == handle)
+            .await
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {

@@ -17,6 +17,25 @@ pub fn generate() -> String {
     out
 }
 
+/// Length of a handle in characters.
+pub const HANDLE_LEN: usize = 16;
+
+/// The one-way name of a session that the admin interface shows instead of its key: the first
+/// 16 hex digits of SHA-256 of the key. It names a session without being able to open it.
+pub fn handle(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    digest[..HANDLE_LEN / 2]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `text` has the shape of a handle.
+pub fn is_handle(text: &str) -> bool {
+    text.len() == HANDLE_LEN && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Whether `text` has the shape of a key we issue; anything else is never looked up.
 pub fn is_well_formed(text: &str) -> bool {
     text.len() == KEY_LEN && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

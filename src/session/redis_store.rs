@@ -113,6 +113,37 @@ impl Cells for RedisCells {
             .map_err(backend)
     }
 
+    async fn find_key(
+        &self,
+        wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
+    ) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let cells = format!("{}r:", self.prefix);
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{cells}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(backend)?;
+            if let Some(k) = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&cells))
+                .find(|k| wanted(k))
+            {
+                return Ok(Some(k.to_string()));
+            }
+            if next == 0 {
+                return Ok(None);
+            }
+            cursor = next;
+        }
+    }
+
     async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: i64 = conn
@@ -191,10 +222,26 @@ impl RedisStore {
     }
 }
 
-/// The URL without its password, for messages.
+/// The URL without its user and password, for messages: the userinfo ends at the authority's
+/// last `@` (a password may hold `@` itself).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}********{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
+    let Some(s) = url.find("://").map(|s| s + 3) else {
+        return url.to_string();
+    };
+    let authority_end = url[s..].find(['/', '?', '#']).map_or(url.len(), |e| s + e);
+    match url[s..authority_end].rfind('@') {
+        Some(at) => format!("{}********{}", &url[..s], &url[s + at..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_a_password_holding_at_signs() {
+        let r = super::redact("redis://user:p@ss@w0rd@redis.internal:6379/0");
+        assert_eq!(r, "redis://********@redis.internal:6379/0");
+        assert_eq!(super::redact("redis://h:1/0?x=a@b"), "redis://h:1/0?x=a@b");
+        assert_eq!(super::redact("not a url"), "not a url");
     }
 }

@@ -103,6 +103,10 @@ pub trait Store: Send + Sync + 'static {
     /// The keys of the live sessions tagged with `subject`.
     async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError>;
 
+    /// The key of the stored session whose [`handle`](super::id::handle) is `handle`, if any.
+    /// Admin-only: it may scan the store.
+    async fn find_handle(&self, handle: &str) -> Result<Option<String>, StoreError>;
+
     /// Removes records whose deadline has passed.
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError>;
 

@@ -263,6 +263,10 @@ impl Store for Faulty {
         self.check()?;
         self.inner.subject_keys(subject, now).await
     }
+    async fn find_handle(&self, handle: &str) -> Result<Option<String>, StoreError> {
+        self.check()?;
+        self.inner.find_handle(handle).await
+    }
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
         self.check()?;
         self.inner.sweep(now).await

@@ -7,10 +7,13 @@
 //!
 //! The `expiry` and `subjects` indexes are written before the swap that needs them and cleaned
 //! after it, so a crash can leave an extra index entry (the sweeper and the subject lookup check
-//! the record and drop it) but not a missing one.
+//! the record and drop it) but not a missing one. The three steps of one key's swap hold that
+//! key's lock stripe: otherwise a swap's clean-up could remove the entry a later swap of the same
+//! key had just written (untag racing a tag: a session "log out everywhere" would miss).
 //!
-//! Durability: [`Store::sync`] hands the caller to a committer thread that runs one `flush`
-//! (write + fsync) for every caller queued meanwhile — group commit.
+//! Durability: [`Store::sync`] hands the caller to a committer thread that runs one flush for
+//! every caller queued meanwhile (group commit): sled's flush, then `fdatasync` of its files,
+//! which sled's own flush does not do (see `commit`).
 
 use std::sync::Arc;
 
@@ -25,7 +28,7 @@ pub use index::BUCKET_MS;
 use index::{index_end, index_key, subject_key};
 
 use super::engine::{Cells, Engine};
-use super::entry::Entry;
+use super::entry::{Entry, Head};
 use super::store::{StoreError, Swept};
 use super::{Millis, Policy};
 use crate::config::StoreConfig;
@@ -41,7 +44,11 @@ pub struct SledCells {
     index: sled::Tree,
     subjects: sled::Tree,
     committer: Option<Committer>,
+    /// Lock stripes, by key hash: one key's index writes and swap happen as one step.
+    stripes: Box<[std::sync::Mutex<()>]>,
 }
+
+const STRIPES: usize = 64;
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -78,13 +85,21 @@ impl SledStore {
                 reason: e.to_string(),
             })
         };
-        let committer = cfg.durable.then(|| spawn_committer(db.clone()));
+        let committer = cfg
+            .durable
+            .then(|| spawn_committer(db.clone(), &cfg.path))
+            .transpose()
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                reason: format!("preparing durable commits: {e}"),
+            })?;
         let cells = SledCells {
             records: tree("records")?,
             index: tree("expiry")?,
             subjects: tree("subjects")?,
             db,
             committer,
+            stripes: (0..STRIPES).map(|_| std::sync::Mutex::new(())).collect(),
         };
         Ok(Engine {
             cells,
@@ -104,14 +119,36 @@ impl SledStore {
 }
 
 impl SledCells {
-    fn get_entry(&self, key: &str) -> Result<Option<(sled::IVec, Entry)>, StoreError> {
-        match self.records.get(key).map_err(backend)? {
-            Some(raw) => {
-                let entry = Entry::decode(&raw).map_err(StoreError::Corrupt)?;
-                Ok(Some((raw, entry)))
-            }
-            None => Ok(None),
+    fn stripe(&self, key: &str) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        // A panic while holding a stripe leaves nothing half-done that the lock protects.
+        self.stripes[h as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The swap of [`Cells::swap`], synchronously, under the key's stripe.
+    fn swap_now(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        old: Option<&Entry>,
+        new: Option<&Entry>,
+    ) -> Result<bool, StoreError> {
+        let _stripe = self.stripe(key);
+        if let Some(n) = new {
+            self.index_new(key, old, n)?;
         }
+        let swapped = self
+            .records
+            .compare_and_swap(key, expected, new.map(Entry::encode))
+            .map_err(backend)?
+            .is_ok();
+        if swapped && let Some(o) = old {
+            self.unindex_old(key, o, new)?;
+        }
+        Ok(swapped)
     }
 
     /// Index entries the new state needs, written before the CAS that installs it.
@@ -154,6 +191,55 @@ impl SledCells {
     }
 }
 
+impl SledCells {
+    /// One expiry index entry: removes the record if it is due, fixes or drops a stale entry.
+    /// A record that cannot be decoded is removed when its head says it is due, and otherwise
+    /// skipped with an error in the log: one bad record must not stop the sweeper.
+    fn sweep_one(
+        &self,
+        entry_key: &[u8],
+        now: Millis,
+        swept: &mut Swept,
+    ) -> Result<(), StoreError> {
+        let key = String::from_utf8_lossy(&entry_key[8..]).into_owned();
+        let Some(raw) = self.records.get(&key).map_err(backend)? else {
+            return self.index.remove(entry_key).map(|_| ()).map_err(backend);
+        };
+        let head = match Head::read(&raw) {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::error!(handle = %super::id::handle(&key), error = %e, "unreadable session record left in place; its index entry is dropped");
+                return self.index.remove(entry_key).map(|_| ()).map_err(backend);
+            }
+        };
+        let deadline = match head {
+            Head::Session { deadline } => deadline,
+            Head::Moved { until } => until,
+        };
+        if deadline <= now {
+            let entry = Entry::decode(&raw);
+            if let Err(e) = &entry {
+                tracing::error!(handle = %super::id::handle(&key), error = %e, "removing an expired session record that cannot be decoded");
+            }
+            if self.swap_now(&key, Some(&raw), entry.as_ref().ok(), None)? {
+                match head {
+                    Head::Session { .. } => swept.sessions += 1,
+                    Head::Moved { .. } => swept.forwards += 1,
+                }
+            }
+            return self.index.remove(entry_key).map(|_| ()).map_err(backend);
+        }
+        // Not expired yet: keep the entry if it is the record's current one; otherwise it is
+        // stale (the record moved on) and the current one must exist instead.
+        let current = index_key(deadline, &key);
+        if current[..] != entry_key[..] {
+            self.index.insert(current, &[]).map_err(backend)?;
+            self.index.remove(entry_key).map_err(backend)?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Cells for SledCells {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -167,18 +253,7 @@ impl Cells for SledCells {
         old: Option<&Entry>,
         new: Option<&Entry>,
     ) -> Result<bool, StoreError> {
-        if let Some(n) = new {
-            self.index_new(key, old, n)?;
-        }
-        let swapped = self
-            .records
-            .compare_and_swap(key, expected, new.map(Entry::encode))
-            .map_err(backend)?
-            .is_ok();
-        if swapped && let Some(o) = old {
-            self.unindex_old(key, o, new)?;
-        }
-        Ok(swapped)
+        self.swap_now(key, expected, old, new)
     }
 
     async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError> {
@@ -188,6 +263,24 @@ impl Cells for SledCells {
             keys.push(String::from_utf8_lossy(&k[subject.len() + 1..]).into_owned());
         }
         Ok(keys)
+    }
+
+    async fn find_key(
+        &self,
+        wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
+    ) -> Result<Option<String>, StoreError> {
+        for (i, key) in self.records.iter().keys().enumerate() {
+            let key = key.map_err(backend)?;
+            if let Ok(key) = std::str::from_utf8(&key)
+                && wanted(key)
+            {
+                return Ok(Some(key.to_string()));
+            }
+            if i % 1024 == 1023 {
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(None)
     }
 
     async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError> {
@@ -215,37 +308,13 @@ impl Cells for SledCells {
                 return Ok(swept);
             }
             for entry_key in batch {
-                let key = String::from_utf8_lossy(&entry_key[8..]).into_owned();
-                let keep = match self.get_entry(&key)? {
-                    Some((raw, e)) if e.deadline() <= now => {
-                        let removed = self.swap(&key, Some(&raw), Some(&e), None).await?;
-                        match e {
-                            Entry::Session(_) if removed => swept.sessions += 1,
-                            Entry::Moved(_) if removed => swept.forwards += 1,
-                            _ => {}
-                        }
-                        false
-                    }
-                    Some((_, e)) => {
-                        // Not expired yet: keep the entry if it is the record's current one,
-                        // otherwise it is stale (the record moved on) and the current one
-                        // must exist instead.
-                        let current = index_key(e.deadline(), &key);
-                        if current[..] != entry_key[..] {
-                            self.index.insert(current, &[]).map_err(backend)?;
-                            false
-                        } else {
-                            true
-                        }
-                    }
-                    None => false,
-                };
-                if !keep {
-                    self.index.remove(&entry_key).map_err(backend)?;
-                }
+                self.sweep_one(&entry_key, now, &mut swept)?;
                 start = entry_key.to_vec();
                 start.push(0);
             }
+            // sled's calls block; a long sweep must leave the worker to the requests between
+            // batches.
+            tokio::task::yield_now().await;
         }
     }
 
