@@ -139,6 +139,9 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
+/// How long a connection asked to close, with nothing in flight, may take to do so.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 /// What a client gets when `max_connections` are already open: a plain answer, then a close.
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 52\r\nconnection: close\r\nretry-after: 1\r\n\r\ntoo many open connections; please retry in a moment\n";
 
@@ -226,11 +229,16 @@ pub async fn serve(
         tokio::spawn(async move {
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
-            let mut closing = false;
+            // When the connection was asked to close: a peer that never answers the shutdown
+            // (an h2 client that ignores GOAWAY's ping) is cut once nothing is in flight.
+            let mut closing: Option<Instant> = None;
             loop {
-                let check = activity
-                    .idle_for()
-                    .map_or(idle, |spent| idle.saturating_sub(spent));
+                let check = match closing {
+                    Some(_) => CLOSE_WAIT,
+                    None => activity
+                        .idle_for()
+                        .map_or(idle, |spent| idle.saturating_sub(spent)),
+                };
                 tokio::select! {
                     done = conn.as_mut() => {
                         if let Err(e) = done {
@@ -238,17 +246,25 @@ pub async fn serve(
                         }
                         break;
                     }
-                    _ = drain.wait_for(|d| *d), if !closing => {
-                        closing = true;
+                    _ = drain.wait_for(|d| *d), if closing.is_none() => {
+                        closing = Some(Instant::now());
                         conn.as_mut().graceful_shutdown();
                     }
-                    _ = tokio::time::sleep(check), if !closing => {
-                        if activity.idle_for().is_some_and(|spent| spent >= idle) {
-                            tracing::debug!(%peer, "closing an idle connection");
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
+                    _ = tokio::time::sleep(check) => match closing {
+                        None => {
+                            if activity.idle_for().is_some_and(|spent| spent >= idle) {
+                                tracing::debug!(%peer, "closing an idle connection");
+                                closing = Some(Instant::now());
+                                conn.as_mut().graceful_shutdown();
+                            }
                         }
-                    }
+                        Some(since) => {
+                            if since.elapsed() >= CLOSE_WAIT && activity.idle_for().is_some() {
+                                tracing::debug!(%peer, "cutting a connection that did not close");
+                                break;
+                            }
+                        }
+                    },
                 }
             }
             drop(permit);

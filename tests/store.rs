@@ -58,6 +58,7 @@ async fn suite(open: impl AsyncFn() -> Arc<dyn Store>, sweeps: bool) {
         sweep_removes_only_what_expired(open().await).await;
     }
     liveness_distinguishes_live_forwarded_and_ended(open().await).await;
+    a_second_cycle_lands_in_the_renamed_session(open().await).await;
     concurrent_updates_and_a_cycle_lose_nothing(open().await).await;
     a_stale_version_costs_a_reread_not_a_change(open().await).await;
 }
@@ -339,6 +340,53 @@ async fn concurrent_updates_and_a_cycle_lose_nothing(s: Arc<dyn Store>) {
         .expect("the cycled session");
     assert_eq!(r.data.len(), 64, "{:?}", r.data.keys().collect::<Vec<_>>());
     assert!(s.load(&k, t0() + 2).await.unwrap().is_none());
+}
+
+/// A double-clicked login: the second cycle started from the old key after the first renamed
+/// it; it must not rename the session again (its response carries no cookie).
+async fn a_second_cycle_lands_in_the_renamed_session(s: Arc<dyn Store>) {
+    let k = id::generate();
+    s.create(&k, &record(json!({"cart": 1}), t0()))
+        .await
+        .unwrap();
+    let (k2, k3) = (id::generate(), id::generate());
+    let cycle = |key: &str| Change {
+        cycle: true,
+        ..set(key, json!(1))
+    };
+    let first = s
+        .update(&k, None, &cycle("a"), Some(&k2), t0() + 1, false)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&first, Updated::Saved { key, forwarded: false, .. } if *key == k2),
+        "{first:?}"
+    );
+    let second = s
+        .update(&k, None, &cycle("b"), Some(&k3), t0() + 2, false)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&second, Updated::Saved { key, forwarded: true, .. } if *key == k2),
+        "{second:?}"
+    );
+    let r = s
+        .load(&k2, t0() + 3)
+        .await
+        .unwrap()
+        .expect("the renamed session lives");
+    assert_eq!(
+        serde_json::Value::Object(r.data),
+        json!({"cart": 1, "a": 1, "b": 1})
+    );
+    assert!(
+        s.load(&k3, t0() + 3).await.unwrap().is_none(),
+        "no third key"
+    );
+    assert!(
+        s.load(&k, t0() + 3).await.unwrap().is_none(),
+        "the old key is dead"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

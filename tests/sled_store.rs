@@ -1,0 +1,227 @@
+//! The embedded store's own promises beyond the shared contract: records written by the
+//! previous format still read, one bad record does not stop the sweeper, a long sweep leaves
+//! the worker to requests, and the indexes stay true under racing writes of one key.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use session_sidecar::Config;
+use session_sidecar::session::changes::{Change, Op};
+use session_sidecar::session::sled_store::{BUCKET_MS, SledStore};
+use session_sidecar::session::store::Store;
+use session_sidecar::session::{Clock, Millis, Policy, Record, SystemClock, id};
+
+fn config(dir: &std::path::Path) -> Config {
+    Config::from_toml(&format!(
+        "[store]\npath = {:?}",
+        dir.join("sessions").display().to_string()
+    ))
+    .unwrap()
+}
+
+fn policy() -> Arc<Policy> {
+    let c = Config::from_toml("").unwrap();
+    Arc::new(Policy::new(&c.expiry, Duration::from_secs(30)))
+}
+
+/// The expiry index key the store uses: the deadline's bucket, then the key.
+fn index_key(deadline: Millis, key: &str) -> Vec<u8> {
+    let bucket = (deadline as u64).div_ceil(BUCKET_MS as u64) * BUCKET_MS as u64;
+    let mut v = bucket.to_be_bytes().to_vec();
+    v.extend_from_slice(key.as_bytes());
+    v
+}
+
+/// Writes raw entries into a store directory the way an earlier release (or a disk fault) left
+/// them, with their expiry index entries.
+fn plant(dir: &std::path::Path, entries: &[(&str, Millis, Vec<u8>)]) {
+    let db = sled::open(dir.join("sessions")).unwrap();
+    let records = db.open_tree("records").unwrap();
+    let index = db.open_tree("expiry").unwrap();
+    for (key, deadline, raw) in entries {
+        records.insert(key.as_bytes(), raw.clone()).unwrap();
+        index.insert(index_key(*deadline, key), &[]).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+/// A session record byte for byte as release 0.1 wrote it (format 1: no version byte).
+fn format_1(deadline: Millis, data: &str) -> Vec<u8> {
+    let mut raw = vec![b'S'];
+    raw.extend_from_slice(&deadline.to_be_bytes());
+    raw.extend_from_slice(
+        format!(
+            r#"{{"data":{data},"created":{deadline},"saved":{deadline},"accessed":{deadline},"expiry":"Default","subject":null,"deadline":{deadline}}}"#
+        )
+        .as_bytes(),
+    );
+    raw
+}
+
+#[tokio::test]
+async fn a_store_written_by_the_previous_format_serves_its_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = id::generate();
+    let far = SystemClock.now() + 10 * 24 * 3600 * 1000;
+    plant(dir.path(), &[(&key, far, format_1(far, r#"{"n":41}"#))]);
+    let app = start_app(echo).await;
+    let s = sidecar_at(app, "", dir.path()).await;
+    // An old session is found, read, and changed; the record is rewritten in today's format.
+    let seen = seen(
+        plain()
+            .get(s.url("/"))
+            .header("cookie", format!("sessionid={key}"))
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen.status(), "existing");
+    assert_eq!(seen.session(), json!({"n": 41}));
+    let r = s.store.load(&key, s.now()).await.unwrap().unwrap();
+    assert_eq!(r.data["n"], 42);
+}
+
+#[tokio::test]
+async fn one_corrupt_record_does_not_stop_the_sweeper() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemClock.now();
+    let past = now - 60_000;
+    let mut bad_body = vec![b'S'];
+    bad_body.extend_from_slice(&(past - 20_000).to_be_bytes());
+    bad_body.extend_from_slice(b"\x02{not json");
+    let (bad, worse) = ("0".repeat(64), "1".repeat(64));
+    plant(
+        dir.path(),
+        &[
+            (&bad, past - 20_000, bad_body),
+            (&worse, past - 20_000, b"??".to_vec()),
+        ],
+    );
+    let store = SledStore::open(&config(dir.path()).store, policy(), 8192).unwrap();
+    let mut expired = Vec::new();
+    for i in 0..5 {
+        let key = id::generate();
+        let mut r = Record::new(past - 1000);
+        r.data.insert("i".into(), json!(i));
+        r.deadline = past;
+        assert!(store.create(&key, &r).await.unwrap());
+        expired.push(key);
+    }
+    let swept = store
+        .sweep(now)
+        .await
+        .expect("the sweep carries on past bad records");
+    assert_eq!(
+        swept.sessions, 6,
+        "five expired sessions and the decodable-head corrupt one"
+    );
+    for key in &expired {
+        assert!(store.load(key, now - 120_000).await.unwrap().is_none());
+    }
+    // A second pass is clean too: the unreadable record's index entry is gone.
+    assert_eq!(store.sweep(now).await.unwrap().sessions, 0);
+}
+
+#[test]
+fn a_long_sweep_leaves_the_worker_to_other_tasks() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&config(dir.path()).store, policy(), 8192).unwrap();
+        let now = SystemClock.now();
+        for _ in 0..3000 {
+            let mut r = Record::new(now - 10_000);
+            r.data.insert("a".into(), json!(1));
+            r.deadline = now - 5_000;
+            store.create(&id::generate(), &r).await.unwrap();
+        }
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                t.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+            }
+        });
+        tokio::task::yield_now().await;
+        let before = ticks.load(Ordering::SeqCst);
+        let swept = store.sweep(now).await.unwrap();
+        let during = ticks.load(Ordering::SeqCst) - before;
+        ticker.abort();
+        assert_eq!(swept.sessions, 3000);
+        assert!(
+            during >= 5,
+            "other tasks ran only {during} times during the sweep"
+        );
+    });
+}
+
+#[test]
+fn racing_tag_and_untag_leave_the_subject_index_true() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store, policy(), 8192).unwrap());
+        let now = SystemClock.now();
+        let key = id::generate();
+        let mut r = Record::new(now);
+        r.data.insert("a".into(), json!(1));
+        r.deadline = now + 3_600_000;
+        store.create(&key, &r).await.unwrap();
+        let change = |subject: Option<&str>, n: i64| Change {
+            ops: vec![Op::Set("n".into(), json!(n))],
+            subject: Some(subject.map(str::to_string)),
+            ..Change::default()
+        };
+        let mut lost = 0;
+        for round in 0..1500i64 {
+            let tasks: Vec<_> = [Some("u"), None, Some("u"), None]
+                .into_iter()
+                .enumerate()
+                .map(|(i, subject)| {
+                    let (store, key) = (store.clone(), key.clone());
+                    let c = change(subject, round * 4 + i as i64);
+                    tokio::spawn(async move {
+                        store
+                            .update(&key, None, &c, None, now, false)
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let tagged = store
+                .load(&key, now)
+                .await
+                .unwrap()
+                .unwrap()
+                .subject
+                .is_some();
+            let listed = store.subject_keys("u", now).await.unwrap().contains(&key);
+            if tagged != listed {
+                lost += 1;
+            }
+        }
+        assert_eq!(
+            lost, 0,
+            "rounds whose subject index disagreed with the record"
+        );
+    });
+}
