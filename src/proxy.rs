@@ -2,7 +2,7 @@
 //! inject headers → forward → take the change headers → apply them atomically → set or delete
 //! the cookie → stream the body back.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::header::{HOST, HeaderName, HeaderValue, SET_COOKIE, UPGRADE, VARY};
@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
 use crate::config::Config;
-use crate::cookie::SessionCookie;
+use crate::cookie::{Presented, SessionCookie};
 use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
@@ -158,26 +158,17 @@ impl Sidecar {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let prefix = self.config.header_prefix.as_str();
-        let presented = self.cookie.take(&mut parts.headers);
-        headers::take_ours(&mut parts.headers, prefix);
-        let host = parts
-            .headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        headers::set_forwarded(
+        let presented = scrub_request_head(
             &mut parts.headers,
-            peer.ip(),
-            host.as_deref(),
-            self.config.trust_forwarded,
+            parts.uri.authority(),
+            &self.cookie,
+            &Scrub {
+                prefix,
+                peer: peer.ip(),
+                trust_forwarded: self.config.trust_forwarded,
+                upgrade,
+            },
         );
-        if !parts.headers.contains_key(HOST)
-            && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
-        {
-            parts.headers.insert(HOST, v);
-        }
 
         if skip {
             let (mut rparts, rbody, upgrades) = self
@@ -424,6 +415,41 @@ impl Sidecar {
         let (parts, body) = resp.into_parts();
         Ok((parts, body, upgrades))
     }
+}
+
+/// What [`scrub_request_head`] needs to know besides the headers.
+pub struct Scrub<'a> {
+    pub prefix: &'a str,
+    pub peer: IpAddr,
+    pub trust_forwarded: bool,
+    /// The request is an upgrade the sidecar vouches for: keep `Upgrade`/`Connection`.
+    pub upgrade: bool,
+}
+
+/// The whole request-head path before the session is looked at, as one function (so that it
+/// can be fuzzed as one): take our cookie out, remove every header of ours in any spelling,
+/// drop hop-by-hop headers, set `X-Forwarded-*`, keep `Host`.
+pub fn scrub_request_head(
+    headers: &mut http::HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    cookie: &SessionCookie,
+    how: &Scrub<'_>,
+) -> Presented {
+    let presented = cookie.take(headers);
+    headers::take_ours(headers, how.prefix);
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| authority.map(|a| a.to_string()));
+    headers::strip_hop_by_hop(headers, how.upgrade);
+    headers::set_forwarded(headers, how.peer, host.as_deref(), how.trust_forwarded);
+    if !headers.contains_key(HOST)
+        && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        headers.insert(HOST, v);
+    }
+    presented
 }
 
 /// Whether a `Vary` header already names `Cookie` (or `*`).

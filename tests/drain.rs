@@ -16,7 +16,14 @@ async fn a_zero_grace_with_nothing_in_flight_stops_cleanly() {
     let s = sidecar("shutdown_grace = 0").await;
     let b = browser();
     assert_eq!(b.get(s.url("/")).send().await.unwrap().status(), 200);
-    // The client keeps its connection open and idle: that is not a request cut.
+    // An h2c client that never answers the shutdown's ping, beside the browser's keep-alive
+    // connection: idle connections are not requests cut.
+    let mut h2 = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut settings = [0u8; 9];
+    h2.read_exact(&mut settings).await.unwrap();
     let (result, _) = s.stop().await;
     assert!(result.is_ok(), "{result:?}");
 }

@@ -589,3 +589,63 @@ async fn one_access_log_event_per_request_in_json_without_the_query() {
     );
     assert!(!log.contains("query-secret"), "{log}");
 }
+
+/// The system calls a durable write makes, as `strace` sees them: sled's own flush uses
+/// `sync_file_range`, which a power cut can defeat; the sidecar must `fdatasync` sled's log file
+/// before the response that acknowledges the change leaves.
+#[tokio::test]
+async fn a_durable_write_fdatasyncs_the_store_before_it_is_acknowledged() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is needed (apt-get install strace; .ci/run installs it)");
+    }
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), app, "");
+    let p = start(&config);
+    let trace = dir.path().join("trace.txt");
+    let mut strace = Command::new("strace")
+        .args([
+            "-f",
+            "-y",
+            "-e",
+            "trace=fdatasync,fsync,sync_file_range",
+            "-o",
+        ])
+        .arg(&trace)
+        .args(["-p", &p.child.id().to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut errs = BufReader::new(strace.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("attached") {
+        line.clear();
+        assert!(
+            errs.read_line(&mut line).unwrap() > 0,
+            "strace could not attach"
+        );
+    }
+    let r = browser()
+        .get(p.url("/"))
+        .header("x-test-incr", "visits")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(set_cookies(&r).len(), 1, "the write was acknowledged");
+    Command::new("kill")
+        .args(["-INT", &strace.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = strace.wait();
+    let calls = std::fs::read_to_string(&trace).unwrap();
+    let db = dir.path().join("sessions").join("db");
+    let synced = calls
+        .lines()
+        .filter(|l| l.contains("fdatasync(") && l.contains(&format!("{}>", db.display())))
+        .count();
+    assert!(synced >= 1, "no fdatasync of {}:\n{calls}", db.display());
+    p.signal("-TERM");
+    let (status, _) = p.wait();
+    assert!(status.success());
+}
