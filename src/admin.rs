@@ -1,4 +1,4 @@
-//! The operator's listener (CONTRACT §8): health, readiness, metrics, and looking at or ending
+//! The operator's listener (docs/HEADERS.md §8): health, readiness, metrics, and looking at or ending
 //! sessions by key or by subject. Loopback by default; with `[admin] token` every endpoint but
 //! `/healthz` and `/readyz` wants `Authorization: Bearer <token>`.
 //!

@@ -65,7 +65,7 @@ pub enum Ours<'a> {
 }
 
 /// Whether `name` (lower-case, as `HeaderName` keeps it) belongs to the sidecar, comparing as
-/// CGI does: `_` reads as `-` (CONTRACT: spellings).
+/// CGI does: `_` reads as `-` (docs/HEADERS.md §0).
 pub fn ours<'a>(name: &'a str, prefix: &str) -> Ours<'a> {
     let (n, p) = (name.as_bytes(), prefix.as_bytes());
     if n.len() < p.len() {

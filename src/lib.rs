@@ -2,7 +2,7 @@
 //!
 //! The browser gets a cookie holding only a random key; the data lives in an embedded sled
 //! store; the app reads it from the `X-Session` request header and changes it with response
-//! headers that the sidecar applies atomically and strips. `shared/CONTRACT.md` is the spec.
+//! headers that the sidecar applies atomically and strips. `docs/HEADERS.md` is the contract.
 //!
 //! # Layout
 //! - [`config`]: the TOML file and `SESSION_SIDECAR_*` overrides, validated into [`Config`].

@@ -1,4 +1,4 @@
-//! Prometheus metrics (CONTRACT §8), served by the admin listener as text.
+//! Prometheus metrics (docs/HEADERS.md §8), served by the admin listener as text.
 //!
 //! Names carry the `session_sidecar_` prefix; counters get `_total` from the encoder. Histogram
 //! buckets start at 100 µs: the sidecar's own work is sub-millisecond, the upstream's is not.

@@ -1,4 +1,4 @@
-//! CONTRACT §8: the admin listener — health, readiness, metrics, sessions by key, subjects, and
+//! docs/HEADERS.md §8: the admin listener — health, readiness, metrics, sessions by key, subjects, and
 //! the token rules — against a real running sidecar.
 
 mod common;

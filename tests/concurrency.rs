@@ -1,4 +1,4 @@
-//! CONTRACT §4: per-key atomic merge, cycle forwarding, no resurrection.
+//! docs/HEADERS.md §4: per-key atomic merge, cycle forwarding, no resurrection.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! CONTRACT §3: what the browser sees — the cookie, its attributes and signature, stale cookies,
+//! docs/HEADERS.md §3: what the browser sees — the cookie, its attributes and signature, stale cookies,
 //! `Vary: Cookie`.
 
 mod common;

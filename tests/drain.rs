@@ -1,6 +1,6 @@
 //! Shutdown as an orchestrator sees it: readiness turns 503 while draining, requests and
 //! upgraded connections in flight finish, and a drain with nothing to wait for is clean
-//! whatever the grace (CONTRACT §6).
+//! whatever the grace (docs/HEADERS.md §6).
 
 mod common;
 

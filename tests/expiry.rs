@@ -1,4 +1,4 @@
-//! CONTRACT §5: expiry policy, driven by an injected clock instead of waiting.
+//! docs/HEADERS.md §5: expiry policy, driven by an injected clock instead of waiting.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! The real binary as operators run it: SIGKILL durability, SIGTERM drain, the CLI commands and
-//! start-up errors (CONTRACT §4, §6, §7).
+//! start-up errors (docs/HEADERS.md §4, §6, §7).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! CONTRACT §6: transparent proxying — methods, bodies, streaming, hop-by-hop, X-Forwarded-*,
+//! docs/HEADERS.md §6: transparent proxying — methods, bodies, streaming, hop-by-hop, X-Forwarded-*,
 //! WebSocket upgrades, h2c, keep-alive, skip_paths, and 502/504 from the upstream.
 
 mod common;

@@ -1,4 +1,4 @@
-//! CONTRACT §9: several sidecars on one Redis share the sessions, and every clause holds across
+//! docs/HEADERS.md §9: several sidecars on one Redis share the sessions, and every clause holds across
 //! them. A real redis-server is started per test (skipped, saying so, when it is not installed).
 
 mod common;

@@ -1,4 +1,4 @@
-//! CONTRACT §1–§2: what the upstream receives and what it may send back; the session's life
+//! docs/HEADERS.md §1–§2: what the upstream receives and what it may send back; the session's life
 //! through set, delete, flush, cycle and subject.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Bodies are streamed, never held whole (CONTRACT §6). Alone in its own test binary so that the
+//! Bodies are streamed, never held whole (docs/HEADERS.md §6). Alone in its own test binary so that the
 //! process's peak memory measures this test only.
 
 mod common;

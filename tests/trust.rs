@@ -1,4 +1,4 @@
-//! Everyday-odd and hostile input, from outside (CONTRACT v1.1): header spellings, bytes a
+//! Everyday-odd and hostile input, from outside (docs/HEADERS.md): header spellings, bytes a
 //! header may not carry, non-ASCII cookies, a double-clicked login, an app clashing with the
 //! session cookie, idle users, upgrades the sidecar cannot vouch for.
 

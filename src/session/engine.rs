@@ -3,7 +3,7 @@
 //! A backend only has to offer a cell per session key that can be read and replaced atomically
 //! if it still holds what was read ([`Cells`]): sled's `compare_and_swap`, or a Lua script on
 //! Redis. On top of that, [`Engine`] implements the contract: the per-key merge retried against
-//! the latest value (CONTRACT §4), no resurrection (a missing or expired cell is an ended
+//! the latest value (docs/HEADERS.md §4), no resurrection (a missing or expired cell is an ended
 //! session, never re-created by an update), and the cycle that writes the new record first and
 //! then turns the old one into a forward with one swap, so no moment exists where neither key
 //! reaches the session.

@@ -115,7 +115,7 @@ impl Record {
     }
 }
 
-/// The expiry rules of CONTRACT §5, computed in one place.
+/// The expiry rules of docs/HEADERS.md §5, computed in one place.
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub cookie_age: Duration,

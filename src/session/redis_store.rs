@@ -1,4 +1,4 @@
-//! The shared store: Redis, for several sidecars serving the same visitors (CONTRACT §9).
+//! The shared store: Redis, for several sidecars serving the same visitors (docs/HEADERS.md §9).
 //!
 //! The same [`Engine`] as sled runs on top, so every clause holds the same way; Redis provides
 //! the cells. A cell is one string key, `{prefix}r:{session key}`, holding the same bytes as a

@@ -26,7 +26,7 @@ impl Loaded {
         self.live.as_ref().map_or(&EMPTY, |(_, r, _)| &r.data)
     }
 
-    /// `true` for an existing session (CONTRACT's `X-Session-Status: existing`).
+    /// `true` for an existing session (`X-Session-Status: existing`, docs/HEADERS.md §1).
     pub fn is_existing(&self) -> bool {
         self.live.is_some()
     }
@@ -160,7 +160,7 @@ impl Sessions {
         }
     }
 
-    /// Applies one response's change (CONTRACT order: flush, cycle, data, expiry) against the
+    /// Applies one response's change (docs/HEADERS.md §2 order: flush, cycle, data, expiry) against the
     /// latest stored state and says what to do with the cookie.
     pub async fn commit(
         &self,

@@ -487,10 +487,11 @@ pub fn cookie_value(set_cookie: &str) -> String {
 }
 
 /// An echo app whose `/gate...` requests report their arrival and then wait to be released, so a
-/// test can order concurrent requests without sleeping.
+/// test can order concurrent requests without sleeping. Requests are released strictly in the
+/// order they arrived: each takes a ticket before it reports its arrival.
 pub struct Gate {
     pub arrived: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<()>>,
-    pub release: Arc<tokio::sync::Semaphore>,
+    released: tokio::sync::watch::Sender<usize>,
 }
 
 impl Gate {
@@ -498,24 +499,27 @@ impl Gate {
         self.arrived.lock().await.recv().await.unwrap();
     }
     pub fn open(&self, n: usize) {
-        self.release.add_permits(n);
+        self.released.send_modify(|r| *r += n);
     }
 }
 
 pub async fn gated_app() -> (SocketAddr, Arc<Gate>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (released, _) = tokio::sync::watch::channel(0usize);
     let gate = Arc::new(Gate {
         arrived: tokio::sync::Mutex::new(rx),
-        release: release.clone(),
+        released,
     });
+    let tickets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let g = gate.clone();
     let addr = start_app(move |req: Request<Incoming>| {
-        let tx = tx.clone();
-        let release = release.clone();
+        let (tx, gate, tickets) = (tx.clone(), g.clone(), tickets.clone());
         async move {
             if req.uri().path().starts_with("/gate") {
+                let ticket = tickets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut released = gate.released.subscribe();
                 let _ = tx.send(());
-                release.acquire().await.unwrap().forget();
+                let _ = released.wait_for(|r| *r > ticket).await;
             }
             echo(req).await
         }
