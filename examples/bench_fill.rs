@@ -22,9 +22,12 @@ async fn main() {
         .unwrap_or(1_000_000);
     let config = Config::from_toml(&format!("[store]\npath = {path:?}\ndurable = false")).unwrap();
     let policy = Arc::new(session_sidecar::policy(&config));
-    let store =
-        session_sidecar::session::sled_store::SledStore::open(&config.store, policy.clone(), 8192)
-            .unwrap();
+    let store = session_sidecar::session::sled_store::SledStore::open(
+        &config.store.sled(),
+        policy.clone(),
+        8192,
+    )
+    .unwrap();
     let now = SystemClock.now();
     for i in 0..n {
         let mut r = Record::new(now);

@@ -276,3 +276,28 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut stop: watch::Re
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_whole() {
+        assert!(same_token(b"s3cret-token", b"s3cret-token"));
+        for wrong in [
+            &b""[..],
+            b"s3cret",
+            b"s3cret-token-and-more",
+            b"S3cret-token",
+        ] {
+            assert!(!same_token(wrong, b"s3cret-token"));
+        }
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(decode("a%3Fx%2F%23").as_deref(), Some("a?x/#"));
+        assert_eq!(decode("caf%C3%A9").as_deref(), Some("café"));
+        assert_eq!(decode("%FF"), None);
+    }
+}

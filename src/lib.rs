@@ -51,7 +51,7 @@ impl Deps {
         let policy = Arc::new(policy(config));
         let store: Arc<dyn Store> = match &config.store.backend {
             config::Backend::Sled => Arc::new(SledStore::open(
-                &config.store,
+                &config.store.sled(),
                 policy,
                 config.max_session_bytes,
             )?),
@@ -69,7 +69,7 @@ impl Deps {
 
 /// The expiry policy the config describes.
 pub fn policy(config: &Config) -> Policy {
-    Policy::new(&config.expiry, config.upstream_timeout)
+    config.expiry.policy(config.upstream_timeout)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -164,7 +164,7 @@ proptest! {
         if let Ok((change, _)) = parse_changes(&pairs, "x-session", &Data::new()) {
             let mut r = session_sidecar::session::Record::new(0);
             let c = Config::from_toml("").unwrap();
-            let policy = session_sidecar::session::Policy::new(&c.expiry, std::time::Duration::from_secs(1));
+            let policy = c.expiry.policy(std::time::Duration::from_secs(1));
             if session_sidecar::session::changes::apply(&mut r, &change, &policy, 1, 8192, false).is_ok() {
                 prop_assert!(HeaderValue::from_str(&json::encode_ascii(&r.data)).is_ok());
             }

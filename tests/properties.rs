@@ -33,7 +33,7 @@ fn data() -> impl Strategy<Value = Data> {
 
 fn policy() -> Policy {
     let c = Config::from_toml("").unwrap();
-    Policy::new(&c.expiry, std::time::Duration::from_secs(30))
+    c.expiry.policy(std::time::Duration::from_secs(30))
 }
 
 fn apply(base: &Data, change: &Change) -> Data {

@@ -26,7 +26,7 @@ fn config(dir: &std::path::Path) -> Config {
 
 fn policy() -> Arc<Policy> {
     let c = Config::from_toml("").unwrap();
-    Arc::new(Policy::new(&c.expiry, Duration::from_secs(30)))
+    Arc::new(c.expiry.policy(Duration::from_secs(30)))
 }
 
 /// The expiry index key the store uses: the deadline's bucket, then the key.
@@ -104,7 +104,7 @@ async fn one_corrupt_record_does_not_stop_the_sweeper() {
             (&worse, past - 20_000, b"??".to_vec()),
         ],
     );
-    let store = SledStore::open(&config(dir.path()).store, policy(), 8192).unwrap();
+    let store = SledStore::open(&config(dir.path()).store.sled(), policy(), 8192).unwrap();
     let mut expired = Vec::new();
     for i in 0..5 {
         let key = id::generate();
@@ -137,7 +137,7 @@ fn a_long_sweep_leaves_the_worker_to_other_tasks() {
         .unwrap();
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(&config(dir.path()).store, policy(), 8192).unwrap();
+        let store = SledStore::open(&config(dir.path()).store.sled(), policy(), 8192).unwrap();
         let now = SystemClock.now();
         for _ in 0..3000 {
             let mut r = Record::new(now - 10_000);
@@ -176,7 +176,8 @@ fn racing_tag_and_untag_leave_the_subject_index_true() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&cfg.store, policy(), 8192).unwrap());
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&cfg.store.sled(), policy(), 8192).unwrap());
         let now = SystemClock.now();
         let key = id::generate();
         let mut r = Record::new(now);

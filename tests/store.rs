@@ -26,7 +26,7 @@ const AGE_MS: Millis = 1_000_000;
 
 fn policy() -> Policy {
     let c = Config::from_toml("[expiry]\ncookie_age = 1000").unwrap();
-    Policy::new(&c.expiry, Duration::from_secs(30))
+    c.expiry.policy(Duration::from_secs(30))
 }
 
 fn record(data: serde_json::Value, now: Millis) -> Record {
@@ -400,7 +400,7 @@ async fn sled_store_keeps_the_store_contract() {
                 dir.path().join("s").display().to_string()
             ))
             .unwrap();
-            let store = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
+            let store = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192).unwrap();
             dirs.lock().unwrap().push(dir);
             Arc::new(store) as Arc<dyn Store>
         },
@@ -443,13 +443,13 @@ async fn sled_store_keeps_sessions_across_a_reopen() {
     .unwrap();
     let k = id::generate();
     {
-        let s = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
+        let s = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192).unwrap();
         s.create(&k, &record(json!({"a": 1}), t0())).await.unwrap();
         s.sync().await.unwrap();
     }
-    let s = SledStore::open(&cfg.store, Arc::new(policy()), 8192).unwrap();
+    let s = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192).unwrap();
     assert!(s.load(&k, t0() + 1).await.unwrap().is_some());
-    let second = SledStore::open(&cfg.store, Arc::new(policy()), 8192);
+    let second = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192);
     assert!(matches!(
         second,
         Err(session_sidecar::session::store::StoreError::Locked { .. })

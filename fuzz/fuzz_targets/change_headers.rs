@@ -5,7 +5,7 @@ use http::{HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use session_sidecar::headers::parse_changes;
 use session_sidecar::session::changes;
-use session_sidecar::session::{Data, Policy, Record};
+use session_sidecar::session::{Data, Record};
 
 const SUFFIXES: [&str; 8] = ["", "-set", "-delete", "-flush", "-cycle", "-expiry", "-subject", "-x"];
 
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     snapshot.insert("a".into(), serde_json::json!(1));
     if let Ok((change, _)) = parse_changes(&pairs, "x-session", &snapshot) {
         let cfg = session_sidecar::Config::from_toml("").unwrap();
-        let policy = Policy::new(&cfg.expiry, std::time::Duration::from_secs(30));
+        let policy = cfg.expiry.policy(std::time::Duration::from_secs(30));
         let mut r = Record::new(0);
         r.data = snapshot;
         let _ = changes::apply(&mut r, &change, &policy, 1, 8192, false);

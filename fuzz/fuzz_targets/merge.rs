@@ -2,7 +2,7 @@
 //! Two JSON objects from the input: applying the diff of a to b to a gives b.
 use libfuzzer_sys::fuzz_target;
 use session_sidecar::session::changes::{self, Change, diff};
-use session_sidecar::session::{Data, Policy, Record};
+use session_sidecar::session::{Data, Record};
 
 fuzz_target!(|data: &[u8]| {
     let Some(split) = data.iter().position(|b| *b == 0) else { return };
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let cfg = session_sidecar::Config::from_toml("").unwrap();
-    let policy = Policy::new(&cfg.expiry, std::time::Duration::from_secs(30));
+    let policy = cfg.expiry.policy(std::time::Duration::from_secs(30));
     let mut r = Record::new(0);
     r.data = a.clone();
     let change = Change { ops: diff(&a, &b), ..Change::default() };

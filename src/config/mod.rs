@@ -74,6 +74,20 @@ impl ExpiryConfig {
         self.idle_timeout
             .map(|idle| (idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)))
     }
+
+    /// The session core's expiry policy; a cycle's forward lives `upstream_timeout` + 60 s, the
+    /// longest a request begun before the cycle can take.
+    pub fn policy(&self, upstream_timeout: Duration) -> crate::session::Policy {
+        crate::session::Policy {
+            cookie_age: self.cookie_age,
+            expire_at_browser_close: self.expire_at_browser_close,
+            save_every_request: self.save_every_request,
+            idle_timeout: self.idle_timeout,
+            absolute_timeout: self.absolute_timeout,
+            touch_interval: self.touch_interval(),
+            forward_ttl: upstream_timeout + Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +98,17 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
 }
 
+impl StoreConfig {
+    /// What the embedded store needs to open.
+    pub fn sled(&self) -> crate::session::sled_store::SledSettings {
+        crate::session::sled_store::SledSettings {
+            path: self.path.clone(),
+            durable: self.durable,
+            cache_capacity: self.cache_capacity,
+        }
+    }
+}
+
 /// Where sessions live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
@@ -91,14 +116,8 @@ pub enum Backend {
     Redis(RedisConfig),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisConfig {
-    pub url: String,
-    pub key_prefix: String,
-    pub connect_timeout: Duration,
-    pub command_timeout: Duration,
-    pub tls_ca_file: Option<PathBuf>,
-}
+/// The shared store's settings (owned by the store, named here as the config calls them).
+pub use crate::session::redis_store::RedisSettings as RedisConfig;
 
 #[derive(Debug, Clone)]
 pub struct AdminConfig {

@@ -131,3 +131,17 @@ fn upgrades_default_to_websocket_and_refuse_h2c() {
     let e = Config::from_toml("upgrades = [\"websocket\", \"H2C\"]").unwrap_err();
     assert!(e.to_string().contains("upgrades"), "{e}");
 }
+
+#[test]
+fn check_config_masks_a_redis_password_holding_at_signs() {
+    let out = effective_toml(
+        "[store]\nbackend = \"redis\"\nurl = \"redis://app:p@ss@word@redis.internal:6379/0\"",
+        std::iter::empty(),
+    )
+    .unwrap();
+    assert!(!out.contains("p@ss") && !out.contains("word@"), "{out}");
+    assert!(
+        out.contains("redis://********@redis.internal:6379/0"),
+        "{out}"
+    );
+}

@@ -132,7 +132,7 @@ mod tests {
 
     fn policy() -> Policy {
         let cfg = crate::config::Config::from_toml("").unwrap();
-        Policy::new(&cfg.expiry, std::time::Duration::from_secs(30))
+        cfg.expiry.policy(std::time::Duration::from_secs(30))
     }
 
     fn set(ops: Vec<Op>) -> Change {

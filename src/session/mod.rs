@@ -27,8 +27,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ExpiryConfig;
-
 /// The visitor's dictionary.
 pub type Data = serde_json::Map<String, serde_json::Value>;
 
@@ -115,7 +113,8 @@ impl Record {
     }
 }
 
-/// The expiry rules of docs/HEADERS.md §5, computed in one place.
+/// The expiry rules of docs/HEADERS.md §5, computed in one place. The session core's own
+/// settings type: the config module builds it (`ExpiryConfig::policy`).
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub cookie_age: Duration,
@@ -133,18 +132,6 @@ fn ms(d: Duration) -> Millis {
 }
 
 impl Policy {
-    pub fn new(expiry: &ExpiryConfig, upstream_timeout: Duration) -> Policy {
-        Policy {
-            cookie_age: expiry.cookie_age,
-            expire_at_browser_close: expiry.expire_at_browser_close,
-            save_every_request: expiry.save_every_request,
-            idle_timeout: expiry.idle_timeout,
-            absolute_timeout: expiry.absolute_timeout,
-            touch_interval: expiry.touch_interval(),
-            forward_ttl: upstream_timeout + Duration::from_secs(60),
-        }
-    }
-
     /// When the session expires through its save-based expiry and the absolute timeout; this
     /// is what the cookie's Max-Age follows.
     pub fn expires_at(&self, r: &Record) -> Millis {
@@ -217,7 +204,7 @@ mod tests {
             "[expiry]\nidle_timeout = {idle}\nabsolute_timeout = {abs}\ncookie_age = 1000"
         ))
         .unwrap();
-        Policy::new(&cfg.expiry, Duration::from_secs(30))
+        cfg.expiry.policy(Duration::from_secs(30))
     }
 
     #[test]

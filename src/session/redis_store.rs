@@ -10,7 +10,9 @@
 //! Durability follows the Redis server's persistence settings (README, "More than one
 //! machine"); `sync` has nothing to wait for here.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -20,7 +22,16 @@ use super::engine::{Cells, Engine};
 use super::entry::Entry;
 use super::store::{StoreError, Swept};
 use super::{Millis, Policy};
-use crate::config::RedisConfig;
+
+/// Where the shared store is and how long to wait for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub tls_ca_file: Option<PathBuf>,
+}
 
 /// KEYS[1] the cell. ARGV: 1 "0" = expect absent, "1" = expect ARGV[2]; 3 new bytes ("" =
 /// delete); 4 new deadline (ms, PXAT); 5 session key; 6 old subject set ("" none); 7 new
@@ -177,7 +188,7 @@ pub type RedisStore = Engine<RedisCells>;
 
 impl RedisStore {
     pub async fn connect(
-        cfg: &RedisConfig,
+        cfg: &RedisSettings,
         policy: Arc<Policy>,
         max_bytes: usize,
     ) -> Result<RedisStore, StoreError> {

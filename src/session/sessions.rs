@@ -291,3 +291,164 @@ impl Sessions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every outcome of a commit, without a server: a sled store on a temporary directory.
+    use super::*;
+    use crate::session::changes::Op;
+    use crate::session::sled_store::{SledSettings, SledStore};
+    use serde_json::json;
+
+    fn sessions(dir: &std::path::Path) -> Sessions {
+        let cfg = crate::config::Config::from_toml("").unwrap();
+        let policy = Arc::new(cfg.expiry.policy(std::time::Duration::from_secs(30)));
+        let settings = SledSettings {
+            path: dir.join("s"),
+            durable: false,
+            cache_capacity: 1 << 20,
+        };
+        let store = SledStore::open(&settings, policy.clone(), 8192).unwrap();
+        Sessions::new(Arc::new(store), policy, 8192)
+    }
+
+    fn set(k: &str, v: serde_json::Value) -> Change {
+        Change {
+            ops: vec![Op::Set(k.into(), v)],
+            ..Change::default()
+        }
+    }
+
+    const NOW: Millis = 1_000_000;
+
+    /// A live session holding `{"n": 1}`; returns its key.
+    async fn live(s: &Sessions) -> String {
+        let loaded = s.open(&[], false, NOW).await.unwrap();
+        match s
+            .commit(loaded, &set("n", json!(1)), NOW)
+            .await
+            .unwrap()
+            .cookie
+        {
+            CookieOp::Set { key, .. } => key,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_visitor_without_data_gets_nothing_and_with_data_a_new_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sessions(dir.path());
+        let loaded = s.open(&[], false, NOW).await.unwrap();
+        assert!(!loaded.is_existing());
+        let out = s.commit(loaded, &Change::default(), NOW).await.unwrap();
+        assert_eq!(out.cookie, CookieOp::Keep);
+        let loaded = s.open(&[], false, NOW).await.unwrap();
+        let out = s.commit(loaded, &set("a", json!(1)), NOW).await.unwrap();
+        assert!(
+            out.created
+                && matches!(
+                    out.cookie,
+                    CookieOp::Set {
+                        max_age: Some(1_209_600),
+                        ..
+                    }
+                )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_cookie_without_data_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sessions(dir.path());
+        let loaded = s.open(&["0".repeat(64)], true, NOW).await.unwrap();
+        assert!(!loaded.is_existing());
+        let out = s.commit(loaded, &Change::default(), NOW).await.unwrap();
+        assert_eq!(out.cookie, CookieOp::Remove);
+    }
+
+    #[tokio::test]
+    async fn flush_removes_and_cycle_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sessions(dir.path());
+        let key = live(&s).await;
+        let loaded = s.open(std::slice::from_ref(&key), true, NOW).await.unwrap();
+        let cycle = Change {
+            cycle: true,
+            ..Change::default()
+        };
+        let out = s.commit(loaded, &cycle, NOW + 1).await.unwrap();
+        let CookieOp::Set { key: renamed, .. } = &out.cookie else {
+            panic!("{out:?}")
+        };
+        assert!(out.cycled && *renamed != key);
+        assert!(!s.open(&[key], true, NOW + 2).await.unwrap().is_existing());
+        let loaded = s
+            .open(std::slice::from_ref(renamed), true, NOW + 2)
+            .await
+            .unwrap();
+        assert_eq!(loaded.data()["n"], 1);
+        let flush = Change {
+            flush: true,
+            ..Change::default()
+        };
+        let out = s.commit(loaded, &flush, NOW + 3).await.unwrap();
+        assert!(out.flushed && out.cookie == CookieOp::Remove);
+    }
+
+    #[tokio::test]
+    async fn a_change_to_a_session_that_ended_in_flight_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sessions(dir.path());
+        let key = live(&s).await;
+        let slow = s.open(std::slice::from_ref(&key), true, NOW).await.unwrap();
+        let logout = s.open(std::slice::from_ref(&key), true, NOW).await.unwrap();
+        let flush = Change {
+            flush: true,
+            ..Change::default()
+        };
+        s.commit(logout, &flush, NOW + 1).await.unwrap();
+        let err = s
+            .commit(slow, &set("b", json!(2)), NOW + 2)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Refused::Ended), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_second_cycle_in_flight_lands_without_a_cookie() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sessions(dir.path());
+        let key = live(&s).await;
+        let first = s.open(std::slice::from_ref(&key), true, NOW).await.unwrap();
+        let second = s.open(std::slice::from_ref(&key), true, NOW).await.unwrap();
+        let cycle = |k: &str| Change {
+            cycle: true,
+            ..set(k, json!(true))
+        };
+        let one = s.commit(first, &cycle("a"), NOW + 1).await.unwrap();
+        let two = s.commit(second, &cycle("b"), NOW + 2).await.unwrap();
+        let CookieOp::Set { key: renamed, .. } = one.cookie else {
+            panic!("{one:?}")
+        };
+        assert_eq!(two.cookie, CookieOp::Keep);
+        assert!(!two.cycled && two.merged);
+        let after = s.open(&[renamed], true, NOW + 3).await.unwrap();
+        assert_eq!(json!(after.data()), json!({"n": 1, "a": true, "b": true}));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_change_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sessions(dir.path());
+        let key = live(&s).await;
+        let loaded = s.open(std::slice::from_ref(&key), true, NOW).await.unwrap();
+        let big = set("big", json!("x".repeat(9000)));
+        assert!(matches!(
+            s.commit(loaded, &big, NOW + 1).await,
+            Err(Refused::TooLarge(_))
+        ));
+        let again = s.open(&[key], true, NOW + 2).await.unwrap();
+        assert_eq!(json!(again.data()), json!({"n": 1}));
+    }
+}

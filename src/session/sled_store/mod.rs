@@ -31,7 +31,17 @@ use super::engine::{Cells, Engine};
 use super::entry::{Entry, Head};
 use super::store::{StoreError, Swept};
 use super::{Millis, Policy};
-use crate::config::StoreConfig;
+
+/// What the embedded store needs to open.
+#[derive(Debug, Clone)]
+pub struct SledSettings {
+    /// The sled directory (one process at a time).
+    pub path: std::path::PathBuf,
+    /// Sync (sled's flush and `fdatasync`) before a change is acknowledged.
+    pub durable: bool,
+    /// sled's page cache, in bytes.
+    pub cache_capacity: u64,
+}
 
 /// The embedded store: the shared [`Engine`] over sled's cells.
 pub type SledStore = Engine<SledCells>;
@@ -56,7 +66,7 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 
 impl SledStore {
     pub fn open(
-        cfg: &StoreConfig,
+        cfg: &SledSettings,
         policy: Arc<Policy>,
         max_bytes: usize,
     ) -> Result<SledStore, StoreError> {
