@@ -3,29 +3,35 @@
 
 use std::net::IpAddr;
 
-use http::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, UPGRADE};
+use http::header::{
+    CONNECTION, FORWARDED, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 
 use crate::session::changes::{Change, Op, diff};
 use crate::session::{Data, ExpiryMode};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded; names listed in `Connection` join them.
-pub static HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "http2-settings",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// `HTTP2-Settings` belongs to an h2c upgrade (RFC 7540 §3.2.1). Names, not strings: removing by a
+/// string parses it on every request.
+pub static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("http2-settings"),
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
 ];
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Other spellings of "who the client is" that only a trusted proxy in front may set.
-pub static UNTRUSTED_FORWARDING: [&str; 2] = ["forwarded", "x-real-ip"];
+pub static UNTRUSTED_FORWARDING: [HeaderName; 2] =
+    [FORWARDED, HeaderName::from_static("x-real-ip")];
 
 /// Removes hop-by-hop headers. For an upgrade (WebSocket) the `Upgrade` header and
 /// `Connection: upgrade` are kept, because the next hop must see them to switch protocols.
@@ -42,7 +48,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(&name);
         }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if keep_upgrade {
@@ -147,7 +153,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>, 
         headers.insert(&X_FORWARDED_FOR, v);
     }
     if !trust {
-        for name in UNTRUSTED_FORWARDING {
+        for name in &UNTRUSTED_FORWARDING {
             headers.remove(name);
         }
     }

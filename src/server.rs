@@ -94,7 +94,10 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         (self.count)(&self.tracker).fetch_sub(1, Ordering::SeqCst);
-        self.tracker.changed.notify_waiters();
+        // Only the drain waits; before it starts, its first check sees the count anyway.
+        if self.tracker.draining.load(Ordering::SeqCst) {
+            self.tracker.changed.notify_waiters();
+        }
     }
 }
 

@@ -58,10 +58,11 @@ impl Progress {
     }
 }
 
-/// The client's request body on its way upstream, reporting its progress.
+/// The client's request body on its way upstream, reporting its progress (none to report for
+/// a request without a body).
 pub struct Watched {
     inner: Incoming,
-    progress: Arc<Progress>,
+    progress: Option<Arc<Progress>>,
 }
 
 impl Body for Watched {
@@ -73,7 +74,9 @@ impl Body for Watched {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        let p = &self.progress;
+        let Some(p) = &self.progress else {
+            return polled;
+        };
         match &polled {
             Poll::Pending => p.waiting_on_client.store(true, Ordering::SeqCst),
             Poll::Ready(Some(Ok(_))) => {
@@ -99,7 +102,9 @@ impl Body for Watched {
 
 impl Drop for Watched {
     fn drop(&mut self) {
-        self.progress.finish();
+        if let Some(p) = &self.progress {
+            p.finish();
+        }
     }
 }
 
@@ -136,16 +141,25 @@ impl Upstream {
         uri.path_and_query = Some(path);
         parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are valid");
         parts.version = Version::HTTP_11;
+        if body.is_end_stream() {
+            let body = Watched {
+                inner: body,
+                progress: None,
+            };
+            return self
+                .head(self.client.request(Request::from_parts(parts, body)))
+                .await;
+        }
         let progress = Arc::new(Progress {
             started: Instant::now(),
             last_ms: AtomicU64::new(0),
             waiting_on_client: AtomicBool::new(false),
-            done: AtomicBool::new(body.is_end_stream()),
+            done: AtomicBool::new(false),
             finished: Notify::new(),
         });
         let body = Watched {
             inner: body,
-            progress: progress.clone(),
+            progress: Some(progress.clone()),
         };
         let response = self.client.request(Request::from_parts(parts, body));
         tokio::pin!(response);
@@ -172,6 +186,16 @@ impl Upstream {
                 }
             }
         }
+        self.head(response).await
+    }
+
+    /// The response head, within the timeout.
+    async fn head(
+        &self,
+        response: impl std::future::Future<
+            Output = Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+        >,
+    ) -> Result<Response<Incoming>, ProxyError> {
         match tokio::time::timeout(self.timeout, response).await {
             Ok(r) => self.answer(r),
             Err(_) => Err(ProxyError::UpstreamTimeout(self.timeout.as_secs())),

@@ -1,7 +1,8 @@
 //! Model-based test over real HTTP: several simulated browsers (real cookie-keeping clients)
 //! send random sequences of session changes through a running sidecar — set, delete, full
-//! dictionary, flush, flush with new data, cycle, no-op, expiry, and concurrent pairs on one
-//! session (disjoint sets, double-clicked logins, a logout racing a change or a login). After
+//! dictionary, flush, flush with new data, cycle, no-op, expiry, requests of several browsers at
+//! once, and concurrent pairs on one session (disjoint sets, double-clicked logins, a logout
+//! racing a change or a login). After
 //! every step each browser's session, as the app sees it, is checked against a plain model of
 //! the contract.
 //!
@@ -221,7 +222,7 @@ async fn run(seed: u64, steps: usize, browsers: usize) -> usize {
     };
     for step in 0..steps {
         let b = rng.gen_range(0..browsers);
-        match rng.gen_range(0..12) {
+        match rng.gen_range(0..14) {
             0 => {
                 // Time passes: sometimes past the expiry of sessions not saved since.
                 let secs = if rng.gen_range(0..4) == 0 {
@@ -233,6 +234,52 @@ async fn run(seed: u64, steps: usize, browsers: usize) -> usize {
                 r.expire();
                 for b in 0..browsers {
                     r.check(b, step, "time passing").await;
+                }
+            }
+            3 | 4 => {
+                // Several browsers at once, one request each: sessions do not interfere.
+                let mut chosen: Vec<usize> = (0..browsers).collect();
+                for i in (1..chosen.len()).rev() {
+                    chosen.swap(i, rng.gen_range(0..=i));
+                }
+                chosen.truncate(rng.gen_range(2..=browsers.clamp(2, 4)));
+                let ops: Vec<(usize, Op)> = chosen.into_iter().map(|c| (c, op(&mut rng))).collect();
+                let tasks: Vec<_> = ops
+                    .iter()
+                    .map(|(c, o)| {
+                        let (client, url, headers) =
+                            (r.browsers[*c].clone(), r.s.url("/many"), o.headers());
+                        tokio::spawn(async move {
+                            let pairs: Vec<(&str, &str)> = headers
+                                .iter()
+                                .map(|(n, v)| (n.as_str(), v.as_str()))
+                                .collect();
+                            client
+                                .get(url)
+                                .header("x-test-reply", reply(&pairs))
+                                .send()
+                                .await
+                                .unwrap()
+                                .status()
+                        })
+                    })
+                    .collect();
+                for ((c, o), t) in ops.iter().zip(tasks) {
+                    assert_eq!(
+                        t.await.unwrap(),
+                        200,
+                        "seed {seed} step {step}: browser {c} {o:?}"
+                    );
+                    r.requests += 1;
+                    let (after, saved) = o.apply(&r.models[*c].data);
+                    if saved || after.is_none() {
+                        r.models[*c].saved = r.s.now();
+                    }
+                    r.models[*c].data = after;
+                }
+                for (c, o) in &ops {
+                    r.check(*c, step, &format!("{o:?} alongside other browsers"))
+                        .await;
                 }
             }
             1 | 2 if r.models[b].data.is_some() => {
