@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL_SEEDS="${1:-40}" MODEL_STEPS="${2:-1000}" MODEL_BROWSERS="${3:-6}" MODEL_FIRST_SEED="${4:-1000}" \
-  cargo test --release --locked --test model -- --nocapture 2>&1 | grep -E -A3 '^model:|panicked|^test result'
+  cargo test --release --locked --test model -- --nocapture 2>&1 | grep -E -A3 'model:|panicked|^test result'
