@@ -8,7 +8,6 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
 use crate::headers::BadHeader;
-use crate::session::changes::TooLarge;
 use crate::session::store::StoreError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -27,8 +26,6 @@ pub enum ProxyError {
     HeadTooLarge(String),
     #[error("the application sent a bad session header: {0}")]
     BadHeader(#[from] BadHeader),
-    #[error("the application's session change was refused: {0}")]
-    TooLarge(#[from] TooLarge),
     #[error("the application is unreachable: {0}")]
     UpstreamDown(String),
     #[error("the application's answer was broken (not HTTP, too large, or cut off): {0}")]
@@ -47,7 +44,6 @@ impl ProxyError {
             ProxyError::SessionEnded => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadHeader(_)
-            | ProxyError::TooLarge(_)
             | ProxyError::UpstreamDown(_)
             | ProxyError::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,

@@ -152,16 +152,21 @@ impl Sessions {
     /// Records that a request reached the live session, whatever its response (idle timeout).
     /// Failure is logged, not fatal: the request itself did not ask for a write.
     pub async fn activity(&self, loaded: &Loaded, now: Millis) {
-        if let Some((key, r, _)) = &loaded.live
-            && self.policy.touch_due(r, now)
+        if let Some((key, r, _)) = &loaded.live {
+            self.touch(key, r, now).await;
+        }
+    }
+
+    async fn touch(&self, key: &str, record: &Record, now: Millis) {
+        if self.policy.touch_due(record, now)
             && let Err(e) = self.store.touch(key, now).await
         {
             tracing::error!(error = %e, "recording session activity failed");
         }
     }
 
-    /// Applies one response's change (docs/HEADERS.md §2 order: flush, cycle, data, expiry) against the
-    /// latest stored state and says what to do with the cookie.
+    /// Applies one response's change (docs/HEADERS.md §2 order: flush, cycle, data, expiry)
+    /// against the latest stored state and says what to do with the cookie.
     pub async fn commit(
         &self,
         loaded: Loaded,
@@ -195,11 +200,7 @@ impl Sessions {
             if self.store.liveness(&key, now).await? == Liveness::Ended {
                 return Ok(Outcome::cookie(CookieOp::Remove));
             }
-            if self.policy.touch_due(&snapshot, now)
-                && let Err(e) = self.store.touch(&key, now).await
-            {
-                tracing::error!(error = %e, "recording session activity failed");
-            }
+            self.touch(&key, &snapshot, now).await;
             return Ok(Outcome::cookie(CookieOp::Keep));
         }
         let new_key = change.cycle.then(id::generate);
