@@ -32,6 +32,9 @@ enum Command {
     CheckConfig,
     /// Remove expired sessions once and print how many (Django's clearsessions).
     ClearExpired,
+    /// Ask the running sidecar's admin listener whether it is ready (`/readyz`): exit 0 if so,
+    /// 1 otherwise. For container health checks; needs no curl.
+    Healthcheck,
     /// Look at or end one session, through the running sidecar's admin listener.
     Sessions {
         #[command(subcommand)]
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::CheckConfig) => check_config(&cli.config),
         Some(Command::ClearExpired) => clear_expired(&cli.config),
+        Some(Command::Healthcheck) => admin_call(&cli.config, "GET", "/readyz"),
         Some(Command::Sessions { action }) => match action {
             SessionAction::Show { key } => {
                 admin_call(&cli.config, "GET", &format!("/sessions/{}", segment(&key)))
@@ -184,10 +188,17 @@ fn admin_call(path: &std::path::Path, method: &str, endpoint: &str) -> anyhow::R
     use hyper_util::rt::TokioExecutor;
 
     let config = Config::load(path)?;
-    let addr = config
+    let mut addr = config
         .admin
         .listen
         .context("the admin listener is off in this config (admin.listen = \"\")")?;
+    // A listener on every address (a container's 0.0.0.0) is reached on loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
     runtime()?.block_on(async move {
         let client: Client<_, Full<bytes::Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
@@ -197,12 +208,15 @@ fn admin_call(path: &std::path::Path, method: &str, endpoint: &str) -> anyhow::R
         if let Some(token) = &config.admin.token {
             req = req.header("authorization", format!("Bearer {token}"));
         }
-        let resp = client
-            .request(req.body(Full::default())?)
-            .await
-            .with_context(|| {
-                format!("cannot reach the admin listener at {addr}: is the sidecar running?")
-            })?;
+        let resp = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.request(req.body(Full::default())?),
+        )
+        .await
+        .with_context(|| format!("the admin listener at {addr} did not answer within 10 s"))?
+        .with_context(|| {
+            format!("cannot reach the admin listener at {addr}: is the sidecar running?")
+        })?;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         let text = String::from_utf8_lossy(&body);

@@ -649,3 +649,52 @@ async fn a_durable_write_fdatasyncs_the_store_before_it_is_acknowledged() {
     let (status, _) = p.wait();
     assert!(status.success());
 }
+
+/// `session-sidecar healthcheck` (a container's HEALTHCHECK, no curl): 0 while ready, 1 when
+/// nothing answers; it finds a listener bound on every address through loopback, and the admin
+/// token can come from a file as container secrets do.
+#[tokio::test]
+async fn healthcheck_reports_readiness_through_the_admin_listener() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-from-a-file\n").unwrap();
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nupstream = \"http://{app}\"\n[store]\npath = {:?}\n[admin]\nlisten = \"0.0.0.0:{admin_port}\"\ntoken_file = {:?}\n",
+            dir.path().join("sessions").display().to_string(),
+            token.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let cfg = path.to_str().unwrap().to_string();
+    let (ok, out) = run_cli(&["healthcheck", "--config", &cfg], &[]);
+    assert!(!ok && out.contains("is the sidecar running?"), "{out}");
+    let p = start(&path);
+    let (ok, out) = run_cli(&["healthcheck", "--config", &cfg], &[]);
+    assert!(ok && out.contains("ready"), "{out}");
+    // The token from the file guards the other endpoints.
+    let r = plain()
+        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = plain()
+        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .bearer_auth("a-token-from-a-file")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    p.signal("-TERM");
+    let (status, _) = p.wait();
+    assert!(status.success());
+}

@@ -27,6 +27,8 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("", "max_headers", Kind::Int),
     ("", "header_read_timeout", Kind::Int),
     ("", "max_connections", Kind::Int),
+    ("", "idle_connection_timeout", Kind::Int),
+    ("", "upgrades", Kind::List),
     ("", "log_format", Kind::Str),
     ("cookie", "name", Kind::Str),
     ("cookie", "path", Kind::Str),
@@ -50,9 +52,11 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("store", "command_timeout", Kind::Int),
     ("store", "tls_ca_file", Kind::Str),
     ("security", "secret_key", Kind::Str),
+    ("security", "secret_key_file", Kind::Str),
     ("security", "secret_key_fallbacks", Kind::List),
     ("admin", "listen", Kind::Str),
     ("admin", "token", Kind::Str),
+    ("admin", "token_file", Kind::Str),
 ];
 
 pub(crate) fn apply_env(
@@ -118,6 +122,37 @@ fn convert(text: &str, kind: Kind) -> Result<toml::Value, String> {
             match doc.get("v") {
                 Some(v @ toml::Value::Array(_)) => Ok(v.clone()),
                 _ => Err(format!("expected a TOML array, got {text:?}")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every key the file may hold can be set from the environment: walks the defaults as TOML
+    /// (keys whose default is absent are set to a placeholder first).
+    #[test]
+    fn every_key_of_the_file_has_a_variable() {
+        let mut raw = super::super::RawConfig::default();
+        raw.cookie.domain = Some("x".into());
+        raw.store.tls_ca_file = Some("x".into());
+        raw.security.secret_key = Some("x".into());
+        raw.security.secret_key_file = Some("x".into());
+        raw.admin.token = Some("x".into());
+        raw.admin.token_file = Some("x".into());
+        let table: toml::Table = toml::from_str(&toml::to_string(&raw).unwrap()).unwrap();
+        for (name, value) in &table {
+            let keys: Vec<(String, String)> = match value {
+                toml::Value::Table(t) => t.keys().map(|k| (name.clone(), k.clone())).collect(),
+                _ => vec![(String::new(), name.clone())],
+            };
+            for (section, key) in keys {
+                assert!(
+                    super::KEYS
+                        .iter()
+                        .any(|(s, k, _)| *s == section && *k == key),
+                    "no SESSION_SIDECAR_ variable for {section}.{key}"
+                );
             }
         }
     }

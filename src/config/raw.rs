@@ -102,6 +102,8 @@ pub struct RawStore {
 #[serde(deny_unknown_fields, default)]
 pub struct RawSecurity {
     pub secret_key: Option<String>,
+    /// A file holding the secret (Docker and Kubernetes secrets); one trailing newline is dropped.
+    pub secret_key_file: Option<String>,
     pub secret_key_fallbacks: Vec<String>,
 }
 
@@ -110,6 +112,8 @@ pub struct RawSecurity {
 pub struct RawAdmin {
     pub listen: String,
     pub token: Option<String>,
+    /// A file holding the token, as `security.secret_key_file`.
+    pub token_file: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -187,6 +191,7 @@ impl Default for RawAdmin {
         RawAdmin {
             listen: DEFAULT_ADMIN_LISTEN.into(),
             token: None,
+            token_file: None,
         }
     }
 }

@@ -145,3 +145,62 @@ fn check_config_masks_a_redis_password_holding_at_signs() {
         "{out}"
     );
 }
+
+#[test]
+fn secrets_can_come_from_files_as_container_secrets_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    let token = dir.path().join("token");
+    std::fs::write(&secret, "k".repeat(40) + "\n").unwrap();
+    std::fs::write(&token, "admin-token\r\n").unwrap();
+    let c = Config::from_toml(&format!(
+        "[security]\nsecret_key_file = {:?}\n[admin]\nlisten = \"0.0.0.0:9091\"\ntoken_file = {:?}",
+        secret.display().to_string(),
+        token.display().to_string()
+    ))
+    .unwrap();
+    assert_eq!(c.secret_key.as_deref(), Some("k".repeat(40).as_str()));
+    assert_eq!(c.admin.token.as_deref(), Some("admin-token"));
+    // The file path can come from the environment too.
+    let env = [(
+        "SESSION_SIDECAR_SECURITY__SECRET_KEY_FILE".to_string(),
+        secret.display().to_string(),
+    )];
+    let c = Config::from_toml_with_env("", env).unwrap();
+    assert_eq!(c.secret_key.as_deref(), Some("k".repeat(40).as_str()));
+}
+
+#[test]
+fn a_secret_file_that_is_missing_empty_or_doubled_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let missing = dir.path().join("missing").display().to_string();
+    for (text, named) in [
+        (
+            format!("[security]\nsecret_key_file = {missing:?}"),
+            "security.secret_key_file",
+        ),
+        (
+            format!(
+                "[security]\nsecret_key_file = {:?}",
+                empty.display().to_string()
+            ),
+            "security.secret_key_file",
+        ),
+        (
+            format!(
+                "[security]\nsecret_key = \"{}\"\nsecret_key_file = {missing:?}",
+                "k".repeat(40)
+            ),
+            "security.secret_key_file",
+        ),
+        (
+            format!("[admin]\ntoken_file = {missing:?}"),
+            "admin.token_file",
+        ),
+    ] {
+        let e = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(e.contains(named), "{e}");
+    }
+}

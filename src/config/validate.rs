@@ -73,7 +73,12 @@ impl RawConfig {
         let cookie = self.cookie.validate()?;
         let expiry = self.expiry.validate()?;
         let store = self.store.validate()?;
-        let sec = self.security;
+        let mut sec = self.security;
+        sec.secret_key = from_file(
+            "security.secret_key",
+            sec.secret_key,
+            sec.secret_key_file.as_deref(),
+        )?;
         if sec.secret_key.as_deref() == Some("") {
             return Err(invalid(
                 "security.secret_key",
@@ -297,8 +302,40 @@ impl RawStore {
     }
 }
 
+/// A secret given inline or as a file (`{key}_file`), not both. The file's content is taken as
+/// it is but for one trailing newline, which `echo` and editors add.
+fn from_file(
+    key: &str,
+    inline: Option<String>,
+    file: Option<&str>,
+) -> Result<Option<String>, ConfigError> {
+    let Some(path) = file else {
+        return Ok(inline);
+    };
+    if inline.is_some() {
+        return Err(invalid(
+            &format!("{key}_file"),
+            format!("give {key} or {key}_file, not both"),
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(&format!("{key}_file"), format!("cannot read {path:?}: {e}")))?;
+    let text = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if text.is_empty() {
+        return Err(invalid(
+            &format!("{key}_file"),
+            format!("{path:?} is empty"),
+        ));
+    }
+    Ok(Some(text.to_string()))
+}
+
 impl RawAdmin {
-    fn validate(self) -> Result<AdminConfig, ConfigError> {
+    fn validate(mut self) -> Result<AdminConfig, ConfigError> {
+        self.token = from_file("admin.token", self.token, self.token_file.as_deref())?;
         let listen = if self.listen.is_empty() {
             None
         } else {
