@@ -437,3 +437,68 @@ async fn rediss_with_a_private_ca_serves_sessions_and_an_untrusted_certificate_i
     };
     assert!(err.contains("cannot open the session store"), "{err}");
 }
+
+/// The admin listener names sessions by handle on Redis too (found with SCAN), never by key,
+/// and ending one by its handle through one sidecar ends it for the other.
+#[tokio::test]
+async fn sessions_are_shown_and_ended_by_handle_across_sidecars() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = pair(&server).await;
+    let r = plain()
+        .get(a.url("/login"))
+        .header(
+            "x-test-reply",
+            reply(&[
+                ("X-Session-Set", r#"{"user":"ann"}"#),
+                ("X-Session-Subject", "ann"),
+            ]),
+        )
+        .send()
+        .await
+        .unwrap();
+    let cookie = cookie_of(&r);
+    let key = cookie.trim_start_matches("sessionid=").to_string();
+    let listed = plain()
+        .get(format!("http://{}/subjects/ann", b.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!listed.contains(&key), "the key leaked: {listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let handle = listed["sessions"][0]["handle"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let shown = plain()
+        .get(format!("http://{}/sessions/{handle}", b.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!shown.contains(&key), "the key leaked: {shown}");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["data"], json!({"user": "ann"}));
+    let del = plain()
+        .delete(format!("http://{}/sessions/{handle}", b.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    let after = seen(
+        plain()
+            .get(a.url("/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(after.status(), "new");
+}
