@@ -48,6 +48,26 @@ fn write_config(dir: &Path, app: std::net::SocketAddr, extra: &str) -> std::path
     path
 }
 
+/// A port free at the moment of asking (for the admin listener of the real binary).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A config in `dir` with the admin listener described by `admin` (lines of the `[admin]` table).
+fn write_admin_config(dir: &Path, app: std::net::SocketAddr, admin: &str) -> std::path::PathBuf {
+    let path = dir.join("sidecar.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"http://{app}\"\n[store]\npath = {:?}\n[admin]\n{admin}\n",
+        dir.join("sessions").display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// Starts the binary and waits for its "serving" log line to learn the port.
 fn start(config: &Path) -> Proc {
     let mut cmd = Command::new(BIN);
@@ -485,23 +505,15 @@ fn an_admin_listener_that_cannot_bind_stops_the_start_naming_it() {
 async fn the_cli_shows_and_ends_sessions_through_the_admin_listener() {
     let app = start_app(echo).await;
     let dir = tempfile::tempdir().unwrap();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let path = dir.path().join("sidecar.toml");
+    let admin_port = free_port();
     let write = |token: &str| {
-        std::fs::write(
-            &path,
-            format!(
-                "listen = \"127.0.0.1:0\"\nupstream = \"http://{app}\"\n[store]\npath = {:?}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken = \"{token}\"\n",
-                dir.path().join("sessions").display().to_string()
-            ),
+        write_admin_config(
+            dir.path(),
+            app,
+            &format!("listen = \"127.0.0.1:{admin_port}\"\ntoken = \"{token}\""),
         )
-        .unwrap()
     };
-    write("cli-token");
+    let path = write("cli-token");
     let cfg = path.to_str().unwrap().to_string();
     let (ok, out) = run_cli(&["subjects", "list", "u1", "--config", &cfg], &[]);
     assert!(!ok && out.contains("is the sidecar running?"), "{out}");
@@ -657,23 +669,17 @@ async fn a_durable_write_fdatasyncs_the_store_before_it_is_acknowledged() {
 async fn healthcheck_reports_readiness_through_the_admin_listener() {
     let app = start_app(echo).await;
     let dir = tempfile::tempdir().unwrap();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let admin_port = free_port();
     let token = dir.path().join("token");
     std::fs::write(&token, "a-token-from-a-file\n").unwrap();
-    let path = dir.path().join("sidecar.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\nupstream = \"http://{app}\"\n[store]\npath = {:?}\n[admin]\nlisten = \"0.0.0.0:{admin_port}\"\ntoken_file = {:?}\n",
-            dir.path().join("sessions").display().to_string(),
-            token.display().to_string(),
+    let path = write_admin_config(
+        dir.path(),
+        app,
+        &format!(
+            "listen = \"0.0.0.0:{admin_port}\"\ntoken_file = {:?}",
+            token.display().to_string()
         ),
-    )
-    .unwrap();
+    );
     let cfg = path.to_str().unwrap().to_string();
     let (ok, out) = run_cli(&["healthcheck", "--config", &cfg], &[]);
     assert!(!ok && out.contains("is the sidecar running?"), "{out}");
