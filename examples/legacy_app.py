@@ -4,7 +4,7 @@
 It reads the visitor's session from the X-Session request header (a JSON object) and answers
 changes in response headers. It never sees or sets a cookie. Standard library only.
 
-    python3 examples/legacy_app.py [PORT]      # default 8000; put the sidecar in front of it
+    python3 examples/legacy_app.py [PORT [HOST]]   # default 8000 on 127.0.0.1; the sidecar goes in front
 
 Pages (the examples of the Django session tutorials):
     /                  visit counter: "You have visited this page N times"
@@ -12,10 +12,13 @@ Pages (the examples of the Django session tutorials):
     /login?user=ann    login: X-Session-Cycle (new key) + X-Session-Subject
     /logout            logout: X-Session-Flush, then a fresh session holding a flash message
     /test-cookie       Django's set_test_cookie()/test_cookie_worked() via X-Session-Status
+    /slow?seconds=2    a slow page that saves {"slow": N} when it answers (drain tests)
 """
 import html
 import json
+import socket
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -40,6 +43,7 @@ class App(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Served-By", socket.gethostname())
         changes = list(changes)
         if flash:  # a flash message is shown once
             changes.append(("X-Session-Delete", json.dumps(["flash"])))
@@ -78,11 +82,22 @@ class App(BaseHTTPRequestHandler):
             self.redirect("/", [("X-Session-Flush", "1"),
                                 ("X-Session-Set", json.dumps({"flash": "You are logged out."}))])
         elif url.path == "/test-cookie":
+            # Django's pattern: set a test value, check on the next request that it came back.
             if status == "existing":
                 self.page("Test cookie", "<p>Your browser accepts cookies.</p>")
+            elif "check" in query:
+                self.page("Test cookie", "<p>Your browser does not accept cookies: please enable them "
+                                         "to log in.</p>")
             else:
-                self.page("Test cookie", "<p>Test cookie set; <a href='/test-cookie'>reload</a> to check.</p>",
+                self.page("Test cookie", "<p>Test cookie set; <a href='/test-cookie?check=1'>check</a> "
+                                         "that it came back.</p>",
                           [("X-Session-Set", json.dumps({"testcookie": "worked"}))])
+        elif url.path == "/slow":
+            seconds = float(query.get("seconds", "2"))
+            time.sleep(seconds)
+            slow = session.get("slow", 0) + 1
+            self.page("Slow", f"<p>Answered after {seconds:g} s; slow pages so far: {slow}.</p>",
+                      [("X-Session-Set", json.dumps({"slow": slow}))])
         else:
             self.page("Not found", "<p>No such page.</p>", status=404)
 
@@ -100,5 +115,6 @@ class App(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8000
-    print(f"legacy app on http://127.0.0.1:{port} (reach it through the sidecar)", file=sys.stderr)
-    ThreadingHTTPServer(("127.0.0.1", port), App).serve_forever()
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"  # 0.0.0.0 in a container
+    print(f"legacy app on http://{host}:{port} (reach it through the sidecar)", file=sys.stderr)
+    ThreadingHTTPServer((host, port), App).serve_forever()

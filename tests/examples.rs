@@ -134,7 +134,7 @@ async fn the_python_legacy_app_counts_visits_keeps_a_cart_and_logs_in_and_out() 
         .unwrap();
     assert!(first.contains("Test cookie set"), "{first}");
     let second = fresh
-        .get(s.url("/test-cookie"))
+        .get(s.url("/test-cookie?check=1"))
         .send()
         .await
         .unwrap()
@@ -142,6 +142,22 @@ async fn the_python_legacy_app_counts_visits_keeps_a_cart_and_logs_in_and_out() 
         .await
         .unwrap();
     assert!(second.contains("Your browser accepts cookies"), "{second}");
+
+    // A client that keeps no cookies is told so on the check, as Django's test_cookie_worked().
+    let cookieless = reqwest::Client::new();
+    for path in ["/test-cookie", "/test-cookie?check=1"] {
+        let page = cookieless
+            .get(s.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if path.ends_with("check=1") {
+            assert!(page.contains("does not accept cookies"), "{page}");
+        }
+    }
 }
 
 #[tokio::test]

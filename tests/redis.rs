@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::time::Duration;
 
 /// Two sidecars in front of the same app, sharing one Redis.
 async fn pair(server: &RedisServer) -> (Sidecar, Sidecar) {
@@ -501,4 +502,131 @@ async fn sessions_are_shown_and_ended_by_handle_across_sidecars() {
     )
     .await;
     assert_eq!(after.status(), "new");
+}
+
+/// A TCP relay to Redis that can cut the network the way a firewall or `docker network
+/// disconnect` does: the connections open at the cut stay open and carry nothing, ever; once
+/// healed, new connections pass.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn to(port: u16) -> Relay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            cuts: Default::default(),
+            down: Default::default(),
+        };
+        let (cuts, down) = (relay.cuts.clone(), relay.down.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                let born = cuts.load(SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [(cr, sw), (sr, cw)] {
+                    let (cuts, down) = (cuts.clone(), down.clone());
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16384];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            while down.load(SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if cuts.load(SeqCst) != born {
+                                // Cut off for good, and never closed: a half-open connection.
+                                let _keep = (&from, &to);
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    fn cut(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.down.store(true, SeqCst);
+        self.cuts.fetch_add(1, SeqCst);
+    }
+
+    fn heal(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The network between the sidecar and Redis is cut and comes back, but the connection open at
+/// the cut never does (as after `docker network disconnect`/`connect`, a firewall's dropped
+/// state, a peer that moved): the sidecar answers 503 within the timeout meanwhile, and serves
+/// again once the network is back, on a new connection, instead of timing out on the dead one.
+#[tokio::test]
+async fn after_a_network_cut_a_dead_connection_is_replaced_and_service_resumes() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let relay = Relay::to(server.port).await;
+    let app = start_app(echo).await;
+    let store = format!(
+        "[store]\nbackend = \"redis\"\nurl = \"redis://{}/0\"\nkey_prefix = \"cut:\"\ncommand_timeout = 1\nconnect_timeout = 1\n",
+        relay.addr
+    );
+    let s = sidecar_for(app, &store).await;
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let cookie = cookie_of(&resp);
+
+    relay.cut();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let resp = plain()
+            .get(s.url("/"))
+            .header("cookie", &cookie)
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 503);
+        assert!(started.elapsed() < Duration::from_millis(2500));
+    }
+    relay.heal();
+    let healed = std::time::Instant::now();
+    loop {
+        let resp = plain()
+            .get(s.url("/"))
+            .header("cookie", &cookie)
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            assert_eq!(seen(resp).await.session(), json!({"n": 1}));
+            break;
+        }
+        assert_eq!(resp.status(), 503);
+        assert!(
+            healed.elapsed() < Duration::from_secs(15),
+            "still 503 {:?} after the network came back",
+            healed.elapsed()
+        );
+    }
 }

@@ -64,9 +64,82 @@ fn backend(e: redis::RedisError) -> StoreError {
 }
 
 pub struct RedisCells {
-    conn: ConnectionManager,
+    link: Link,
     prefix: String,
     swap: Script,
+}
+
+/// The connection to Redis, replaced after a command times out.
+///
+/// redis' manager reconnects when the connection drops, but a half-open TCP connection (the
+/// network cut off and back, a peer gone without a reset, a container given a new address)
+/// never drops: every command on it times out until the kernel gives up, minutes later. So a
+/// timeout makes the link start over with a fresh manager (at most once per command timeout);
+/// it connects on its next command.
+struct Link {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    current: std::sync::RwLock<ConnectionManager>,
+    /// When the link last started over, and the shortest time between two starts.
+    replaced: std::sync::Mutex<std::time::Instant>,
+    pause: Duration,
+}
+
+impl Link {
+    fn get(&self) -> ConnectionManager {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs one command (or script) within the command timeout: redis' own response timeout
+    /// does not cover connecting, which a fresh connection may be doing. A timeout, either
+    /// one, makes the link start over.
+    async fn run<T>(
+        &self,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.pause, command).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_timeout() {
+                    self.start_over();
+                }
+                Err(backend(e))
+            }
+            Err(_) => {
+                self.start_over();
+                Err(StoreError::Backend(format!(
+                    "redis: no answer within {:?}",
+                    self.pause
+                )))
+            }
+        }
+    }
+
+    fn start_over(&self) {
+        let mut last = self
+            .replaced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.elapsed() < self.pause {
+            return;
+        }
+        *last = std::time::Instant::now();
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                tracing::warn!("redis: a command timed out; connecting afresh");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redis: a command timed out; cannot connect afresh")
+            }
+        }
+    }
 }
 
 impl RedisCells {
@@ -89,8 +162,8 @@ impl RedisCells {
 #[async_trait]
 impl Cells for RedisCells {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut conn = self.conn.clone();
-        conn.get(self.cell(key)).await.map_err(backend)
+        let mut conn = self.link.get();
+        self.link.run(conn.get(self.cell(key))).await
     }
 
     async fn swap(
@@ -100,47 +173,43 @@ impl Cells for RedisCells {
         old: Option<&Entry>,
         new: Option<&Entry>,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let swapped: i64 = self
-            .swap
-            .key(self.cell(key))
+        let mut conn = self.link.get();
+        let mut invocation = self.swap.key(self.cell(key));
+        invocation
             .arg(if expected.is_some() { "1" } else { "0" })
             .arg(expected.unwrap_or_default())
             .arg(new.map(Entry::encode).unwrap_or_default())
             .arg(new.map_or(0, Entry::deadline).max(0) + EXPIRY_GRACE_MS)
             .arg(key)
             .arg(self.subject_set(old))
-            .arg(self.subject_set(new))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(backend)?;
+            .arg(self.subject_set(new));
+        let swapped: i64 = self.link.run(invocation.invoke_async(&mut conn)).await?;
         Ok(swapped == 1)
     }
 
     async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn.clone();
-        conn.smembers(format!("{}u:{subject}", self.prefix))
+        let mut conn = self.link.get();
+        self.link
+            .run(conn.smembers(format!("{}u:{subject}", self.prefix)))
             .await
-            .map_err(backend)
     }
 
     async fn find_key(
         &self,
         wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
     ) -> Result<Option<String>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.get();
         let cells = format!("{}r:", self.prefix);
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(format!("{cells}*"))
                 .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(backend)?;
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) =
+                self.link.run(scan.query_async(&mut conn)).await?;
             if let Some(k) = keys
                 .iter()
                 .filter_map(|k| k.strip_prefix(&cells))
@@ -156,11 +225,11 @@ impl Cells for RedisCells {
     }
 
     async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = conn
-            .srem(format!("{}u:{subject}", self.prefix), key)
-            .await
-            .map_err(backend)?;
+        let mut conn = self.link.get();
+        let _: i64 = self
+            .link
+            .run(conn.srem(format!("{}u:{subject}", self.prefix), key))
+            .await?;
         Ok(())
     }
 
@@ -174,12 +243,12 @@ impl Cells for RedisCells {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        let mut conn = self.link.get();
+        let ping = redis::cmd("PING");
+        self.link
+            .run(ping.query_async::<String>(&mut conn))
             .await
             .map(|_| ())
-            .map_err(backend)
     }
 }
 
@@ -218,12 +287,18 @@ impl RedisStore {
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(Some(cfg.command_timeout))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(|e| open(e.to_string()))?;
         Ok(Engine {
             cells: RedisCells {
-                conn,
+                link: Link {
+                    client,
+                    config,
+                    current: std::sync::RwLock::new(conn),
+                    replaced: std::sync::Mutex::new(std::time::Instant::now()),
+                    pause: cfg.command_timeout,
+                },
                 prefix: cfg.key_prefix.clone(),
                 swap: Script::new(SWAP),
             },

@@ -342,8 +342,22 @@ impl Cells for SledCells {
             .map_err(StoreError::Backend)
     }
 
+    /// A read answers from sled's cache even when its disk is gone, so readiness is a real
+    /// write of a probe (in the default tree, out of the sessions' way) that must reach the
+    /// disk as an acknowledged change does: a full or failed volume makes the store unready.
     async fn ping(&self) -> Result<(), StoreError> {
-        self.records.get(b"\0ping").map(|_| ()).map_err(backend)
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        self.db
+            .insert(b"readiness-probe", &now.to_be_bytes())
+            .map_err(backend)?;
+        if self.committer.is_some() {
+            self.sync().await
+        } else {
+            self.db.flush_async().await.map(|_| ()).map_err(backend)
+        }
     }
 }
 
