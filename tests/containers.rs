@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 fn root() -> &'static Path {
@@ -52,8 +52,8 @@ fn compose_cmd() -> Command {
 
 /// The engine, ready and with the images built; `None` (after printing why) where no engine
 /// answers. One test at a time holds the returned guard.
-fn engine() -> Option<MutexGuard<'static, ()>> {
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+async fn engine() -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     static IMAGES: OnceLock<Result<(), String>> = OnceLock::new();
     let answers = docker()
         .args(["version", "--format", "{{.Server.Version}}"])
@@ -67,7 +67,7 @@ fn engine() -> Option<MutexGuard<'static, ()>> {
         eprintln!("skipped: no container engine answers `docker version`");
         return None;
     }
-    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = ONE_AT_A_TIME.lock().await;
     let built = IMAGES.get_or_init(|| {
         let out = run(Command::new("bash").arg(root().join("scripts/docker-images.sh")));
         if out.status.success() {
@@ -262,7 +262,9 @@ async fn visit(visitor: &Visitor, addr: &str) -> Result<u64, String> {
 
 #[tokio::test]
 async fn the_visit_counter_counts_through_the_container_on_a_read_only_root_as_non_root() {
-    let Some(_engine) = engine() else { return };
+    let Some(_engine) = engine().await else {
+        return;
+    };
     let p = Project::up("sled");
     let sidecar = p.container("sidecar");
     let addr = p.addr("sidecar", "default");
@@ -302,7 +304,9 @@ async fn the_visit_counter_counts_through_the_container_on_a_read_only_root_as_n
 /// or may not have been written; the next count is the acknowledged one plus 1 or 2.
 #[tokio::test]
 async fn sigkill_and_restart_of_the_container_lose_no_acknowledged_change() {
-    let Some(_engine) = engine() else { return };
+    let Some(_engine) = engine().await else {
+        return;
+    };
     let p = Project::up("sled");
     let sidecar = p.container("sidecar");
     let addr = p.addr("sidecar", "default");
@@ -368,7 +372,9 @@ async fn sigkill_and_restart_of_the_container_lose_no_acknowledged_change() {
 /// new ones are refused, and the container exits 0.
 #[tokio::test]
 async fn docker_stop_drains_requests_in_flight_and_exits_zero() {
-    let Some(_engine) = engine() else { return };
+    let Some(_engine) = engine().await else {
+        return;
+    };
     let p = Project::up("sled");
     let sidecar = p.container("sidecar");
     let addr = p.addr("sidecar", "default");
@@ -426,7 +432,9 @@ async fn docker_stop_drains_requests_in_flight_and_exits_zero() {
 /// restarted, which is what an orchestrator does with it.)
 #[tokio::test]
 async fn the_health_check_turns_unhealthy_when_the_store_is_unusable() {
-    let Some(_engine) = engine() else { return };
+    let Some(_engine) = engine().await else {
+        return;
+    };
     let tag = format!("sstest{}-health", std::process::id());
     let (net, app, sidecar) = (tag.clone(), format!("{tag}-app"), format!("{tag}-sidecar"));
     struct Gone(String);
@@ -521,7 +529,9 @@ async fn the_health_check_turns_unhealthy_when_the_store_is_unusable() {
 
 #[tokio::test]
 async fn a_session_made_through_one_sidecar_works_through_the_other_and_the_balancer() {
-    let Some(_engine) = engine() else { return };
+    let Some(_engine) = engine().await else {
+        return;
+    };
     let p = Project::up("redis");
     let (one, two, lb) = (
         p.addr("sidecar-1", "front"),
@@ -563,7 +573,9 @@ async fn a_session_made_through_one_sidecar_works_through_the_other_and_the_bala
 /// through the other, and no acknowledged count is lost (the sessions live in Redis).
 #[tokio::test]
 async fn killing_one_sidecar_container_loses_nothing() {
-    let Some(_engine) = engine() else { return };
+    let Some(_engine) = engine().await else {
+        return;
+    };
     let p = Project::up("redis");
     let lb = p.addr("lb", "front");
     for s in ["sidecar-1", "sidecar-2"] {
@@ -612,7 +624,9 @@ async fn killing_one_sidecar_container_loses_nothing() {
 /// with the sessions as they were.
 #[tokio::test]
 async fn cut_off_from_redis_the_sidecars_answer_503_within_the_timeout_and_recover() {
-    let Some(_engine) = engine() else { return };
+    let Some(_engine) = engine().await else {
+        return;
+    };
     let p = Project::up("redis");
     let sidecars = ["sidecar-1", "sidecar-2"];
     let addrs: Vec<String> = sidecars.iter().map(|s| p.addr(s, "front")).collect();
