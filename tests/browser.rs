@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,47 +22,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, broadcast, oneshot};
 use tokio_tungstenite::tungstenite::Message;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The example app (Python) behind a sidecar with `extra` config.
-async fn demo(extra: &str) -> (Killed, Sidecar) {
-    let port = free_port();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/legacy_app.py");
-    let app = Killed(
-        Command::new("python3")
-            .args([script, &port.to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3"),
-    );
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let s = sidecar_for(format!("127.0.0.1:{port}").parse().unwrap(), extra).await;
-    (app, s)
-}
 
 fn chromium_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("CHROMIUM") {
@@ -309,7 +268,7 @@ async fn the_visit_counter_counts_across_reloads_in_a_real_browser() {
     let Some(chromium) = Chromium::start(false).await else {
         return;
     };
-    let (_app, s) = demo("").await;
+    let (_app, s) = python_demo("").await;
     let tab = chromium.tab().await;
     let page = tab.open(&s.url("/")).await;
     assert!(
@@ -331,7 +290,7 @@ async fn login_and_logout_in_one_tab_show_in_the_other() {
     let Some(chromium) = Chromium::start(false).await else {
         return;
     };
-    let (_app, s) = demo("").await;
+    let (_app, s) = python_demo("").await;
     let (one, two) = (chromium.tab().await, chromium.tab().await);
     let cart = two.open(&s.url("/cart")).await;
     assert!(cart.contains("login as ann"), "{cart}");
@@ -363,7 +322,7 @@ async fn the_browser_stores_the_cookie_with_the_configured_attributes() {
             true,
         ),
     ] {
-        let (_app, s) = demo(extra).await;
+        let (_app, s) = python_demo(extra).await;
         let tab = chromium.tab().await;
         tab.open(&s.url("/")).await;
         let cookies = chromium.cookies().await;
@@ -385,7 +344,7 @@ async fn the_browser_stores_the_cookie_with_the_configured_attributes() {
 
 #[tokio::test]
 async fn the_test_cookie_page_tells_a_browser_with_cookies_off() {
-    let (_app, s) = demo("").await;
+    let (_app, s) = python_demo("").await;
     let Some(blocked) = Chromium::start(true).await else {
         return;
     };

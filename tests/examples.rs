@@ -3,54 +3,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use common::*;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_until_up(port: u16) {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("example app did not start on {port}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn the_python_legacy_app_counts_visits_keeps_a_cart_and_logs_in_and_out() {
-    let port = free_port();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/legacy_app.py");
-    let _app = Killed(
-        Command::new("python3")
-            .args([script, &port.to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3"),
-    );
-    wait_until_up(port).await;
-    let s = sidecar_for(format!("127.0.0.1:{port}").parse().unwrap(), "").await;
+    let (_app, s) = python_demo("").await;
     let b = browser();
     for n in 1..=3 {
         let page = b

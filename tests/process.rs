@@ -48,15 +48,6 @@ fn write_config(dir: &Path, app: std::net::SocketAddr, extra: &str) -> std::path
     path
 }
 
-/// A port free at the moment of asking (for the admin listener of the real binary).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A config in `dir` with the admin listener described by `admin` (lines of the `[admin]` table).
 fn write_admin_config(dir: &Path, app: std::net::SocketAddr, admin: &str) -> std::path::PathBuf {
     let path = dir.join("sidecar.toml");

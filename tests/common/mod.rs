@@ -683,3 +683,52 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A child process killed and reaped when dropped (an example app, a browser).
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port free at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something listens on 127.0.0.1:`port` (an example app starting).
+pub async fn wait_until_up(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("example app did not start on {port}");
+}
+
+/// The Python example app (examples/legacy_app.py) behind a sidecar with `extra` config.
+pub async fn python_demo(extra: &str) -> (Killed, Sidecar) {
+    let port = free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/legacy_app.py");
+    let app = Killed(
+        std::process::Command::new("python3")
+            .args([script, &port.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    wait_until_up(port).await;
+    let s = sidecar_for(format!("127.0.0.1:{port}").parse().unwrap(), extra).await;
+    (app, s)
+}
