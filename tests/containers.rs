@@ -228,6 +228,18 @@ fn health(container: &str) -> String {
     ok(docker().args(["inspect", "-f", "{{.State.Health.Status}}", container]))
 }
 
+/// The image's own health check, run in the container by hand.
+fn healthcheck(container: &str) -> Output {
+    run(docker().args([
+        "exec",
+        container,
+        "session-sidecar",
+        "healthcheck",
+        "--config",
+        "/etc/session-sidecar/sidecar.toml",
+    ]))
+}
+
 fn wait_health(container: &str, want: &str, within: Duration) {
     let start = Instant::now();
     loop {
@@ -514,14 +526,7 @@ async fn the_health_check_turns_unhealthy_when_the_store_is_unusable() {
     }
     assert!(refused >= 5, "writes never failed on a full volume");
     wait_health(&sidecar, "unhealthy", Duration::from_secs(30));
-    let probe = run(docker().args([
-        "exec",
-        &sidecar,
-        "session-sidecar",
-        "healthcheck",
-        "--config",
-        "/etc/session-sidecar/sidecar.toml",
-    ]));
+    let probe = healthcheck(&sidecar);
     assert!(!probe.status.success());
     let said = String::from_utf8_lossy(&probe.stderr);
     assert!(said.contains("503"), "{said}");
@@ -651,14 +656,7 @@ async fn cut_off_from_redis_the_sidecars_answer_503_within_the_timeout_and_recov
             "503 after {took:?}, command_timeout is 2 s"
         );
     }
-    let probe = run(docker().args([
-        "exec",
-        &p.container("sidecar-1"),
-        "session-sidecar",
-        "healthcheck",
-        "--config",
-        "/etc/session-sidecar/sidecar.toml",
-    ]));
+    let probe = healthcheck(&p.container("sidecar-1"));
     assert!(!probe.status.success(), "ready while cut off from Redis");
 
     for s in sidecars {
