@@ -48,6 +48,8 @@ fn plant(dir: &std::path::Path, entries: &[(&str, Millis, Vec<u8>)]) {
         index.insert(index_key(*deadline, key), &[]).unwrap();
     }
     db.flush().unwrap();
+    drop((records, index, db));
+    sled_lets_go(&dir.join("sessions"));
 }
 
 /// A session record byte for byte as release 0.1 wrote it (format 1: no version byte).

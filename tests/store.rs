@@ -447,6 +447,7 @@ async fn sled_store_keeps_sessions_across_a_reopen() {
         s.create(&k, &record(json!({"a": 1}), t0())).await.unwrap();
         s.sync().await.unwrap();
     }
+    common::sled_lets_go(&dir.path().join("s"));
     let s = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192).unwrap();
     assert!(s.load(&k, t0() + 1).await.unwrap().is_some());
     let second = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192);

@@ -732,3 +732,21 @@ pub async fn python_demo(extra: &str) -> (Killed, Sidecar) {
     let s = sidecar_for(format!("127.0.0.1:{port}").parse().unwrap(), extra).await;
     (app, s)
 }
+
+/// sled's background threads may hold the database (and its file lock) a moment after the
+/// last handle is dropped; opening it again before then fails with Locked. Wait until the
+/// lock sled takes (flock on the `db` file) is free.
+pub fn sled_lets_go(path: &std::path::Path) {
+    let db_file = path.join("db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let file = std::fs::File::open(&db_file).unwrap();
+        match file.try_lock() {
+            Ok(()) => return,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("sled still holds {}: {e}", db_file.display()),
+        }
+    }
+}
