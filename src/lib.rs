@@ -78,6 +78,8 @@ pub enum RunError {
     GraceExceeded(usize),
     #[error("flushing the session store on shutdown failed: {0}")]
     Flush(StoreError),
+    #[error("starting the worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("config key `admin.listen`: cannot bind {addr}: {source}")]
     AdminBind {
         addr: std::net::SocketAddr,
@@ -150,21 +152,35 @@ pub async fn run_with_admin(
         });
         tokio::spawn(admin::serve(listener, admin, stop_rx))
     });
-    let sidecar = Arc::new(proxy::Sidecar::new(
-        config.clone(),
-        store.clone(),
-        deps.clock.clone(),
-        policy,
-        metrics.clone(),
-        tracker.clone(),
-    ));
-    let cut = server::serve(listener, sidecar, shutdown, &config, metrics, tracker).await;
+    // Every worker accepts from the same listening socket and has its own upstream connections.
+    let listener = listener.into_std().map_err(RunError::Workers)?;
+    let mut workers = Vec::with_capacity(config.workers);
+    for _ in 1..config.workers {
+        workers.push(listener.try_clone().map_err(RunError::Workers)?);
+    }
+    workers.push(listener);
+    let workers = workers
+        .into_iter()
+        .map(|listener| {
+            let sidecar = Arc::new(proxy::Sidecar::new(
+                config.clone(),
+                store.clone(),
+                deps.clock.clone(),
+                policy.clone(),
+                metrics.clone(),
+                tracker.clone(),
+            ));
+            (listener, sidecar)
+        })
+        .collect();
+    let served = server::serve(workers, shutdown, &config, metrics, tracker).await;
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     if let Some(t) = admin_task {
         let _ = t.await;
     }
     store.sync().await.map_err(RunError::Flush)?;
+    let cut = served.map_err(RunError::Workers)?;
     if cut > 0 {
         tracing::error!(cut, "shutdown grace ran out; requests were cut");
         return Err(RunError::GraceExceeded(cut));

@@ -20,7 +20,7 @@ use crate::server::Tracker;
 use crate::session::sessions::{CookieOp, Outcome, Refused, Sessions};
 use crate::session::store::Store;
 use crate::session::{Clock, Policy, json};
-use crate::upstream::Upstream;
+use crate::upstream::{ResponseBody, Upstream};
 
 /// What the access log says about a request, gathered on the way.
 #[derive(Default)]
@@ -367,7 +367,7 @@ impl Sidecar {
     fn finish(
         &self,
         mut rparts: http::response::Parts,
-        rbody: Incoming,
+        rbody: ResponseBody,
         upgrades: Option<(OnUpgrade, OnUpgrade)>,
     ) -> Response<Body> {
         let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS && upgrades.is_some();
@@ -395,7 +395,7 @@ impl Sidecar {
     ) -> Result<
         (
             http::response::Parts,
-            Incoming,
+            ResponseBody,
             Option<(OnUpgrade, OnUpgrade)>,
         ),
         ProxyError,

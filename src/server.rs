@@ -148,20 +148,32 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// What a client gets when `max_connections` are already open: a plain answer, then a close.
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 52\r\nconnection: close\r\nretry-after: 1\r\n\r\ntoo many open connections; please retry in a moment\n";
 
+/// What every worker shares: the HTTP settings, the connection limit, the counters.
+struct Shared {
+    builder: auto::Builder<TokioExecutor>,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    idle: Duration,
+    metrics: Arc<Metrics>,
+    tracker: Arc<Tracker>,
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, marks the sidecar as draining and
 /// waits up to `shutdown_grace` for requests, connections and spliced upgrades. Returns how many
 /// requests were still in flight when the grace ran out (0 after a clean drain).
+///
+/// Each `(listener, sidecar)` pair is served by a thread of its own running a single-threaded
+/// event loop: a connection, its requests and its upstream connections stay on that thread, so
+/// a request never waits for another core to pick up its wake-up. The caller's runtime only
+/// waits for the shutdown and runs the drain.
 pub async fn serve(
-    listener: TcpListener,
-    sidecar: Arc<Sidecar>,
+    workers: Vec<(std::net::TcpListener, Arc<Sidecar>)>,
     shutdown: impl Future<Output = ()>,
     config: &Config,
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
-) -> usize {
+) -> std::io::Result<usize> {
     let grace = config.shutdown_grace;
-    let idle = config.idle_connection_timeout;
-    let connections = Arc::new(Semaphore::new(config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The HTTP layer's own limits sit above the configured ones, so that the sidecar itself
     // answers most oversized heads with a plain-text 431 (proxy.rs); only far larger ones meet
@@ -177,8 +189,71 @@ pub async fn serve(
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_header_list_size((config.max_header_bytes * 2).min(u32::MAX as usize) as u32);
-    let builder = Arc::new(builder);
-    tokio::pin!(shutdown);
+    let shared = Arc::new(Shared {
+        builder,
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        max_connections: config.max_connections,
+        idle: config.idle_connection_timeout,
+        metrics,
+        tracker: tracker.clone(),
+    });
+    let (stop, _) = watch::channel(false);
+    let (finished, _) = watch::channel(false);
+    let mut exited = Vec::new();
+    for (i, (listener, sidecar)) in workers.into_iter().enumerate() {
+        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<()>();
+        let (shared, stop_rx, mut finished_rx) =
+            (shared.clone(), stop.subscribe(), finished.subscribe());
+        listener.set_nonblocking(true)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("sidecar-worker-{i}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, worker = i, "cannot start a worker's event loop");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => accept(listener, sidecar, stop_rx, &shared).await,
+                        Err(e) => tracing::error!(error = %e, worker = i, "cannot listen"),
+                    }
+                    // Connections keep running on this thread until the drain is over.
+                    let _ = finished_rx.wait_for(|f| *f).await;
+                });
+                drop(runtime);
+                let _ = exit_tx.send(());
+            });
+        if let Err(e) = thread {
+            let _ = stop.send(true);
+            let _ = finished.send(true);
+            return Err(e);
+        }
+        exited.push(exit_rx);
+    }
+    shutdown.await;
+    let _ = stop.send(true);
+    let cut = drain(&tracker, grace).await;
+    let _ = finished.send(true);
+    for worker in exited {
+        let _ = worker.await;
+    }
+    Ok(cut)
+}
+
+/// One worker's accept loop, until `stop`.
+async fn accept(
+    listener: TcpListener,
+    sidecar: Arc<Sidecar>,
+    mut stop: watch::Receiver<bool>,
+    shared: &Arc<Shared>,
+) {
+    let (idle, tracker, connections) = (shared.idle, &shared.tracker, &shared.connections);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -190,10 +265,10 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = stop.wait_for(|s| *s) => break,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = config.max_connections, "connection refused: max_connections reached");
+            tracing::warn!(%peer, limit = shared.max_connections, "connection refused: max_connections reached");
             tokio::spawn(refuse(stream));
             continue;
         };
@@ -225,12 +300,14 @@ pub async fn serve(
             })
         };
         let connection = Guard::enter(&tracker, |t| &t.connections);
-        let open = metrics.open_connections.clone();
-        let builder = builder.clone();
+        let open = shared.metrics.open_connections.clone();
+        let shared = shared.clone();
         let mut drain = tracker.drain.subscribe();
         open.inc();
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = shared
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             // When the connection was asked to close: a peer that never answers the shutdown
             // (an h2 client that ignores GOAWAY's ping) is cut once nothing is in flight.
@@ -275,7 +352,11 @@ pub async fn serve(
             drop(connection);
         });
     }
-    drop(listener);
+}
+
+/// Marks the sidecar as draining, asks every connection to close, and waits up to `grace` for
+/// what is in flight. Returns the requests still in flight when the grace ran out.
+async fn drain(tracker: &Arc<Tracker>, grace: Duration) -> usize {
     tracker.draining.store(true, Ordering::SeqCst);
     let _ = tracker.drain.send(true);
     tracing::info!(

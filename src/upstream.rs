@@ -1,4 +1,11 @@
-//! The pooled HTTP/1.1 client to the upstream: URI rewrite, timeouts, and the 502/504 mapping.
+//! The HTTP/1.1 client to the upstream: a worker's own pool of keep-alive connections, URI
+//! rewrite, timeouts, and the 502/504 mapping.
+//!
+//! Each worker thread has its own [`Upstream`] (see `server.rs`): a request goes out on a
+//! connection of the thread that accepted it, straight through hyper's `client::conn`, and the
+//! connection goes back to that thread's idle list when the response body has been read to its
+//! end. A connection the app closed while idle is noticed before use; one that closed just as
+//! a request was handed to it gives the request back, and the request goes on a new connection.
 //!
 //! The upstream's timeout starts once the client's request body has been sent: a slow upload is
 //! the client's time, not the app's (a 504 would blame the app). While the body is still coming,
@@ -12,21 +19,106 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::error::ProxyError;
 
-#[derive(Clone)]
+/// An idle connection is closed after this long unused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections a worker keeps; more are closed when their response ends.
+const MAX_IDLE: usize = 256;
+
+type Sender = SendRequest<Watched>;
+
+/// A worker's idle connections to the upstream, most recently used last.
+#[derive(Default)]
+struct Pool {
+    idle: std::sync::Mutex<Vec<(Sender, Instant)>>,
+}
+
+impl Pool {
+    fn take(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push((sender, Instant::now()));
+        }
+    }
+}
+
+/// Why no response came.
+enum Failure {
+    /// No connection could be made.
+    Connect(String),
+    /// The exchange on a connection failed.
+    Http(hyper::Error),
+}
+
 pub struct Upstream {
-    client: Client<HttpConnector, Watched>,
+    pool: Arc<Pool>,
     authority: Authority,
     timeout: Duration,
+}
+
+/// The upstream's response body: when it has been read to its end, its connection goes back
+/// to the worker's idle list.
+pub struct ResponseBody {
+    inner: Incoming,
+    back: Option<(Sender, Arc<Pool>)>,
+}
+
+impl ResponseBody {
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.back.take() {
+            pool.give_back(sender);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.give_back(),
+            // A connection whose response failed halfway is not reused.
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// How far the client's request body has come.
@@ -110,36 +202,96 @@ impl Drop for Watched {
 
 impl Upstream {
     pub fn new(authority: Authority, timeout: Duration) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .set_host(false)
-            .build(connector);
         Upstream {
-            client,
+            pool: Arc::new(Pool::default()),
             authority,
             timeout,
+        }
+    }
+
+    /// A new connection to the upstream, its driver running on this worker.
+    async fn connect(&self) -> Result<Sender, Failure> {
+        let host = self.authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = self.authority.port_u16().unwrap_or(80);
+        let stream =
+            match tokio::time::timeout(self.timeout, TcpStream::connect((host, port))).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    return Err(Failure::Connect(format!(
+                        "connecting to {}: {e}",
+                        self.authority
+                    )));
+                }
+                Err(_) => {
+                    return Err(Failure::Connect(format!(
+                        "connecting to {}: no answer within {} s",
+                        self.authority,
+                        self.timeout.as_secs()
+                    )));
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(Failure::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` on an idle connection if one is ready, else on a new one; a request an idle
+    /// connection could not take (it had just closed) goes on the next.
+    async fn exchange(&self, mut req: Request<Watched>) -> Result<Response<ResponseBody>, Failure> {
+        loop {
+            let (mut sender, pooled) = match self.pool.take() {
+                Some(mut sender) => match sender.ready().await {
+                    Ok(()) => (sender, true),
+                    Err(_) => continue,
+                },
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let (parts, inner) = resp.into_parts();
+                    let mut body = ResponseBody {
+                        inner,
+                        back: (parts.status != http::StatusCode::SWITCHING_PROTOCOLS)
+                            .then(|| (sender, self.pool.clone())),
+                    };
+                    if body.inner.is_end_stream() {
+                        body.give_back();
+                    }
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(again) if pooled => req = again,
+                    _ => return Err(Failure::Http(e.into_error())),
+                },
+            }
         }
     }
 
     /// Sends `req` (its URI is rewritten to the upstream; headers are the caller's business)
     /// and waits for the response head: at most the configured timeout once the request body
     /// is sent.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        uri.path_and_query = Some(path);
-        parts.uri = Uri::from_parts(uri).expect("scheme, authority and path are valid");
+        // Origin form: the request line carries the path and query only.
+        parts.uri = Uri::from(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
         parts.version = Version::HTTP_11;
         if body.is_end_stream() {
             let body = Watched {
@@ -147,7 +299,7 @@ impl Upstream {
                 progress: None,
             };
             return self
-                .head(self.client.request(Request::from_parts(parts, body)))
+                .head(self.exchange(Request::from_parts(parts, body)))
                 .await;
         }
         let progress = Arc::new(Progress {
@@ -161,7 +313,7 @@ impl Upstream {
             inner: body,
             progress: Some(progress.clone()),
         };
-        let response = self.client.request(Request::from_parts(parts, body));
+        let response = self.exchange(Request::from_parts(parts, body));
         tokio::pin!(response);
         // While the body is coming: no deadline for the app, an idle deadline for the client.
         while !progress.done.load(Ordering::SeqCst) {
@@ -173,7 +325,7 @@ impl Upstream {
             }
             let quiet = self.timeout.saturating_sub(progress.quiet_for());
             tokio::select! {
-                r = &mut response => return self.answer(r),
+                r = &mut response => return answer(r),
                 _ = finished => {}
                 _ = tokio::time::sleep(quiet) => {
                     if progress.quiet_for() >= self.timeout {
@@ -192,36 +344,31 @@ impl Upstream {
     /// The response head, within the timeout.
     async fn head(
         &self,
-        response: impl std::future::Future<
-            Output = Result<Response<Incoming>, hyper_util::client::legacy::Error>,
-        >,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        response: impl std::future::Future<Output = Result<Response<ResponseBody>, Failure>>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         match tokio::time::timeout(self.timeout, response).await {
-            Ok(r) => self.answer(r),
+            Ok(r) => answer(r),
             Err(_) => Err(ProxyError::UpstreamTimeout(self.timeout.as_secs())),
         }
     }
+}
 
-    fn answer(
-        &self,
-        r: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let e = match r {
-            Ok(resp) => return Ok(resp),
-            Err(e) => e,
-        };
-        // The whole chain goes to the log; the client's body says only what happened.
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
+fn answer(
+    r: Result<Response<ResponseBody>, Failure>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    match r {
+        Ok(resp) => Ok(resp),
+        Err(Failure::Connect(text)) => Err(ProxyError::UpstreamDown(text)),
+        Err(Failure::Http(e)) => {
+            // The whole chain goes to the log; the client's body says only what happened.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            Err(ProxyError::UpstreamBroken(text))
         }
-        Err(if e.is_connect() {
-            ProxyError::UpstreamDown(text)
-        } else {
-            ProxyError::UpstreamBroken(text)
-        })
     }
 }

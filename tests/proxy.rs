@@ -316,3 +316,109 @@ async fn websocket_upgrades_pass_through_with_session_headers_on_the_handshake()
         .unwrap();
     assert_eq!(&echo, b"hello");
 }
+
+/// A bare HTTP/1.1 upstream: answers every request on a connection with `200 ok` (keep-alive
+/// as far as the client can tell), closes the connection after `per_connection` answers, and
+/// counts the connections it accepted.
+async fn counting_upstream(
+    per_connection: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut r = BufReader::new(r);
+                for _ in 0..per_connection {
+                    // A GET without a body: the head ends with an empty line.
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if w.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+                // Closed without a word: no `Connection: close` was announced.
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let (app, accepted) = counting_upstream(usize::MAX).await;
+    let s = sidecar_for(app, "workers = 2").await;
+    let client = plain();
+    for i in 0..50 {
+        let resp = client.get(s.url(&format!("/r{i}"))).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "ok");
+    }
+    let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&n),
+        "50 requests one after another opened {n} upstream connections"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_idle_connections_costs_no_request() {
+    // Each upstream connection serves one answer and is closed; the sidecar must notice the
+    // closed idle connection (or get its request back) and use a new one, never answer 502.
+    let (app, accepted) = counting_upstream(1).await;
+    let s = sidecar_for(app, "").await;
+    let client = plain();
+    for i in 0..30 {
+        let resp = client.get(s.url(&format!("/c{i}"))).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.text().await.unwrap(), "ok");
+        if i % 2 == 0 {
+            // Half of them after the close has surely arrived, half right away.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 30);
+}
+
+#[tokio::test]
+async fn every_worker_serves_and_none_stays_idle_under_parallel_connections() {
+    // Four workers accept from one socket: parallel connections must all be answered, whatever
+    // worker each one lands on.
+    let (app, _) = counting_upstream(usize::MAX).await;
+    let s = sidecar_for(app, "workers = 4").await;
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let url = s.url(&format!("/p{c}"));
+        tasks.push(tokio::spawn(async move {
+            // One client per task: its own connection.
+            let client = plain();
+            for _ in 0..20 {
+                let resp = client.get(&url).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+                resp.bytes().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

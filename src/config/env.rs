@@ -28,6 +28,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("", "header_read_timeout", Kind::Int),
     ("", "max_connections", Kind::Int),
     ("", "idle_connection_timeout", Kind::Int),
+    ("", "workers", Kind::Int),
     ("", "upgrades", Kind::List),
     ("", "log_format", Kind::Str),
     ("cookie", "name", Kind::Str),

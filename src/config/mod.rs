@@ -147,6 +147,8 @@ pub struct Config {
     pub max_connections: usize,
     /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive, h2c).
     pub idle_connection_timeout: Duration,
+    /// Threads serving connections, each with its own event loop and upstream connections.
+    pub workers: usize,
     /// Lower-cased protocols a client may switch to (`Upgrade`); others go up as plain requests.
     pub upgrades: Vec<String>,
     /// One JSON object per log line instead of text.

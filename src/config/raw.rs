@@ -45,6 +45,8 @@ pub struct RawConfig {
     pub header_read_timeout: u64,
     pub max_connections: usize,
     pub idle_connection_timeout: u64,
+    /// 0: one per CPU the process may use.
+    pub workers: usize,
     pub upgrades: Vec<String>,
     pub log_format: String,
     pub cookie: RawCookie,
@@ -133,6 +135,7 @@ impl Default for RawConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_connection_timeout: DEFAULT_IDLE_CONNECTION_TIMEOUT,
+            workers: 0,
             upgrades: DEFAULT_UPGRADES.iter().map(|s| s.to_string()).collect(),
             log_format: "text".into(),
             cookie: RawCookie::default(),

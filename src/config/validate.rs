@@ -67,6 +67,12 @@ impl RawConfig {
                 format!("{} is outside 1..=10000", self.max_headers),
             ));
         }
+        if self.workers > 1024 {
+            return Err(invalid(
+                "workers",
+                format!("{} is outside 0..=1024 (0: one per CPU)", self.workers),
+            ));
+        }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be greater than 0"));
         }
@@ -128,6 +134,10 @@ impl RawConfig {
                 self.idle_connection_timeout,
                 false,
             )?,
+            workers: match self.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
             upgrades: validate_upgrades(&self.upgrades)?,
             log_json: match self.log_format.as_str() {
                 "text" => false,
