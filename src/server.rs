@@ -299,7 +299,7 @@ async fn accept(
                 }
             })
         };
-        let connection = Guard::enter(&tracker, |t| &t.connections);
+        let connection = Guard::enter(tracker, |t| &t.connections);
         let open = shared.metrics.open_connections.clone();
         let shared = shared.clone();
         let mut drain = tracker.drain.subscribe();
