@@ -1,8 +1,17 @@
 #!/usr/bin/env python3
 """The benchmark: session-sidecar against nginx `proxy_pass`, on 127.0.0.1, in one run.
 
-    python3 bench/run.py            # full: 3 rounds A B A B of 10 s per scenario, latency, 1M sessions
+    python3 bench/run.py            # full: 3 interleaved rounds of 10 s per scenario, latency, 1M sessions
     python3 bench/run.py --smoke    # a few seconds, no targets (what CI runs so the harness cannot rot)
+    python3 bench/run.py --calibration DIR   # also a reference proxy built from the cargo project DIR
+                                             # (run as `BIN LISTEN UPSTREAM 2`), on pass-through
+
+Every round runs each contender once, one after the other (A B C A B C ...): the upstream hit
+directly (the ceiling: when it is near the proxies' figures, the ratios say nothing), nginx
+`proxy_pass` (1.00x), the sidecar, and on the session scenarios the in-memory peer
+(bench/lua_sessions.conf: nginx + Lua + a shared-memory dict, when nginx-extras and lua-cjson
+install). Figures are medians of the rounds; CPU µs per request is the contender's own CPU time
+(all its processes and threads) over the requests it served.
 
 It builds what it needs (release sidecar, the bench upstream), installs Debian's nginx, wrk and
 gnuplot if missing (and oha through cargo for fixed-rate latency), starts everything itself,
@@ -31,12 +40,20 @@ def sh(*args, **kw):
     return subprocess.run(args, check=True, **kw)
 
 
-def ensure_tools(need_oha):
+LUA_MODULE = "/usr/share/nginx/modules/ngx_http_lua_module.so"
+CJSON = "/usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so"
+
+
+def ensure_tools(need_oha, lua=True):
     missing = [p for p, b in [("nginx", "nginx"), ("wrk", "wrk"), ("gnuplot-nox", "gnuplot")] if not shutil.which(b)
                and not os.path.exists(f"/usr/sbin/{b}")]
+    if lua:
+        missing += [p for p, f in [("nginx-extras", LUA_MODULE), ("lua-cjson", CJSON)] if not os.path.exists(f)]
     if missing:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         sh("apt-get", "update", "-qq")
-        sh("apt-get", "install", "-y", "-qq", *missing, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        if subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env).returncode != 0:
+            print(f"could not install {missing}; the Lua peer is left out", flush=True)
     if need_oha and not shutil.which("oha"):
         sh("cargo", "install", "oha", "--locked", "--quiet")
 
@@ -80,9 +97,11 @@ def rss_mib(pid):
 class Stack:
     """Upstream, sidecar and nginx, all on 127.0.0.1."""
 
-    def __init__(self, tmp, store_path=None, redis_port=None):
+    def __init__(self, tmp, store_path=None, redis_port=None, peers=False, calibration=None):
         self.tmp = tmp
         self.redis_port = redis_port
+        self.store_extra = ""
+        self.lua = self.minproxy = None
         self.up_port, self.sc_port, self.ng_port = free_port(), free_port(), free_port()
         self.upstream = subprocess.Popen([os.path.join(ROOT, "target/release/examples/bench_upstream"),
                                           str(self.up_port)])
@@ -115,12 +134,37 @@ http {{
 """)
         self.nginx = subprocess.Popen(["nginx", "-c", conf, "-p", tmp], stderr=subprocess.DEVNULL)
         wait_port(self.ng_port, self.nginx)
+        if peers:
+            self.start_lua()
+        if calibration:
+            self.mp_port = free_port()
+            self.minproxy = subprocess.Popen([calibration, f"127.0.0.1:{self.mp_port}",
+                                              f"127.0.0.1:{self.up_port}", "2"], stdout=subprocess.DEVNULL)
+            wait_port(self.mp_port, self.minproxy)
+
+    def start_lua(self):
+        if not (os.path.exists(LUA_MODULE) and os.path.exists(CJSON)):
+            print("no nginx Lua module or lua-cjson: the in-memory peer is left out", flush=True)
+            return
+        self.lua_port = free_port()
+        with open(os.path.join(BENCH, "lua_sessions.conf")) as f:
+            text = (f.read().replace("@TMP@", self.tmp).replace("@UPSTREAM@", str(self.up_port))
+                    .replace("@LISTEN@", str(self.lua_port)))
+        conf = os.path.join(self.tmp, "lua-nginx.conf")
+        with open(conf, "w") as f:
+            f.write(text)
+        self.lua = subprocess.Popen(["nginx", "-c", conf, "-p", "/usr/share/nginx"], stderr=subprocess.DEVNULL)
+        try:
+            wait_port(self.lua_port, self.lua, timeout=10)
+        except RuntimeError as e:
+            print(f"the Lua peer did not start ({e}): left out", flush=True)
+            self.lua = None
 
     def start_sidecar(self):
         conf = os.path.join(self.tmp, "sidecar.toml")
         with open(conf, "w") as f:
             store = (f'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{self.redis_port}/0"\n'
-                     if self.redis_port else f'[store]\npath = "{self.store_path}"\n')
+                     if self.redis_port else f'[store]\npath = "{self.store_path}"\n{self.store_extra}')
             f.write(f'listen = "127.0.0.1:{self.sc_port}"\nupstream = "http://127.0.0.1:{self.up_port}"\n'
                     f'skip_paths = ["/static/"]\n{store}[admin]\nlisten = ""\n')
         started = time.time()
@@ -131,18 +175,37 @@ http {{
         urllib.request.urlopen(f"http://127.0.0.1:{self.sc_port}/static/ready").read()
         self.startup_s = time.time() - started
 
-    def nginx_pids(self):
-        out = subprocess.run(["pgrep", "-P", str(self.nginx.pid)], capture_output=True, text=True).stdout.split()
-        return [self.nginx.pid] + [int(p) for p in out]
+    def restart_sidecar(self, store_extra):
+        """The same store under another `[store]` setting (e.g. durable = false)."""
+        self.sidecar.send_signal(signal.SIGTERM)
+        self.sidecar.wait(timeout=60)
+        self.store_extra = store_extra
+        self.start_sidecar()
+
+    def nginx_pids(self, proc=None):
+        proc = proc or self.nginx
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        return [proc.pid] + [int(p) for p in out]
+
+    def contenders(self, scenario_sessions):
+        """(name, port, pids) of everyone measured on a scenario."""
+        out = [("upstream", self.up_port, [self.upstream.pid]), ("nginx", self.ng_port, self.nginx_pids()),
+               ("sidecar", self.sc_port, [self.sidecar.pid])]
+        if self.lua and scenario_sessions:
+            out.append(("lua peer", self.lua_port, self.nginx_pids(self.lua)))
+        if self.minproxy and not scenario_sessions:
+            out.append(("calibration", self.mp_port, [self.minproxy.pid]))
+        return out
 
     def stats(self):
         return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{self.up_port}/stats").read())
 
     def stop(self):
-        for p in (self.sidecar, self.nginx, self.upstream):
+        procs = (self.sidecar, self.nginx, self.lua, self.minproxy, self.upstream)
+        for p in procs:
             if p and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in (self.sidecar, self.nginx, self.upstream):
+        for p in procs:
             if p:
                 try:
                     p.wait(timeout=30)
@@ -193,10 +256,12 @@ def oha(port, path, rate, seconds, cookie=None):
     return {"rps": out["summary"]["requestsPerSec"], "p50_ms": p["p50"] * 1000, "p99_ms": p["p99"] * 1000}
 
 
+# (name, path, with sessions, target ratio to nginx, [store] lines for the sidecar)
 SCENARIOS = [
-    ("pass-through (skip_paths)", "/static/x", False, 1.0),
-    ("session read, no write", "/read", True, 0.9),
-    ("visit counter (read + durable write)", "/count", True, 0.7),
+    ("pass-through (skip_paths)", "/static/x", False, 0.95, ""),
+    ("session read, no write", "/read", True, 0.85, ""),
+    ("visit counter (read + durable write)", "/count", True, 0.6, ""),
+    ("visit counter, durable = false", "/count", True, None, "durable = false\n"),
 ]
 
 
@@ -210,6 +275,8 @@ def main():
     ap.add_argument("--replot", action="store_true", help="only redraw the table and chart from results.json")
     ap.add_argument("--redis", action="store_true", help="also the visit counter on the Redis store")
     ap.add_argument("--only-redis", action="store_true", help="only the Redis visit counter (results-redis.*)")
+    ap.add_argument("--calibration", help="a cargo project whose one binary is a reference proxy "
+                                          "(BIN LISTEN UPSTREAM THREADS), measured on pass-through")
     args = ap.parse_args()
     if args.replot:
         with open(os.path.join(BENCH, "results.json")) as f:
@@ -230,29 +297,44 @@ def main():
        "--example", "bench_upstream", "--example", "bench_fill", cwd=ROOT)
 
     tmp = tempfile.mkdtemp(prefix="sidecar-bench-")
-    stack = Stack(tmp)
-    results = {"machine": machine(), "command": " ".join(sys.argv), "scenarios": []}
+    calibration = build_calibration(args.calibration) if args.calibration else None
+    stack = Stack(tmp, peers=True, calibration=calibration)
+    results = {"machine": machine(), "command": " ".join(sys.argv), "scenarios": [],
+               "loader": "wrk -t1 -c32 (one thread: its own limit is the 'upstream' column's order)"}
     try:
-        cookies = make_sessions(stack.sc_port, args.sessions)
-        cookie_file = os.path.join(tmp, "cookies.txt")
-        with open(cookie_file, "w") as f:
-            f.write("\n".join(cookies) + "\n")
-        for name, path, sessions, target in SCENARIOS:
-            rounds = {"nginx": [], "sidecar": []}
+        cookie_files = {}
+        for who, port in (("sidecar", stack.sc_port), ("lua peer", getattr(stack, "lua_port", None))):
+            if port is None or (who == "lua peer" and not stack.lua):
+                continue
+            cookie_files[who] = os.path.join(tmp, f"cookies-{who.replace(' ', '-')}.txt")
+            with open(cookie_files[who], "w") as f:
+                f.write("\n".join(make_sessions(port, args.sessions)) + "\n")
+        for name, path, sessions, target, store_extra in SCENARIOS:
+            if store_extra != stack.store_extra:
+                stack.restart_sidecar(store_extra)
+            contenders = stack.contenders(sessions)
+            rounds = {who: [] for who, _, _ in contenders}
             for r in range(args.rounds):
-                for who, port, pids in (("nginx", stack.ng_port, stack.nginx_pids()),
-                                        ("sidecar", stack.sc_port, [stack.sidecar.pid])):
+                for who, port, pids in contenders:
+                    cookies = cookie_files.get(who, cookie_files.get("sidecar")) if sessions else None
                     before = cpu_seconds(pids)
-                    res = wrk(port, path, args.seconds, cookie_file if sessions else None)
-                    res["cpu_us_per_req"] = (cpu_seconds(pids) - before) / res["requests"] * 1e6
+                    res = wrk(port, path, args.seconds, cookies)
+                    res["cpu_us_per_req"] = (cpu_seconds(pids) - before) / max(res["requests"], 1) * 1e6
                     rounds[who].append(res)
-                    print(f"{name:40} round {r + 1} {who:8} {res['rps']:>9.0f} req/s  p50 {res['p50_ms']:.3f} ms"
+                    print(f"{name:40} round {r + 1} {who:11} {res['rps']:>9.0f} req/s  p50 {res['p50_ms']:.3f} ms"
                           f"  p99 {res['p99_ms']:.3f} ms  {res['cpu_us_per_req']:.1f} µs CPU/req", flush=True)
             med = {who: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for who, rs in rounds.items()}
-            ratio = med["sidecar"]["rps"] / med["nginx"]["rps"]
-            results["scenarios"].append({"name": name, "path": path, "target": target, "ratio": ratio,
+            ratios = {who: m["rps"] / med["nginx"]["rps"] for who, m in med.items()}
+            if target is None and "lua peer" in ratios:
+                target = round(ratios["lua peer"], 2)
+            results["scenarios"].append({"name": name, "path": path, "target": target,
+                                         "ratio": ratios["sidecar"], "ratios": ratios, "median": med,
                                          "nginx": med["nginx"], "sidecar": med["sidecar"], "rounds": rounds})
-            print(f"  -> ratio {ratio:.2f} (target {target})", flush=True)
+            print(f"  -> sidecar {ratios['sidecar']:.2f}x nginx (target {target}); "
+                  + ", ".join(f"{w} {x:.2f}x" for w, x in ratios.items() if w not in ("sidecar", "nginx")),
+                  flush=True)
+        if stack.store_extra:
+            stack.restart_sidecar("")
         stats = stack.stats()
         results["lost_sessions"] = stats["lost"]
         print(f"lost sessions (expected existing, got new): {stats['lost']} of {stats['requests']} requests")
@@ -277,26 +359,55 @@ def main():
     return 0
 
 
+def build_calibration(path):
+    out = tempfile.mkdtemp(prefix="sidecar-bench-calibration-")
+    sh("cargo", "build", "--release", "--quiet", "--manifest-path", os.path.join(path, "Cargo.toml"),
+       "--target-dir", out)
+    bins = [f for f in os.listdir(os.path.join(out, "release"))
+            if os.access(os.path.join(out, "release", f), os.X_OK) and os.path.isfile(os.path.join(out, "release", f))]
+    return os.path.join(out, "release", bins[0])
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def counter_on(tmp, store_path, args, label):
+    """Start-up, RSS and visit-counter req/s of a sidecar on the store at store_path."""
+    stack = Stack(tmp, store_path=store_path)
+    try:
+        cookie_file = os.path.join(tmp, f"cookies-{label}.txt")
+        with open(cookie_file, "w") as f:
+            f.write("\n".join(make_sessions(stack.sc_port, 1000)) + "\n")
+        runs = [wrk(stack.sc_port, "/count", args.seconds, cookie_file) for _ in range(args.rounds)]
+        return {"startup_s": stack.startup_s, "rss_mib": rss_mib(stack.sidecar.pid),
+                "counter_rps": statistics.median(r["rps"] for r in runs)}
+    finally:
+        stack.stop()
+
+
 def big_store(tmp, args):
-    """Visit-counter throughput, start-up time and RSS with a store of args.big sessions."""
+    """The visit counter on a store of 1k sessions and on one of args.big, one after the other;
+    start-up time, RSS and bytes per session on disk for the big one, and a paper estimate."""
+    small = counter_on(tmp, os.path.join(tmp, "small"), args, "small")
     path = os.path.join(tmp, "big")
     t = time.time()
     sh(os.path.join(ROOT, "target/release/examples/bench_fill"), path, str(args.big), stdout=subprocess.DEVNULL)
     print(f"filled {args.big} sessions in {time.time() - t:.0f} s")
-    stack = Stack(tmp, store_path=path)
-    try:
-        cookies = make_sessions(stack.sc_port, 1000)
-        cookie_file = os.path.join(tmp, "cookies-big.txt")
-        with open(cookie_file, "w") as f:
-            f.write("\n".join(cookies) + "\n")
-        runs = [wrk(stack.sc_port, "/count", args.seconds, cookie_file) for _ in range(args.rounds)]
-        rps = statistics.median(r["rps"] for r in runs)
-        res = {"sessions": args.big, "startup_s": stack.startup_s, "rss_mib": rss_mib(stack.sidecar.pid),
-               "counter_rps": rps}
-        print(f"1M store: start-up {res['startup_s']:.2f} s, RSS {res['rss_mib']:.0f} MiB, counter {rps:.0f} req/s")
-        return res
-    finally:
-        stack.stop()
+    disk = dir_bytes(path)
+    big = counter_on(tmp, path, args, "big")
+    res = {"sessions": args.big, **big, "small_counter_rps": small["counter_rps"], "small_rss_mib": small["rss_mib"],
+           "counter_vs_small": big["counter_rps"] / small["counter_rps"], "disk_bytes": disk,
+           "disk_bytes_per_session": disk / args.big,
+           "rss_bytes_per_session": max(0.0, big["rss_mib"] - small["rss_mib"]) * 1048576 / args.big}
+    for n in (10_000_000, 100_000_000):
+        res[f"estimate_{n}"] = {"disk_gib": res["disk_bytes_per_session"] * n / 2**30,
+                                "rss_mib": small["rss_mib"] + res["rss_bytes_per_session"] * n / 2**20}
+    print(f"{args.big:,} sessions: start-up {res['startup_s']:.2f} s, RSS {res['rss_mib']:.0f} MiB "
+          f"(1k store: {small['rss_mib']:.0f} MiB), counter {big['counter_rps']:.0f} req/s = "
+          f"{res['counter_vs_small']:.2f} of the 1k store's {small['counter_rps']:.0f}; "
+          f"{res['disk_bytes_per_session']:.0f} bytes/session on disk", flush=True)
+    return res
 
 
 def redis_calls(port):
@@ -366,13 +477,21 @@ def write_outputs(results, smoke):
     suffix = "-smoke" if smoke else ""
     with open(os.path.join(BENCH, f"results{suffix}.json"), "w") as f:
         json.dump(results, f, indent=2)
-    lines = ["| scenario | nginx req/s | sidecar req/s | ratio (target) | sidecar p50 / p99 ms | nginx p50 / p99 ms "
-             "| sidecar CPU µs/req | nginx CPU µs/req |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | upstream direct | nginx req/s | sidecar req/s | sidecar / nginx (target) | other contenders "
+             "| sidecar p50 / p99 ms | nginx p50 / p99 ms | CPU µs/req: sidecar / nginx |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in results["scenarios"]:
-        n, c = s["nginx"], s["sidecar"]
-        lines.append(f"| {s['name']} | {n['rps']:.0f} | {c['rps']:.0f} | {s['ratio']:.2f} (≥ {s['target']}) | "
+        med = s.get("median", {"nginx": s["nginx"], "sidecar": s["sidecar"]})
+        n, c = med["nginx"], med["sidecar"]
+        up = med.get("upstream", {}).get("rps")
+        others = ", ".join(f"{w} {med[w]['rps']:.0f} req/s = {r:.2f}x ({med[w]['cpu_us_per_req']:.1f} µs CPU)"
+                           for w, r in s.get("ratios", {}).items() if w not in ("sidecar", "nginx", "upstream"))
+        target = f"≥ {s['target']}" if s["target"] is not None else "no peer"
+        met = "" if s["target"] is None else (" met" if s["ratio"] >= s["target"] else " NOT met")
+        lines.append(f"| {s['name']} | {f'{up:.0f}' if up else '-'} | {n['rps']:.0f} | {c['rps']:.0f} | "
+                     f"{s['ratio']:.2f} ({target}{met}) | {others or '-'} | "
                      f"{c['p50_ms']:.3f} / {c['p99_ms']:.3f} | {n['p50_ms']:.3f} / {n['p99_ms']:.3f} | "
-                     f"{c['cpu_us_per_req']:.1f} | {n['cpu_us_per_req']:.1f} |")
+                     f"{c['cpu_us_per_req']:.1f} / {n['cpu_us_per_req']:.1f} |")
     if "fixed_rate" in results:
         fr = results["fixed_rate"]
         lines.append("")
@@ -389,8 +508,17 @@ def write_outputs(results, smoke):
     if "big" in results:
         b = results["big"]
         lines.append("")
-        lines.append(f"Store of {b['sessions']:,} sessions: start-up to first request {b['startup_s']:.2f} s, "
-                     f"RSS {b['rss_mib']:.0f} MiB, visit counter {b['counter_rps']:.0f} req/s.")
+        lines.append(f"Store of {b['sessions']:,} sessions: start-up to first request {b['startup_s']:.2f} s "
+                     f"(target ≤ 2 s), RSS {b['rss_mib']:.0f} MiB (target ≤ 128; 1k-session store: "
+                     f"{b.get('small_rss_mib', 0):.0f} MiB), visit counter {b['counter_rps']:.0f} req/s = "
+                     f"{b.get('counter_vs_small', 0):.2f} of the 1k store's {b.get('small_counter_rps', 0):.0f} "
+                     f"(target ≥ 0.90).")
+        if "disk_bytes_per_session" in b:
+            lines.append(f"Per session: {b['disk_bytes_per_session']:.0f} bytes on disk, "
+                         f"{b['rss_bytes_per_session']:.0f} bytes of RSS beyond the 1k store's. On paper: "
+                         + "; ".join(f"{n // 1_000_000}M sessions ≈ {b[f'estimate_{n}']['disk_gib']:.1f} GiB on disk, "
+                                     f"RSS ≈ {b[f'estimate_{n}']['rss_mib']:.0f} MiB"
+                                     for n in (10_000_000, 100_000_000)) + ".")
     lines.append("")
     lines.append(f"Machine: {results['machine']}. Command: `{results['command']}`.")
     text = "\n".join(lines) + "\n"
@@ -400,7 +528,9 @@ def write_outputs(results, smoke):
     data = os.path.join(tempfile.mkdtemp(), "data.txt")
     with open(data, "w") as f:
         for i, s in enumerate(results["scenarios"]):
-            f.write(f"{i} \"{s['name']}\" {s['nginx']['rps']:.0f} {s['sidecar']['rps']:.0f} {s['ratio']:.2f}\n")
+            lua = s.get("median", {}).get("lua peer", {}).get("rps")
+            f.write(f"{i} \"{s['name']}\" {s['nginx']['rps']:.0f} {s['sidecar']['rps']:.0f} {s['ratio']:.2f} "
+                    f"{f'{lua:.0f}' if lua else 'NaN'}\n")
     png = os.path.join(BENCH, f"chart{suffix}.png")
     script = f"""
 set terminal pngcairo size 900,420 font ",10" noenhanced
@@ -413,8 +543,10 @@ set boxwidth 0.9
 set yrange [0:*]
 set grid ytics
 set key top right
+set datafile missing "NaN"
 plot "{data}" using 3:xtic(2) title "nginx proxy_pass", "" using 4 title "session-sidecar", \
-     "" using ($1 + 0.17):($4 + 1500):(sprintf("%.2fx", $5)) with labels notitle
+     "" using 6 title "nginx + Lua sessions in shared memory (not persistent)", \
+     "" using ($1):($4 + 1500):(sprintf("%.2fx", $5)) with labels notitle
 """
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
 
