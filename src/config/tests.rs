@@ -49,6 +49,18 @@ fn bad_values_name_the_key_and_value() {
     assert!(e.contains("upstream_timeout"), "{e}");
     let e = err("[admin]\nlisten = \"0.0.0.0:9091\"");
     assert!(e.contains("admin.token"), "{e}");
+    let e = err("workers = 5000");
+    assert!(e.contains("`workers`") && e.contains("5000"), "{e}");
+    let e = err("workers = -1");
+    assert!(e.contains("workers"), "{e}");
+}
+
+#[test]
+fn workers_default_to_one_per_cpu_and_take_a_number() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(Config::from_toml("").unwrap().workers, cpus);
+    assert_eq!(Config::from_toml("workers = 0").unwrap().workers, cpus);
+    assert_eq!(Config::from_toml("workers = 3").unwrap().workers, 3);
 }
 
 #[test]
