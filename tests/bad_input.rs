@@ -86,6 +86,21 @@ async fn too_many_request_headers_is_431() {
 }
 
 #[tokio::test]
+async fn far_too_many_request_headers_is_a_bare_431_and_others_are_still_served() {
+    // Past the HTTP layer's own count limit (100 with the default max_headers): hyper answers.
+    let s = sidecar("").await;
+    let cookie = session(&s).await;
+    let mut head = String::from("GET / HTTP/1.1\r\nHost: h\r\n");
+    for i in 0..150 {
+        head.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    head.push_str("\r\n");
+    let out = raw_exchange(s.addr, head.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert_still_serving(&s, &cookie).await;
+}
+
+#[tokio::test]
 async fn a_malformed_request_line_is_400_and_others_are_still_served() {
     let s = sidecar("").await;
     let cookie = session(&s).await;
