@@ -28,6 +28,9 @@ pub struct SessionCookie {
     config: CookieConfig,
     /// Signing keys, newest first; empty when cookies are unsigned.
     keys: Vec<Key>,
+    /// The attributes every `Set-Cookie` of ours carries (`; HttpOnly; SameSite=Lax; Path=/`
+    /// ...), formatted once by the cookie crate.
+    attributes: String,
 }
 
 /// Stretches an operator's secret of any length into the 64 bytes the cookie crate wants.
@@ -46,7 +49,14 @@ impl SessionCookie {
             .chain(fallbacks.iter().map(String::as_str))
             .map(derive_key)
             .collect();
-        SessionCookie { config, keys }
+        let mut jar = SessionCookie {
+            config,
+            keys,
+            attributes: String::new(),
+        };
+        let bare = jar.base(String::new()).to_string();
+        jar.attributes = bare[jar.config.name.len() + 1..].to_string();
+        jar
     }
 
     pub fn name(&self) -> &str {
@@ -142,13 +152,23 @@ impl SessionCookie {
     }
 
     /// `Set-Cookie` for `key`; `max_age` in seconds, `None` for a browser-session cookie.
+    ///
+    /// The same text as the cookie crate makes (a test holds that), built from the attributes
+    /// formatted once and the expiry formatted once per second and worker: formatting a date
+    /// costs more than all the rest of a request's cookie work.
     pub fn set(&self, key: &str, max_age: Option<u64>, now: Millis) -> HeaderValue {
-        let mut c = self.base(self.encode(key));
+        let value = self.encode(key);
+        let mut text = String::with_capacity(
+            self.config.name.len() + value.len() + self.attributes.len() + 64,
+        );
+        text.push_str(&self.config.name);
+        text.push('=');
+        text.push_str(&value);
+        text.push_str(&self.attributes);
         if let Some(secs) = max_age {
-            c.set_max_age(time::Duration::seconds(secs as i64));
-            c.set_expires(at(now) + time::Duration::seconds(secs as i64));
+            expiry(&mut text, secs, now);
         }
-        header(&c)
+        HeaderValue::from_str(&text).expect("cookie attributes are validated visible ASCII")
     }
 
     /// `Set-Cookie` that makes the browser drop the cookie (same Path and Domain).
@@ -194,6 +214,27 @@ fn at(now: Millis) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(now / 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
+/// Appends `; Max-Age=…; Expires=…` as the cookie crate writes them, remembering the last text
+/// per worker thread (requests in the same second share it).
+fn expiry(text: &mut String, max_age: u64, now: Millis) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(i64, u64, String)> =
+            const { std::cell::RefCell::new((i64::MIN, 0, String::new())) };
+    }
+    let second = now / 1000; // as `at` rounds
+    LAST.with_borrow_mut(|(at_second, age, tail)| {
+        if *at_second != second || *age != max_age {
+            let mut c = Cookie::new("", "");
+            c.set_max_age(time::Duration::seconds(max_age as i64));
+            c.set_expires(at(now) + time::Duration::seconds(max_age as i64));
+            // `=; Max-Age=…; Expires=…`: the attributes come last in the crate's order.
+            *tail = c.to_string()[1..].to_string();
+            (*at_second, *age) = (second, max_age);
+        }
+        text.push_str(tail);
+    });
+}
+
 fn header(c: &Cookie) -> HeaderValue {
     HeaderValue::from_str(&c.to_string()).expect("cookie attributes are validated visible ASCII")
 }
@@ -212,6 +253,49 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(COOKIE, HeaderValue::from_str(cookie).unwrap());
         h
+    }
+
+    /// What `set` made before it was taken apart for speed: the cookie crate's whole text.
+    fn set_by_the_crate(j: &SessionCookie, key: &str, max_age: Option<u64>, now: Millis) -> String {
+        let mut c = j.base(j.encode(key));
+        if let Some(secs) = max_age {
+            c.set_max_age(time::Duration::seconds(secs as i64));
+            c.set_expires(at(now) + time::Duration::seconds(secs as i64));
+        }
+        c.to_string()
+    }
+
+    #[test]
+    fn set_cookie_text_is_the_cookie_crates_whatever_the_attributes_and_times() {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        let configs = [
+            "",
+            "[cookie]\nsecure = true\nsame_site = \"Strict\"\ndomain = \"example.com\"\npath = \"/app\"",
+            "[cookie]\nhttp_only = false\nsame_site = \"None\"\nsecure = true\nname = \"sid\"",
+        ];
+        for toml in configs {
+            let cfg = crate::config::Config::from_toml(toml).unwrap();
+            for secret in [None, Some("s3cret")] {
+                let j = SessionCookie::new(cfg.cookie.clone(), secret, &[]);
+                let mut now: Millis = 1_764_000_000_123;
+                for _ in 0..500 {
+                    // Mostly the same second again, sometimes the next, sometimes far away.
+                    now += match rng.gen_range(0..10) {
+                        0 => rng.gen_range(-10_000_000..10_000_000),
+                        1..=3 => rng.gen_range(0..2_000),
+                        _ => 0,
+                    };
+                    let max_age = [None, Some(0), Some(1), Some(1_209_600)][rng.gen_range(0..4)];
+                    let key = id::generate();
+                    assert_eq!(
+                        j.set(&key, max_age, now).to_str().unwrap(),
+                        set_by_the_crate(&j, &key, max_age, now),
+                        "{toml} {max_age:?} {now}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
