@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -15,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::Config;
+use crate::error::Body;
 use crate::metrics::Metrics;
 use crate::proxy::Sidecar;
 
@@ -131,6 +131,33 @@ impl Drop for InFlight {
         a.idle_since_ms
             .store(a.born.elapsed().as_millis() as u64, Ordering::SeqCst);
         a.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until the body is dropped
+/// (fully sent, or the connection gone).
+struct Guarded {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = crate::error::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -296,12 +323,9 @@ async fn accept(
                 };
                 async move {
                     let resp = sidecar.handle(req, peer).await;
-                    Ok::<_, std::convert::Infallible>(resp.map(|body| {
-                        body.map_frame(move |frame| {
-                            let _ = &guard;
-                            frame
-                        })
-                        .boxed()
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| Guarded {
+                        body,
+                        _in_flight: guard,
                     }))
                 }
             })
