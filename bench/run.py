@@ -275,6 +275,7 @@ def main():
     ap.add_argument("--replot", action="store_true", help="only redraw the table and chart from results.json")
     ap.add_argument("--redis", action="store_true", help="also the visit counter on the Redis store")
     ap.add_argument("--only-redis", action="store_true", help="only the Redis visit counter (results-redis.*)")
+    ap.add_argument("--only-big", action="store_true", help="only the large-store part (results-big.json)")
     ap.add_argument("--calibration", help="a cargo project whose one binary is a reference proxy "
                                           "(BIN LISTEN UPSTREAM THREADS), measured on pass-through")
     args = ap.parse_args()
@@ -284,6 +285,14 @@ def main():
         return 0
     if args.smoke:
         args.seconds, args.rounds, args.sessions, args.big = 2, 1, 100, 0
+    if args.only_big:
+        ensure_tools(need_oha=False, lua=False)
+        sh("cargo", "build", "--release", "--locked", "--quiet", "--bin", "session-sidecar",
+           "--example", "bench_upstream", "--example", "bench_fill", cwd=ROOT)
+        res = big_store(tempfile.mkdtemp(prefix="sidecar-bench-"), args)
+        with open(os.path.join(BENCH, "results-big.json"), "w") as f:
+            json.dump({"machine": machine(), "command": " ".join(sys.argv), "big": res}, f, indent=2)
+        return 0
     if args.only_redis:
         ensure_tools(need_oha=False)
         sh("cargo", "build", "--release", "--locked", "--quiet", "--bin", "session-sidecar",
