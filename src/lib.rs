@@ -6,9 +6,9 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML file and `SESSION_SIDECAR_*` overrides, validated into [`Config`].
-//! - [`server`]: accept loop (HTTP/1.1 + h2c) and graceful drain.
+//! - [`server`]: worker threads (an event loop each), accept loop (HTTP/1.1 + h2c), graceful drain.
 //! - [`proxy`]: the per-request pipeline, top to bottom.
-//! - [`upstream`]: the pooled client to the app, timeouts, 502/504.
+//! - [`upstream`]: each worker's keep-alive connections to the app, timeouts, 502/504.
 //! - [`headers`]: hop-by-hop, `X-Forwarded-*`, our header names, parsing the change headers.
 //! - [`cookie`]: taking, verifying, signing and setting the session cookie.
 //! - [`session`]: keys, records, the per-key merge, the store trait, sled, the sweeper.
