@@ -234,8 +234,10 @@ pub async fn serve(
     let (stop, _) = watch::channel(false);
     let (finished, _) = watch::channel(false);
     let mut exited = Vec::new();
+    let mut started = Vec::new();
     for (i, (listener, sidecar)) in workers.into_iter().enumerate() {
         let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
         let (shared, stop_rx, mut finished_rx) =
             (shared.clone(), stop.subscribe(), finished.subscribe());
         listener.set_nonblocking(true)?;
@@ -248,14 +250,20 @@ pub async fn serve(
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        tracing::error!(error = %e, worker = i, "cannot start a worker's event loop");
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => accept(listener, sidecar, stop_rx, &shared).await,
-                        Err(e) => tracing::error!(error = %e, worker = i, "cannot listen"),
+                        Ok(listener) => {
+                            let _ = ready_tx.send(Ok(()));
+                            accept(listener, sidecar, stop_rx, &shared).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
                     }
                     // Connections keep running on this thread until the drain is over.
                     let _ = finished_rx.wait_for(|f| *f).await;
@@ -263,12 +271,34 @@ pub async fn serve(
                 drop(runtime);
                 let _ = exit_tx.send(());
             });
-        if let Err(e) = thread {
+        exited.push(exit_rx);
+        started.push(match thread {
+            Ok(_) => ready_rx,
+            Err(e) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let _ = tx.send(Err(e));
+                rx
+            }
+        });
+    }
+    // Every worker serves, or none does: a sidecar quietly running on fewer threads than it
+    // was given would be a mystery to its operator.
+    for ready in started {
+        let failed = match ready.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(std::io::Error::other(
+                "a worker thread ended while starting",
+            )),
+        };
+        if let Some(e) = failed {
             let _ = stop.send(true);
             let _ = finished.send(true);
+            for worker in exited {
+                let _ = worker.await;
+            }
             return Err(e);
         }
-        exited.push(exit_rx);
     }
     shutdown.await;
     let _ = stop.send(true);
