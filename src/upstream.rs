@@ -58,6 +58,13 @@ impl Pool {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // The oldest sit at the bottom, where a busy worker never reaches: close those that
+        // have waited too long, so that the idle limit holds under traffic too.
+        let stale = idle
+            .iter()
+            .take_while(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+            .count();
+        idle.drain(..stale);
         if idle.len() < MAX_IDLE {
             idle.push((sender, Instant::now()));
         }
