@@ -244,6 +244,7 @@ pub async fn serve(
         let thread = std::thread::Builder::new()
             .name(format!("sidecar-worker-{i}"))
             .spawn(move || {
+                crate::metrics::set_shard(i + 1);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
