@@ -273,24 +273,20 @@ pub async fn serve(
                 let _ = exit_tx.send(());
             });
         exited.push(exit_rx);
-        started.push(match thread {
-            Ok(_) => ready_rx,
-            Err(e) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let _ = tx.send(Err(e));
-                rx
-            }
-        });
+        started.push(thread.map(|_| ready_rx));
     }
     // Every worker serves, or none does: a sidecar quietly running on fewer threads than it
     // was given would be a mystery to its operator.
     for ready in started {
-        let failed = match ready.await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(_) => Some(std::io::Error::other(
-                "a worker thread ended while starting",
-            )),
+        let failed = match ready {
+            Err(e) => Some(e),
+            Ok(ready) => match ready.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(std::io::Error::other(
+                    "a worker thread ended while starting",
+                )),
+            },
         };
         if let Some(e) = failed {
             let _ = stop.send(true);
