@@ -34,6 +34,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use config::Config;
+use session::entry::Codec;
 use session::sled_store::SledStore;
 use session::store::{Store, StoreError};
 use session::{Clock, Policy, SystemClock};
@@ -49,15 +50,19 @@ impl Deps {
     /// The production wiring: the configured store and the system clock.
     pub async fn open(config: &Config) -> Result<Deps, StoreError> {
         let policy = Arc::new(policy(config));
+        let codec = match (&config.secret_key, config.store.encrypt) {
+            (Some(secret), true) => Codec::sealed(secret, &config.secret_key_fallbacks),
+            _ => Codec::plain(),
+        };
         let store: Arc<dyn Store> = match &config.store.backend {
-            config::Backend::Sled => Arc::new(SledStore::open(
-                &config.store.sled(),
-                policy,
-                config.max_session_bytes,
-            )?),
+            config::Backend::Sled => Arc::new(
+                SledStore::open(&config.store.sled(), policy, config.max_session_bytes)?
+                    .sealed(codec),
+            ),
             config::Backend::Redis(redis) => Arc::new(
                 session::redis_store::RedisStore::connect(redis, policy, config.max_session_bytes)
-                    .await?,
+                    .await?
+                    .sealed(codec),
             ),
         };
         Ok(Deps {

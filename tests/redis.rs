@@ -630,3 +630,109 @@ async fn after_a_network_cut_a_dead_connection_is_replaced_and_service_resumes()
         );
     }
 }
+
+/// Every session record the sidecars wrote under `prefix`, as Redis holds it.
+async fn stored_records(server: &RedisServer, prefix: &str) -> Vec<Vec<u8>> {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}r:*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for k in keys {
+        out.push(
+            redis::cmd("GET")
+                .arg(&k)
+                .query_async::<Vec<u8>>(&mut c)
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+fn shows(records: &[Vec<u8>], word: &str) -> bool {
+    records
+        .iter()
+        .any(|r| r.windows(word.len()).any(|w| w == word.as_bytes()))
+}
+
+const SECRET_A: &str = "first secret of this deployment, 32+ bytes long";
+const SECRET_B: &str = "second secret of this deployment, 32+ bytes long";
+
+#[tokio::test]
+async fn with_a_secret_redis_holds_no_session_data_and_rotation_and_older_records_still_read() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let prefix = "sealed:";
+    let store = server.store_toml(prefix);
+    let secret = |key: &str, fallbacks: &[&str]| {
+        format!("[security]\nsecret_key = {key:?}\nsecret_key_fallbacks = {fallbacks:?}\n")
+    };
+    let visit = async |sidecar: &Sidecar, cookie: &str| {
+        plain()
+            .get(sidecar.url("/"))
+            .header("cookie", cookie)
+            .header("x-test-incr", "n")
+            .header(
+                "x-test-reply",
+                reply(&[("X-Session-Set", r#"{"note": "plaintext-marker"}"#)]),
+            )
+            .send()
+            .await
+            .unwrap()
+    };
+    // An existing deployment: signed cookies, records in clear (encryption turned off).
+    let before = sidecar_for(
+        app,
+        &format!("{store}encrypt = false\n{}", secret(SECRET_A, &[])),
+    )
+    .await;
+    let resp = visit(&before, "").await;
+    let cookie = cookie_of(&resp);
+    assert_eq!(seen(resp).await.status(), "new");
+    assert!(shows(
+        &stored_records(&server, prefix).await,
+        "plaintext-marker"
+    ));
+
+    // The same secret, encryption on (the default with a secret): the clear record still reads,
+    // and the next write seals it.
+    let sealed = sidecar_for(app, &format!("{store}{}", secret(SECRET_A, &[]))).await;
+    let s = seen(visit(&sealed, &cookie).await).await;
+    assert_eq!(s.status(), "existing");
+    assert_eq!(s.session()["n"], 1);
+    let records = stored_records(&server, prefix).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0][9], 3, "format 3: sealed");
+    for word in ["plaintext-marker", "note", "\"n\""] {
+        assert!(!shows(&records, word), "{word} readable in Redis");
+    }
+
+    // A new secret with the old one as a fallback: the cookie verifies, the record opens, and
+    // the next write seals it under the new key.
+    let rotated = sidecar_for(app, &format!("{store}{}", secret(SECRET_B, &[SECRET_A]))).await;
+    let s = seen(visit(&rotated, &cookie).await).await;
+    assert_eq!(s.status(), "existing");
+    assert_eq!(s.session()["n"], 2);
+    let s = seen(visit(&rotated, &cookie).await).await;
+    assert_eq!(s.session()["n"], 3);
+
+    // A sidecar that cannot open the record (encryption turned off again) does not misread it:
+    // the visitor is new, as in Django when session data does not verify.
+    let blind = sidecar_for(
+        app,
+        &format!("{store}encrypt = false\n{}", secret(SECRET_B, &[SECRET_A])),
+    )
+    .await;
+    let s = seen(visit(&blind, &cookie).await).await;
+    assert_eq!(s.status(), "new");
+    assert_eq!(s.session(), json!({}));
+    // Nothing was lost for the sidecars that hold the key.
+    let s = seen(visit(&rotated, &cookie).await).await;
+    assert_eq!(s.session()["n"], 4);
+}

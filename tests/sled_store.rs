@@ -228,3 +228,53 @@ fn racing_tag_and_untag_leave_the_subject_index_true() {
         );
     });
 }
+
+/// Whether any file of the store directory holds `word`.
+fn on_disk(dir: &std::path::Path, word: &str) -> bool {
+    let mut found = false;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                found |= bytes.windows(word.len()).any(|w| w == word.as_bytes());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn with_a_secret_no_session_data_reaches_the_disk_in_clear() {
+    use session_sidecar::session::entry::Codec;
+    for sealed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions");
+        {
+            let codec = if sealed {
+                Codec::sealed("an operator's secret, 32 bytes or longer", &[])
+            } else {
+                Codec::plain()
+            };
+            let store = SledStore::open(&config(dir.path()).store.sled(), policy(), 8192)
+                .unwrap()
+                .sealed(codec);
+            let now = SystemClock.now();
+            let mut r = Record::new(now);
+            r.data.insert("card".into(), json!("4111-1111-1111-1111"));
+            r.deadline = now + 60_000;
+            assert!(store.create(&id::generate(), &r).await.unwrap());
+            store.sync().await.unwrap();
+        }
+        sled_lets_go(&path);
+        // In clear without a secret (so the scan can see a record at all), never with one.
+        assert_eq!(
+            on_disk(&path, "4111-1111-1111-1111"),
+            !sealed,
+            "sealed: {sealed}"
+        );
+    }
+}

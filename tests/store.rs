@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use session_sidecar::Config;
 use session_sidecar::session::changes::{Change, Op};
+use session_sidecar::session::entry::Codec;
 use session_sidecar::session::redis_store::RedisStore;
 use session_sidecar::session::sled_store::SledStore;
 use session_sidecar::session::store::{Liveness, Store, UpdateError, Updated};
@@ -389,8 +390,38 @@ async fn a_second_cycle_lands_in_the_renamed_session(s: Arc<dyn Store>) {
     );
 }
 
+/// Records sealed with a key from this secret, in the `sealed_*` runs of the suite.
+const SECRET: &str = "a secret for the sealed runs of the suite, 32+ bytes";
+
+fn codec(sealed: bool) -> Codec {
+    if sealed {
+        Codec::sealed(SECRET, &[])
+    } else {
+        Codec::plain()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sled_store_keeps_the_store_contract() {
+    sled_suite(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sealed_sled_store_keeps_the_store_contract() {
+    sled_suite(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_keeps_the_store_contract() {
+    redis_suite(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sealed_redis_store_keeps_the_store_contract() {
+    redis_suite(true).await;
+}
+
+async fn sled_suite(sealed: bool) {
     let dirs = std::sync::Mutex::new(Vec::new());
     suite(
         async || {
@@ -400,7 +431,9 @@ async fn sled_store_keeps_the_store_contract() {
                 dir.path().join("s").display().to_string()
             ))
             .unwrap();
-            let store = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192).unwrap();
+            let store = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192)
+                .unwrap()
+                .sealed(codec(sealed));
             dirs.lock().unwrap().push(dir);
             Arc::new(store) as Arc<dyn Store>
         },
@@ -409,8 +442,7 @@ async fn sled_store_keeps_the_store_contract() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_store_keeps_the_store_contract() {
+async fn redis_suite(sealed: bool) {
     let Some(server) = common::RedisServer::start() else {
         return;
     };
@@ -425,7 +457,8 @@ async fn redis_store_keeps_the_store_contract() {
             };
             let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
                 .await
-                .unwrap();
+                .unwrap()
+                .sealed(codec(sealed));
             Arc::new(store) as Arc<dyn Store>
         },
         false,

@@ -46,6 +46,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("store", "backend", Kind::Str),
     ("store", "path", Kind::Str),
     ("store", "durable", Kind::Bool),
+    ("store", "encrypt", Kind::Bool),
     ("store", "cache_capacity", Kind::Int),
     ("store", "url", Kind::Str),
     ("store", "key_prefix", Kind::Str),

@@ -96,6 +96,8 @@ pub struct StoreConfig {
     pub path: PathBuf,
     pub durable: bool,
     pub cache_capacity: u64,
+    /// Seal records with a key derived from `secret_key` (on by default when one is set).
+    pub encrypt: bool,
 }
 
 impl StoreConfig {

@@ -87,6 +87,9 @@ pub struct RawStore {
     pub durable: bool,
     /// sled's page cache, in bytes.
     pub cache_capacity: u64,
+    /// Encrypt session records with a key derived from `security.secret_key`. Absent: on when a
+    /// secret is configured.
+    pub encrypt: Option<bool>,
     /// Redis: `redis://[user:password@]host:port/db` or `rediss://` (TLS).
     pub url: String,
     /// Redis: prefix of every key the sidecar writes.
@@ -180,6 +183,7 @@ impl Default for RawStore {
             path: DEFAULT_STORE_PATH.into(),
             durable: true,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            encrypt: None,
             url: DEFAULT_REDIS_URL.into(),
             key_prefix: DEFAULT_REDIS_PREFIX.into(),
             connect_timeout: 5,

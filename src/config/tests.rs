@@ -216,3 +216,27 @@ fn a_secret_file_that_is_missing_empty_or_doubled_is_named() {
         assert!(e.contains(named), "{e}");
     }
 }
+
+#[test]
+fn records_are_encrypted_by_default_when_a_secret_is_set_and_only_then() {
+    let long = "s".repeat(40);
+    assert!(!Config::from_toml("").unwrap().store.encrypt);
+    let with = format!("[security]\nsecret_key = \"{long}\"");
+    assert!(Config::from_toml(&with).unwrap().store.encrypt);
+    let off = format!("[store]\nencrypt = false\n{with}");
+    assert!(!Config::from_toml(&off).unwrap().store.encrypt);
+    let text = err("[store]\nencrypt = true");
+    assert!(
+        text.contains("store.encrypt") && text.contains("secret_key"),
+        "{text}"
+    );
+    let env = Config::from_toml_with_env(
+        &with,
+        [(
+            "SESSION_SIDECAR_STORE__ENCRYPT".to_string(),
+            "0".to_string(),
+        )],
+    )
+    .unwrap();
+    assert!(!env.store.encrypt);
+}

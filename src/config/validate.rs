@@ -78,7 +78,8 @@ impl RawConfig {
         }
         let cookie = self.cookie.validate()?;
         let expiry = self.expiry.validate()?;
-        let store = self.store.validate()?;
+        let encrypt = self.store.encrypt;
+        let mut store = self.store.validate()?;
         let mut sec = self.security;
         sec.secret_key = from_file(
             "security.secret_key",
@@ -114,6 +115,16 @@ impl RawConfig {
                 "keys must not be empty",
             ));
         }
+        store.encrypt = match (encrypt, &sec.secret_key) {
+            (Some(true), None) => {
+                return Err(invalid(
+                    "store.encrypt",
+                    "encrypting records needs a security.secret_key to derive the key from",
+                ));
+            }
+            (Some(on), _) => on,
+            (None, secret) => secret.is_some(),
+        };
         let admin = self.admin.validate()?;
         Ok(Config {
             listen,
@@ -308,6 +319,8 @@ impl RawStore {
             path: PathBuf::from(self.path),
             durable: self.durable,
             cache_capacity: self.cache_capacity,
+            // Decided with the secret, in `RawConfig::validate`.
+            encrypt: false,
         })
     }
 }

@@ -13,12 +13,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::changes::{self, Change};
-use super::entry::{Entry, Head, MAX_HOPS, Moved};
+use super::entry::{Codec, DecodeError, Entry, Head, MAX_HOPS, Moved};
 use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
 use super::{Millis, Policy, Record};
 
 #[async_trait]
 pub trait Cells: Send + Sync + 'static {
+    /// How this backend's entries are written and read (sealed when a secret is configured).
+    fn codec(&self) -> &Codec;
+
     /// Session keys indexed under `subject` (may include stale ones; the engine checks each).
     async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError>;
 
@@ -74,14 +77,25 @@ fn corrupt(e: String) -> StoreError {
 }
 
 impl<C: Cells> Engine<C> {
-    async fn entry(&self, key: &str) -> Result<Option<(Vec<u8>, Entry)>, StoreError> {
-        match self.cells.get(key).await? {
-            Some(raw) => {
-                let entry = Entry::decode(&raw).map_err(corrupt)?;
-                Ok(Some((raw, entry)))
+    /// The entry stored as `raw` under `key`. A sealed record no configured key opens reads as
+    /// no record, as Django reads session data whose signature fails: the visitor is new, and
+    /// the log says why. A damaged record is an error.
+    fn decode(&self, key: &str, raw: &[u8]) -> Result<Option<Entry>, StoreError> {
+        match self.cells.codec().decode(key, raw) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(DecodeError::Unopened(why)) => {
+                tracing::warn!(handle = %super::id::handle(key), "session record ignored: {why}");
+                Ok(None)
             }
-            None => Ok(None),
+            Err(DecodeError::Corrupt(e)) => Err(corrupt(e)),
         }
+    }
+
+    async fn entry(&self, key: &str) -> Result<Option<(Vec<u8>, Entry)>, StoreError> {
+        let Some(raw) = self.cells.get(key).await? else {
+            return Ok(None);
+        };
+        Ok(self.decode(key, &raw)?.map(|entry| (raw, entry)))
     }
 
     /// Follows forwards from `key` to the live session, if any.
@@ -121,9 +135,9 @@ impl<C: Cells> Engine<C> {
             Head::Session { deadline } if deadline > now => {}
             _ => return Ok(None),
         }
-        match Entry::decode(&raw).map_err(corrupt)? {
-            Entry::Session(r) => Ok(Some((r, raw))),
-            Entry::Moved(_) => Ok(None),
+        match self.decode(key, &raw)? {
+            Some(Entry::Session(r)) => Ok(Some((r, raw))),
+            Some(Entry::Moved(_)) | None => Ok(None),
         }
     }
 
@@ -243,12 +257,13 @@ impl<C: Cells> Engine<C> {
                         Liveness::Forwarded
                     });
                 }
-                Head::Moved { until } if until > now => {
-                    let Entry::Moved(m) = Entry::decode(&raw).map_err(corrupt)? else {
+                Head::Moved { until } if until > now => match self.decode(&current, &raw)? {
+                    Some(Entry::Moved(m)) => current = m.to,
+                    Some(Entry::Session(_)) => {
                         return Err(corrupt("head and body disagree".into()));
-                    };
-                    current = m.to;
-                }
+                    }
+                    None => return Ok(Liveness::Ended),
+                },
                 _ => return Ok(Liveness::Ended),
             }
         }

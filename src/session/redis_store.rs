@@ -19,7 +19,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use super::engine::{Cells, Engine};
-use super::entry::Entry;
+use super::entry::{Codec, Entry};
 use super::store::{StoreError, Swept};
 use super::{Millis, Policy};
 
@@ -67,6 +67,7 @@ pub struct RedisCells {
     link: Link,
     prefix: String,
     swap: Script,
+    codec: Codec,
 }
 
 /// The connection to Redis, replaced after a command times out.
@@ -161,6 +162,10 @@ impl RedisCells {
 
 #[async_trait]
 impl Cells for RedisCells {
+    fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut conn = self.link.get();
         self.link.run(conn.get(self.cell(key))).await
@@ -178,7 +183,7 @@ impl Cells for RedisCells {
         invocation
             .arg(if expected.is_some() { "1" } else { "0" })
             .arg(expected.unwrap_or_default())
-            .arg(new.map(Entry::encode).unwrap_or_default())
+            .arg(new.map(|n| self.codec.encode(key, n)).unwrap_or_default())
             .arg(new.map_or(0, Entry::deadline).max(0) + EXPIRY_GRACE_MS)
             .arg(key)
             .arg(self.subject_set(old))
@@ -301,10 +306,20 @@ impl RedisStore {
                 },
                 prefix: cfg.key_prefix.clone(),
                 swap: Script::new(SWAP),
+                codec: Codec::plain(),
             },
             policy,
             max_bytes,
         })
+    }
+}
+
+impl RedisStore {
+    /// Records written from now on are sealed with `codec` (unsealed ones still read): whoever
+    /// reads the Redis keys sees no session data.
+    pub fn sealed(mut self, codec: Codec) -> RedisStore {
+        self.cells.codec = codec;
+        self
     }
 }
 

@@ -28,7 +28,7 @@ pub use index::BUCKET_MS;
 use index::{index_end, index_key, subject_key};
 
 use super::engine::{Cells, Engine};
-use super::entry::{Entry, Head};
+use super::entry::{Codec, Entry, Head};
 use super::store::{StoreError, Swept};
 use super::{Millis, Policy};
 
@@ -56,6 +56,7 @@ pub struct SledCells {
     committer: Option<Committer>,
     /// Lock stripes, by key hash: one key's index writes and swap happen as one step.
     stripes: Box<[std::sync::Mutex<()>]>,
+    codec: Codec,
 }
 
 const STRIPES: usize = 64;
@@ -110,12 +111,19 @@ impl SledStore {
             db,
             committer,
             stripes: (0..STRIPES).map(|_| std::sync::Mutex::new(())).collect(),
+            codec: Codec::plain(),
         };
         Ok(Engine {
             cells,
             policy,
             max_bytes,
         })
+    }
+
+    /// Records written from now on are sealed with `codec` (unsealed ones still read).
+    pub fn sealed(mut self, codec: Codec) -> SledStore {
+        self.cells.codec = codec;
+        self
     }
 
     /// Number of entries (sessions and forwards, live or not yet swept).
@@ -152,7 +160,7 @@ impl SledCells {
         }
         let swapped = self
             .records
-            .compare_and_swap(key, expected, new.map(Entry::encode))
+            .compare_and_swap(key, expected, new.map(|n| self.codec.encode(key, n)))
             .map_err(backend)?
             .is_ok();
         if swapped && let Some(o) = old {
@@ -227,7 +235,7 @@ impl SledCells {
             Head::Moved { until } => until,
         };
         if deadline <= now {
-            let entry = Entry::decode(&raw);
+            let entry = self.codec.decode(&key, &raw);
             if let Err(e) = &entry {
                 tracing::error!(handle = %super::id::handle(&key), error = %e, "removing an expired session record that cannot be decoded");
             }
@@ -252,6 +260,10 @@ impl SledCells {
 
 #[async_trait]
 impl Cells for SledCells {
+    fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.records.get(key).map_err(backend)?.map(|v| v.to_vec()))
     }
