@@ -489,3 +489,31 @@ async fn sled_store_keeps_sessions_across_a_reopen() {
         Err(session_sidecar::session::store::StoreError::Locked { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_behind_sentinel_keeps_the_store_contract() {
+    let Some(set) = common::SentinelSet::start() else {
+        return;
+    };
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    suite(
+        async || {
+            let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let cfg = Config::from_toml(&set.store_toml(&format!("suite{i}:"))).unwrap();
+            let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
+                unreachable!()
+            };
+            let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
+                .await
+                .unwrap();
+            Arc::new(store) as Arc<dyn Store>
+        },
+        false,
+    )
+    .await;
+    // The records went to the master the sentinels name, and reached its replica.
+    let master = set.current_master();
+    assert_eq!(master, set.master_port);
+    let keys = common::redis_cli(master, &["DBSIZE"]);
+    assert_ne!(keys, "0");
+}

@@ -47,6 +47,8 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("store", "path", Kind::Str),
     ("store", "durable", Kind::Bool),
     ("store", "encrypt", Kind::Bool),
+    ("store", "sentinels", Kind::List),
+    ("store", "master_name", Kind::Str),
     ("store", "cache_capacity", Kind::Int),
     ("store", "url", Kind::Str),
     ("store", "key_prefix", Kind::Str),

@@ -219,6 +219,9 @@ pub fn effective_toml(
     }
     raw.security.secret_key_fallbacks.iter_mut().for_each(mask);
     raw.store.url = crate::session::redis_store::redact(&raw.store.url);
+    for url in &mut raw.store.sentinels {
+        *url = crate::session::redis_store::redact(url);
+    }
     if let Some(t) = raw.admin.token.as_mut() {
         mask(t);
     }

@@ -101,6 +101,12 @@ pub struct RawStore {
     /// Redis over TLS: a PEM file of the CA that signed the server's certificate, when it is not
     /// in the public web PKI (a private CA). Absent: the public roots.
     pub tls_ca_file: Option<String>,
+    /// Redis Sentinel: the sentinels' addresses (`redis://host:26379`); the master is found
+    /// through them, and found again after a failover. `url` then gives only the user, password
+    /// and database of the data nodes.
+    pub sentinels: Vec<String>,
+    /// Redis Sentinel: the name the sentinels monitor the master under.
+    pub master_name: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -189,6 +195,8 @@ impl Default for RawStore {
             connect_timeout: 5,
             command_timeout: 2,
             tls_ca_file: None,
+            sentinels: Vec::new(),
+            master_name: String::new(),
         }
     }
 }

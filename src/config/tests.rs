@@ -240,3 +240,48 @@ fn records_are_encrypted_by_default_when_a_secret_is_set_and_only_then() {
     .unwrap();
     assert!(!env.store.encrypt);
 }
+
+#[test]
+fn sentinel_settings_are_checked_together_and_their_passwords_masked() {
+    let redis = "[store]\nbackend = \"redis\"\n";
+    let c = Config::from_toml(&format!(
+        "{redis}sentinels = [\"redis://10.0.0.1:26379\", \"redis://10.0.0.2:26379\"]\nmaster_name = \"sessions\""
+    ))
+    .unwrap();
+    let Backend::Redis(r) = &c.store.backend else {
+        panic!("redis")
+    };
+    assert_eq!(r.master_name.as_deref(), Some("sessions"));
+    assert_eq!(r.sentinels.len(), 2);
+    for (text, key) in [
+        (
+            format!("{redis}master_name = \"sessions\""),
+            "store.master_name",
+        ),
+        (
+            format!("{redis}sentinels = [\"redis://h:26379\"]"),
+            "store.master_name",
+        ),
+        (
+            "[store]\nsentinels = [\"redis://h:26379\"]\nmaster_name = \"m\"".to_string(),
+            "store.sentinels",
+        ),
+        (
+            format!("{redis}sentinels = [\"h:26379\"]\nmaster_name = \"m\""),
+            "store.sentinels",
+        ),
+        (
+            "[store]\nbackend = \"redis\"\nurl = \"rediss://h/0\"\ntls_ca_file = \"/ca.pem\"\nsentinels = [\"redis://h:26379\"]\nmaster_name = \"m\"".to_string(),
+            "store.tls_ca_file",
+        ),
+    ] {
+        let e = err(&text);
+        assert!(e.contains(key), "{text}: {e}");
+    }
+    let shown = effective_toml(
+        &format!("{redis}sentinels = [\"redis://:s3ntinelpass@h:26379\"]\nmaster_name = \"m\""),
+        std::iter::empty(),
+    )
+    .unwrap();
+    assert!(!shown.contains("s3ntinelpass"), "{shown}");
+}

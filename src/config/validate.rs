@@ -271,6 +271,12 @@ impl RawExpiry {
 
 impl RawStore {
     fn validate(self) -> Result<StoreConfig, ConfigError> {
+        if self.backend != "redis" && !self.sentinels.is_empty() {
+            return Err(invalid(
+                "store.sentinels",
+                "Redis Sentinel applies only with store.backend = \"redis\"",
+            ));
+        }
         let backend = match self.backend.as_str() {
             "sled" => Backend::Sled,
             "redis" => {
@@ -290,8 +296,45 @@ impl RawStore {
                 if self.key_prefix.is_empty() {
                     return Err(invalid("store.key_prefix", "must not be empty"));
                 }
+                let master_name = match (self.sentinels.is_empty(), self.master_name.is_empty()) {
+                    (true, true) => None,
+                    (false, false) => Some(self.master_name),
+                    (true, false) => {
+                        return Err(invalid(
+                            "store.master_name",
+                            "applies only with store.sentinels",
+                        ));
+                    }
+                    (false, true) => {
+                        return Err(invalid(
+                            "store.master_name",
+                            "store.sentinels needs the name the sentinels monitor the master under",
+                        ));
+                    }
+                };
+                if master_name.is_some() && self.tls_ca_file.is_some() {
+                    return Err(invalid(
+                        "store.tls_ca_file",
+                        "is not supported with store.sentinels (a certificate from the public web PKI works)",
+                    ));
+                }
+                if let Some(bad) = self
+                    .sentinels
+                    .iter()
+                    .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+                {
+                    return Err(invalid(
+                        "store.sentinels",
+                        format!(
+                            "{:?} is not redis://host:port or rediss://host:port",
+                            crate::session::redis_store::redact(bad)
+                        ),
+                    ));
+                }
                 Backend::Redis(RedisConfig {
                     url: self.url,
+                    sentinels: self.sentinels,
+                    master_name,
                     key_prefix: self.key_prefix,
                     connect_timeout: secs("store.connect_timeout", self.connect_timeout, false)?,
                     command_timeout: secs("store.command_timeout", self.command_timeout, false)?,

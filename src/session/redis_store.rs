@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{AsyncCommands, IntoConnectionInfo, Script};
 
 use super::engine::{Cells, Engine};
 use super::entry::{Codec, Entry};
@@ -27,6 +28,10 @@ use super::{Millis, Policy};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisSettings {
     pub url: String,
+    /// Sentinel addresses; when given, the master is found through them (`url` then gives the
+    /// data nodes' user, password and database only).
+    pub sentinels: Vec<String>,
+    pub master_name: Option<String>,
     pub key_prefix: String,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
@@ -77,13 +82,57 @@ pub struct RedisCells {
 /// never drops: every command on it times out until the kernel gives up, minutes later. So a
 /// timeout makes the link start over with a fresh manager (at most once per command timeout);
 /// it connects on its next command.
+///
+/// Behind Sentinel the master can move: the old one gone (connections refused or dropped), cut
+/// off (timeouts), or back as a replica (writes answer `READONLY`). Any of those makes the link
+/// ask the sentinels for the master again before it starts over, so the requests after a
+/// failover go to the promoted replica.
 struct Link {
-    client: redis::Client,
+    source: Source,
     config: ConnectionManagerConfig,
     current: std::sync::RwLock<ConnectionManager>,
     /// When the link last started over, and the shortest time between two starts.
     replaced: std::sync::Mutex<std::time::Instant>,
     pause: Duration,
+    connect_timeout: Duration,
+}
+
+/// Where the link's connections go.
+enum Source {
+    /// One server, by its URL.
+    Fixed(redis::Client),
+    /// Whichever server the sentinels name as the master now.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+impl Source {
+    async fn client(&self, within: Duration) -> Result<redis::Client, String> {
+        match self {
+            Source::Fixed(client) => Ok(client.clone()),
+            Source::Sentinel(sentinel) => {
+                let mut sentinel = sentinel.lock().await;
+                match tokio::time::timeout(within, sentinel.async_get_client()).await {
+                    Ok(Ok(client)) => Ok(client),
+                    Ok(Err(e)) => Err(format!("no master from the sentinels: {e}")),
+                    Err(_) => Err(format!("no master from the sentinels within {within:?}")),
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error says the connection no longer reaches a usable master.
+fn lost_master(e: &redis::RedisError) -> bool {
+    e.is_timeout()
+        || e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::ReadOnly | redis::ServerErrorKind::MasterDown
+            )
+        )
 }
 
 impl Link {
@@ -96,7 +145,7 @@ impl Link {
 
     /// Runs one command (or script) within the command timeout: redis' own response timeout
     /// does not cover connecting, which a fresh connection may be doing. A timeout, either
-    /// one, makes the link start over.
+    /// one, makes the link start over; behind Sentinel, so does any sign that the master moved.
     async fn run<T>(
         &self,
         command: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -104,13 +153,14 @@ impl Link {
         match tokio::time::timeout(self.pause, command).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                if e.is_timeout() {
-                    self.start_over();
+                let sentinel = matches!(self.source, Source::Sentinel(_));
+                if e.is_timeout() || (sentinel && lost_master(&e)) {
+                    self.start_over().await;
                 }
                 Err(backend(e))
             }
             Err(_) => {
-                self.start_over();
+                self.start_over().await;
                 Err(StoreError::Backend(format!(
                     "redis: no answer within {:?}",
                     self.pause
@@ -119,29 +169,42 @@ impl Link {
         }
     }
 
-    fn start_over(&self) {
-        let mut last = self
-            .replaced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.elapsed() < self.pause {
-            return;
+    async fn start_over(&self) {
+        {
+            let mut last = self
+                .replaced
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.elapsed() < self.pause.min(RESTART_PAUSE) {
+                return;
+            }
+            *last = std::time::Instant::now();
         }
-        *last = std::time::Instant::now();
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+        let client = match self.source.client(self.connect_timeout).await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(error = %e, "redis: the connection is lost; cannot connect afresh");
+                return;
+            }
+        };
+        match ConnectionManager::new_lazy_with_config(client, self.config.clone()) {
             Ok(fresh) => {
                 *self
                     .current
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-                tracing::warn!("redis: a command timed out; connecting afresh");
+                tracing::warn!("redis: the connection is lost; connecting afresh");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "redis: a command timed out; cannot connect afresh")
+                tracing::warn!(error = %e, "redis: the connection is lost; cannot connect afresh")
             }
         }
     }
 }
+
+/// The shortest time between two fresh starts of the link (shorter than the command timeout
+/// when that is long: a failover should be followed within a second of its end).
+const RESTART_PAUSE: Duration = Duration::from_millis(500);
 
 impl RedisCells {
     fn cell(&self, key: &str) -> String {
@@ -267,7 +330,17 @@ impl RedisStore {
         max_bytes: usize,
     ) -> Result<RedisStore, StoreError> {
         let open = |reason: String| StoreError::Open {
-            path: redact(&cfg.url),
+            path: match &cfg.master_name {
+                Some(name) => format!(
+                    "master {name:?} of the sentinels {}",
+                    cfg.sentinels
+                        .iter()
+                        .map(|u| redact(u))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => redact(&cfg.url),
+            },
             reason,
         };
         if cfg.url.starts_with("rediss://") {
@@ -275,34 +348,29 @@ impl RedisStore {
             // Installing twice (a second store, tests) is harmless.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = match &cfg.tls_ca_file {
-            Some(ca) => {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| open(format!("store.tls_ca_file {}: {e}", ca.display())))?;
-                let certs = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                };
-                redis::Client::build_with_tls(cfg.url.as_str(), certs)
-            }
-            None => redis::Client::open(cfg.url.as_str()),
-        }
-        .map_err(|e| open(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(Some(cfg.command_timeout))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
+        let source = match &cfg.master_name {
+            Some(name) => Source::Sentinel(tokio::sync::Mutex::new(
+                sentinel_client(cfg, name).map_err(open)?,
+            )),
+            None => Source::Fixed(fixed_client(cfg).map_err(open)?),
+        };
+        let client = source.client(cfg.connect_timeout).await.map_err(open)?;
+        let conn = ConnectionManager::new_with_config(client, config.clone())
             .await
             .map_err(|e| open(e.to_string()))?;
         Ok(Engine {
             cells: RedisCells {
                 link: Link {
-                    client,
+                    source,
                     config,
                     current: std::sync::RwLock::new(conn),
                     replaced: std::sync::Mutex::new(std::time::Instant::now()),
                     pause: cfg.command_timeout,
+                    connect_timeout: cfg.connect_timeout,
                 },
                 prefix: cfg.key_prefix.clone(),
                 swap: Script::new(SWAP),
@@ -312,6 +380,45 @@ impl RedisStore {
             max_bytes,
         })
     }
+}
+
+/// The client of a single server named by `url`.
+fn fixed_client(cfg: &RedisSettings) -> Result<redis::Client, String> {
+    match &cfg.tls_ca_file {
+        Some(ca) => {
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("store.tls_ca_file {}: {e}", ca.display()))?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            redis::Client::build_with_tls(cfg.url.as_str(), certs)
+        }
+        None => redis::Client::open(cfg.url.as_str()),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// The client that asks the sentinels for the master named `name`; the data nodes are reached
+/// with `url`'s user, password and database (and TLS when it is `rediss://`).
+fn sentinel_client(cfg: &RedisSettings, name: &str) -> Result<SentinelClient, String> {
+    let data = cfg
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| format!("store.url: {e}"))?;
+    let mut nodes = SentinelNodeConnectionInfo::default()
+        .set_redis_connection_info(data.redis_settings().clone());
+    if cfg.url.starts_with("rediss://") {
+        nodes = nodes.set_tls_mode(redis::TlsMode::Secure);
+    }
+    SentinelClient::build(
+        cfg.sentinels.clone(),
+        name,
+        Some(nodes),
+        SentinelServerType::Master,
+    )
+    .map_err(|e| format!("store.sentinels: {e}"))
 }
 
 impl RedisStore {

@@ -750,3 +750,184 @@ pub fn sled_lets_go(path: &std::path::Path) {
         }
     }
 }
+
+/// A Redis master, its replica and three sentinels watching them (quorum 2), all on loopback
+/// ports of their own, as production runs Redis with Sentinel. `None` (saying why) when
+/// redis-server or redis-sentinel is not installed.
+pub struct SentinelSet {
+    pub master_port: u16,
+    pub replica_port: u16,
+    pub sentinel_ports: Vec<u16>,
+    pub master: Option<Killed>,
+    pub replica: Option<Killed>,
+    sentinels: Vec<Killed>,
+    dir: tempfile::TempDir,
+}
+
+pub const MASTER_NAME: &str = "sessions";
+
+fn redis_process(program: &str, args: &[String]) -> Option<Killed> {
+    match std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(child) => Some(Killed(child)),
+        Err(e) => {
+            eprintln!(
+                "SKIPPED: {program} is not installed ({e}); `apt-get install redis-server redis-sentinel` runs these tests"
+            );
+            None
+        }
+    }
+}
+
+fn wait_port(port: u16) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// Sends one command to 127.0.0.1:`port` through redis-cli and returns its output.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli comes with redis-server");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl SentinelSet {
+    pub fn start() -> Option<SentinelSet> {
+        let dir = tempfile::tempdir().unwrap();
+        let (master_port, replica_port) = (free_port(), free_port());
+        let server = |port: u16, extra: &[&str]| {
+            let data = dir.path().join(format!("redis-{port}"));
+            std::fs::create_dir_all(&data).unwrap();
+            let mut args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &data.display().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.extend(extra.iter().map(|s| s.to_string()));
+            redis_process("redis-server", &args)
+        };
+        let master = server(master_port, &[])?;
+        wait_port(master_port);
+        let replica = server(
+            replica_port,
+            &["--replicaof", "127.0.0.1", &master_port.to_string()],
+        )?;
+        wait_port(replica_port);
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {MASTER_NAME} 4000\n\
+                     sentinel parallel-syncs {MASTER_NAME} 1\n",
+                    dir.path().display()
+                ),
+            )
+            .unwrap();
+            sentinels.push(redis_process(
+                "redis-sentinel",
+                &[conf.display().to_string()],
+            )?);
+            wait_port(port);
+            sentinel_ports.push(port);
+        }
+        let set = SentinelSet {
+            master_port,
+            replica_port,
+            sentinel_ports,
+            master: Some(master),
+            replica: Some(replica),
+            sentinels,
+            dir,
+        };
+        set.wait_until_ready();
+        Some(set)
+    }
+
+    /// Until the replica is in sync and every sentinel knows the replica and the other two: the
+    /// state in which a failover can happen.
+    fn wait_until_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let synced = redis_cli(self.replica_port, &["INFO", "replication"])
+                .contains("master_link_status:up");
+            let known = self.sentinel_ports.iter().all(|&p| {
+                let info = redis_cli(p, &["SENTINEL", "MASTER", MASTER_NAME]);
+                let field = |name: &str| {
+                    let lines: Vec<&str> = info.lines().collect();
+                    lines
+                        .iter()
+                        .position(|l| *l == name)
+                        .and_then(|i| lines.get(i + 1))
+                        .map(|v| v.to_string())
+                };
+                field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels").as_deref() == Some("2")
+            });
+            if synced && known {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sentinels did not learn the replica and each other"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `[store]` lines for a sidecar that finds the master through the sentinels.
+    pub fn store_toml(&self, prefix: &str) -> String {
+        let sentinels: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "[store]\nbackend = \"redis\"\nsentinels = {sentinels:?}\nmaster_name = \"{MASTER_NAME}\"\n\
+             key_prefix = \"{prefix}\"\ncommand_timeout = 2\nconnect_timeout = 2\n"
+        )
+    }
+
+    /// The port of the server the sentinels name as master now.
+    pub fn current_master(&self) -> u16 {
+        let out = redis_cli(
+            self.sentinel_ports[0],
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME],
+        );
+        out.lines().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// SIGKILLs the master, as a crashed host would leave it.
+    pub fn kill_master(&mut self) {
+        self.master.take();
+    }
+}
