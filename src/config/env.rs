@@ -49,6 +49,8 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("store", "encrypt", Kind::Bool),
     ("store", "sentinels", Kind::List),
     ("store", "master_name", Kind::Str),
+    ("store", "wait_replicas", Kind::Int),
+    ("store", "wait_timeout_ms", Kind::Int),
     ("store", "cache_capacity", Kind::Int),
     ("store", "url", Kind::Str),
     ("store", "key_prefix", Kind::Str),

@@ -107,6 +107,10 @@ pub struct RawStore {
     pub sentinels: Vec<String>,
     /// Redis Sentinel: the name the sentinels monitor the master under.
     pub master_name: String,
+    /// Redis: acknowledge a change only once this many replicas have it (`WAIT`); 0 = off.
+    pub wait_replicas: u32,
+    /// Redis: milliseconds `WAIT` may take before the change is refused with 503.
+    pub wait_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -197,6 +201,8 @@ impl Default for RawStore {
             tls_ca_file: None,
             sentinels: Vec::new(),
             master_name: String::new(),
+            wait_replicas: 0,
+            wait_timeout_ms: 1000,
         }
     }
 }

@@ -285,3 +285,33 @@ fn sentinel_settings_are_checked_together_and_their_passwords_masked() {
     .unwrap();
     assert!(!shown.contains("s3ntinelpass"), "{shown}");
 }
+
+#[test]
+fn waiting_for_replicas_is_redis_only_and_ends_before_the_command_timeout() {
+    let redis = "[store]\nbackend = \"redis\"\ncommand_timeout = 2\n";
+    let c = Config::from_toml(&format!("{redis}wait_replicas = 1\nwait_timeout_ms = 500")).unwrap();
+    let Backend::Redis(r) = &c.store.backend else {
+        panic!("redis")
+    };
+    assert_eq!(
+        (r.wait_replicas, r.wait_timeout),
+        (1, Duration::from_millis(500))
+    );
+    for (text, key) in [
+        (
+            "[store]\nwait_replicas = 1".to_string(),
+            "store.wait_replicas",
+        ),
+        (
+            format!("{redis}wait_replicas = 1\nwait_timeout_ms = 2000"),
+            "store.wait_timeout_ms",
+        ),
+        (
+            format!("{redis}wait_replicas = 1\nwait_timeout_ms = 0"),
+            "store.wait_timeout_ms",
+        ),
+    ] {
+        let e = err(&text);
+        assert!(e.contains(key), "{text}: {e}");
+    }
+}

@@ -271,6 +271,12 @@ impl RawExpiry {
 
 impl RawStore {
     fn validate(self) -> Result<StoreConfig, ConfigError> {
+        if self.backend != "redis" && self.wait_replicas > 0 {
+            return Err(invalid(
+                "store.wait_replicas",
+                "waiting for replicas applies only with store.backend = \"redis\"",
+            ));
+        }
         if self.backend != "redis" && !self.sentinels.is_empty() {
             return Err(invalid(
                 "store.sentinels",
@@ -331,13 +337,28 @@ impl RawStore {
                         ),
                     ));
                 }
+                let command_timeout = secs("store.command_timeout", self.command_timeout, false)?;
+                if self.wait_replicas > 0
+                    && !(1..command_timeout.as_millis() as u64).contains(&self.wait_timeout_ms)
+                {
+                    return Err(invalid(
+                        "store.wait_timeout_ms",
+                        format!(
+                            "{} is outside 1..{} (it must end before store.command_timeout)",
+                            self.wait_timeout_ms,
+                            command_timeout.as_millis()
+                        ),
+                    ));
+                }
                 Backend::Redis(RedisConfig {
                     url: self.url,
+                    wait_replicas: self.wait_replicas,
+                    wait_timeout: Duration::from_millis(self.wait_timeout_ms),
                     sentinels: self.sentinels,
                     master_name,
                     key_prefix: self.key_prefix,
                     connect_timeout: secs("store.connect_timeout", self.connect_timeout, false)?,
-                    command_timeout: secs("store.command_timeout", self.command_timeout, false)?,
+                    command_timeout,
                     tls_ca_file: self.tls_ca_file.map(PathBuf::from),
                 })
             }

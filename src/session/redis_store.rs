@@ -32,6 +32,9 @@ pub struct RedisSettings {
     /// data nodes' user, password and database only).
     pub sentinels: Vec<String>,
     pub master_name: Option<String>,
+    /// Replicas that must have a change before it is acknowledged (`WAIT`); 0: none.
+    pub wait_replicas: u32,
+    pub wait_timeout: Duration,
     pub key_prefix: String,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
@@ -73,6 +76,14 @@ pub struct RedisCells {
     prefix: String,
     swap: Script,
     codec: Codec,
+    replicas: Replicas,
+}
+
+/// How many replicas must have a change before it is acknowledged (`WAIT`), and for how long
+/// to wait for them.
+struct Replicas {
+    wanted: u32,
+    timeout: Duration,
 }
 
 /// The connection to Redis, replaced after a command times out.
@@ -251,8 +262,42 @@ impl Cells for RedisCells {
             .arg(key)
             .arg(self.subject_set(old))
             .arg(self.subject_set(new));
-        let swapped: i64 = self.link.run(invocation.invoke_async(&mut conn)).await?;
-        Ok(swapped == 1)
+        if self.replicas.wanted == 0 {
+            let swapped: i64 = self.link.run(invocation.invoke_async(&mut conn)).await?;
+            return Ok(swapped == 1);
+        }
+        // The swap and its `WAIT` go out together on one connection, so the `WAIT` is for
+        // exactly this change: a reconnect or a failover between them fails both (503).
+        let replicas = &self.replicas;
+        for first in [true, false] {
+            let mut pipe = redis::pipe();
+            pipe.invoke_script(&invocation)
+                .cmd("WAIT")
+                .arg(replicas.wanted)
+                .arg(replicas.timeout.as_millis() as u64);
+            match self
+                .link
+                .run(pipe.query_async::<(i64, u32)>(&mut conn))
+                .await
+            {
+                Ok((swapped, acked)) if acked >= replicas.wanted => return Ok(swapped == 1),
+                Ok((_, acked)) => {
+                    return Err(StoreError::Backend(format!(
+                        "redis: {acked} of {} replica(s) confirmed the change within {:?}",
+                        replicas.wanted, replicas.timeout
+                    )));
+                }
+                Err(e) if first && e.to_string().contains("NoScript") => {
+                    // A server that has not seen the script yet (a fresh master after a
+                    // failover): load it, then try once more.
+                    let mut load = redis::cmd("SCRIPT");
+                    load.arg("LOAD").arg(SWAP);
+                    self.link.run(load.query_async::<String>(&mut conn)).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the second attempt returns")
     }
 
     async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError> {
@@ -307,6 +352,8 @@ impl Cells for RedisCells {
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
+        // Each swap waited for its replicas itself (`wait_replicas`), or durability is the
+        // Redis server's.
         Ok(())
     }
 
@@ -375,6 +422,10 @@ impl RedisStore {
                 prefix: cfg.key_prefix.clone(),
                 swap: Script::new(SWAP),
                 codec: Codec::plain(),
+                replicas: Replicas {
+                    wanted: cfg.wait_replicas,
+                    timeout: cfg.wait_timeout,
+                },
             },
             policy,
             max_bytes,

@@ -751,15 +751,15 @@ pub fn sled_lets_go(path: &std::path::Path) {
     }
 }
 
-/// A Redis master, its replica and three sentinels watching them (quorum 2), all on loopback
+/// A Redis master, two replicas and three sentinels watching them (quorum 2), all on loopback
 /// ports of their own, as production runs Redis with Sentinel. `None` (saying why) when
 /// redis-server or redis-sentinel is not installed.
 pub struct SentinelSet {
     pub master_port: u16,
-    pub replica_port: u16,
+    pub replica_ports: Vec<u16>,
     pub sentinel_ports: Vec<u16>,
     pub master: Option<Killed>,
-    pub replica: Option<Killed>,
+    pub replicas: Vec<Killed>,
     sentinels: Vec<Killed>,
     dir: tempfile::TempDir,
 }
@@ -807,7 +807,8 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
 impl SentinelSet {
     pub fn start() -> Option<SentinelSet> {
         let dir = tempfile::tempdir().unwrap();
-        let (master_port, replica_port) = (free_port(), free_port());
+        let master_port = free_port();
+        let replica_ports = vec![free_port(), free_port()];
         let server = |port: u16, extra: &[&str]| {
             let data = dir.path().join(format!("redis-{port}"));
             std::fs::create_dir_all(&data).unwrap();
@@ -831,11 +832,14 @@ impl SentinelSet {
         };
         let master = server(master_port, &[])?;
         wait_port(master_port);
-        let replica = server(
-            replica_port,
-            &["--replicaof", "127.0.0.1", &master_port.to_string()],
-        )?;
-        wait_port(replica_port);
+        let mut replicas = Vec::new();
+        for &port in &replica_ports {
+            replicas.push(server(
+                port,
+                &["--replicaof", "127.0.0.1", &master_port.to_string()],
+            )?);
+            wait_port(port);
+        }
         let mut sentinels = Vec::new();
         let mut sentinel_ports = Vec::new();
         for _ in 0..3 {
@@ -862,10 +866,10 @@ impl SentinelSet {
         }
         let set = SentinelSet {
             master_port,
-            replica_port,
+            replica_ports,
             sentinel_ports,
             master: Some(master),
-            replica: Some(replica),
+            replicas,
             sentinels,
             dir,
         };
@@ -873,13 +877,15 @@ impl SentinelSet {
         Some(set)
     }
 
-    /// Until the replica is in sync and every sentinel knows the replica and the other two: the
-    /// state in which a failover can happen.
+    /// Until the replicas are in sync and every sentinel knows them and the other two: the state
+    /// in which a failover can happen.
     fn wait_until_ready(&self) {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let synced = redis_cli(self.replica_port, &["INFO", "replication"])
-                .contains("master_link_status:up");
+            let synced = self
+                .replica_ports
+                .iter()
+                .all(|&p| redis_cli(p, &["INFO", "replication"]).contains("master_link_status:up"));
             let known = self.sentinel_ports.iter().all(|&p| {
                 let info = redis_cli(p, &["SENTINEL", "MASTER", MASTER_NAME]);
                 let field = |name: &str| {
@@ -890,7 +896,7 @@ impl SentinelSet {
                         .and_then(|i| lines.get(i + 1))
                         .map(|v| v.to_string())
                 };
-                field("num-slaves").as_deref() == Some("1")
+                field("num-slaves").as_deref() == Some("2")
                     && field("num-other-sentinels").as_deref() == Some("2")
             });
             if synced && known {
