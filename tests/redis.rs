@@ -736,3 +736,92 @@ async fn with_a_secret_redis_holds_no_session_data_and_rotation_and_older_record
     let s = seen(visit(&rotated, &cookie).await).await;
     assert_eq!(s.session()["n"], 4);
 }
+
+/// The commands clients send to Redis while `f` runs, as Redis's `MONITOR` reports them: one
+/// line per command a client sent (one round trip each, nothing pipelined here), a script's
+/// inner commands marked `lua` and not counted.
+async fn commands_during(server: &RedisServer, f: impl AsyncFnOnce()) -> usize {
+    use std::io::BufRead;
+    let mut monitor = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "MONITOR"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli comes with redis-server");
+    let mut lines = std::io::BufReader::new(monitor.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "OK", "MONITOR started");
+    f().await;
+    // A marker through another connection: everything before it has been reported.
+    redis_cli(server.port, &["ECHO", "end-of-measure"]);
+    let mut count = 0;
+    for line in lines {
+        let line = line.unwrap();
+        if line.contains("end-of-measure") {
+            break;
+        }
+        if !line.contains(" lua]") {
+            count += 1;
+        }
+    }
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    count
+}
+
+#[tokio::test]
+async fn round_trips_per_request_counted_by_redis_itself() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let sidecar = sidecar_for(
+        app,
+        &format!(
+            "skip_paths = [\"/static/\"]\n{}",
+            server.store_toml("trips:")
+        ),
+    )
+    .await;
+    let client = browser();
+    let count = async || {
+        let r = client
+            .get(sidecar.url("/"))
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    count().await;
+    let counter = commands_during(&server, async || {
+        for _ in 0..20 {
+            count().await;
+        }
+    })
+    .await as f64
+        / 20.0;
+    let get = async |path: &str| {
+        let r = client.get(sidecar.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    let read = commands_during(&server, async || {
+        for _ in 0..20 {
+            get("/").await;
+        }
+    })
+    .await as f64
+        / 20.0;
+    let skipped = commands_during(&server, async || {
+        for _ in 0..20 {
+            get("/static/x").await;
+        }
+    })
+    .await as f64
+        / 20.0;
+    eprintln!("round trips per request: counter {counter}, read-only {read}, skip_paths {skipped}");
+    // A counter: the load (GET) and the swap (one EVALSHA). A read-only request: the load, and
+    // after the response the liveness check that lets a session ended meanwhile lose its
+    // cookie (the contract's "deleting the stale cookie").
+    assert_eq!(counter, 2.0);
+    assert_eq!(read, 2.0);
+    assert_eq!(skipped, 0.0);
+}
