@@ -517,3 +517,56 @@ async fn redis_behind_sentinel_keeps_the_store_contract() {
     let keys = common::redis_cli(master, &["DBSIZE"]);
     assert_ne!(keys, "0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_keeps_the_store_contract_sealed_or_not() {
+    let Some(cluster) = common::RedisCluster::start() else {
+        return;
+    };
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    for sealed in [false, true] {
+        suite(
+            async || {
+                let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let cfg = Config::from_toml(&cluster.store_toml(&format!("suite{i}:"))).unwrap();
+                let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
+                    unreachable!()
+                };
+                let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
+                    .await
+                    .unwrap()
+                    .sealed(codec(sealed));
+                Arc::new(store) as Arc<dyn Store>
+            },
+            false,
+        )
+        .await;
+    }
+    // The cells went to every master, by slot.
+    let per_node = cluster.keys_per_node();
+    assert!(
+        per_node.iter().all(|&k| k > 0),
+        "keys per node: {per_node:?}"
+    );
+    // An admin look-up by handle walks every master.
+    let cfg = Config::from_toml(&cluster.store_toml("handles:")).unwrap();
+    let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
+        unreachable!()
+    };
+    let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..30).map(|_| id::generate()).collect();
+    for k in &keys {
+        store
+            .create(k, &record(json!({"a": 1}), t0()))
+            .await
+            .unwrap();
+    }
+    for k in &keys {
+        assert_eq!(
+            store.find_handle(&id::handle(k)).await.unwrap().as_deref(),
+            Some(k.as_str())
+        );
+    }
+}

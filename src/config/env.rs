@@ -49,6 +49,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("store", "encrypt", Kind::Bool),
     ("store", "sentinels", Kind::List),
     ("store", "master_name", Kind::Str),
+    ("store", "cluster_nodes", Kind::List),
     ("store", "wait_replicas", Kind::Int),
     ("store", "wait_timeout_ms", Kind::Int),
     ("store", "cache_capacity", Kind::Int),

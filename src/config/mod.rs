@@ -219,7 +219,12 @@ pub fn effective_toml(
     }
     raw.security.secret_key_fallbacks.iter_mut().for_each(mask);
     raw.store.url = crate::session::redis_store::redact(&raw.store.url);
-    for url in &mut raw.store.sentinels {
+    for url in raw
+        .store
+        .sentinels
+        .iter_mut()
+        .chain(&mut raw.store.cluster_nodes)
+    {
         *url = crate::session::redis_store::redact(url);
     }
     if let Some(t) = raw.admin.token.as_mut() {

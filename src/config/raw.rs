@@ -107,6 +107,8 @@ pub struct RawStore {
     pub sentinels: Vec<String>,
     /// Redis Sentinel: the name the sentinels monitor the master under.
     pub master_name: String,
+    /// Redis Cluster: some of its nodes' URLs (the rest are discovered); `url` is then unused.
+    pub cluster_nodes: Vec<String>,
     /// Redis: acknowledge a change only once this many replicas have it (`WAIT`); 0 = off.
     pub wait_replicas: u32,
     /// Redis: milliseconds `WAIT` may take before the change is refused with 503.
@@ -201,6 +203,7 @@ impl Default for RawStore {
             tls_ca_file: None,
             sentinels: Vec::new(),
             master_name: String::new(),
+            cluster_nodes: Vec::new(),
             wait_replicas: 0,
             wait_timeout_ms: 1000,
         }

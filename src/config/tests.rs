@@ -315,3 +315,45 @@ fn waiting_for_replicas_is_redis_only_and_ends_before_the_command_timeout() {
         assert!(e.contains(key), "{text}: {e}");
     }
 }
+
+#[test]
+fn cluster_nodes_are_redis_only_exclusive_with_sentinels_and_masked() {
+    let redis = "[store]\nbackend = \"redis\"\n";
+    let c = Config::from_toml(&format!(
+        "{redis}cluster_nodes = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]"
+    ))
+    .unwrap();
+    let Backend::Redis(r) = &c.store.backend else {
+        panic!("redis")
+    };
+    assert_eq!(r.cluster_nodes.len(), 2);
+    for (text, key) in [
+        (
+            "[store]\ncluster_nodes = [\"redis://h:7000\"]".to_string(),
+            "store.cluster_nodes",
+        ),
+        (
+            format!(
+                "{redis}cluster_nodes = [\"redis://h:7000\"]\nsentinels = [\"redis://s:26379\"]\nmaster_name = \"m\""
+            ),
+            "store.cluster_nodes",
+        ),
+        (
+            format!("{redis}cluster_nodes = [\"h:7000\"]"),
+            "store.cluster_nodes",
+        ),
+        (
+            format!("{redis}cluster_nodes = [\"redis://h:7000\"]\nwait_replicas = 1"),
+            "store.wait_replicas",
+        ),
+    ] {
+        let e = err(&text);
+        assert!(e.contains(key), "{text}: {e}");
+    }
+    let shown = effective_toml(
+        &format!("{redis}cluster_nodes = [\"redis://:cl0sterpass@h:7000\"]"),
+        std::iter::empty(),
+    )
+    .unwrap();
+    assert!(!shown.contains("cl0sterpass"), "{shown}");
+}

@@ -277,6 +277,24 @@ impl RawStore {
                 "waiting for replicas applies only with store.backend = \"redis\"",
             ));
         }
+        if self.backend != "redis" && !self.cluster_nodes.is_empty() {
+            return Err(invalid(
+                "store.cluster_nodes",
+                "Redis Cluster applies only with store.backend = \"redis\"",
+            ));
+        }
+        if !self.cluster_nodes.is_empty() && !self.sentinels.is_empty() {
+            return Err(invalid(
+                "store.cluster_nodes",
+                "give store.cluster_nodes or store.sentinels, not both",
+            ));
+        }
+        if !self.cluster_nodes.is_empty() && self.wait_replicas > 0 {
+            return Err(invalid(
+                "store.wait_replicas",
+                "is not supported with store.cluster_nodes yet",
+            ));
+        }
         if self.backend != "redis" && !self.sentinels.is_empty() {
             return Err(invalid(
                 "store.sentinels",
@@ -325,6 +343,25 @@ impl RawStore {
                     ));
                 }
                 if let Some(bad) = self
+                    .cluster_nodes
+                    .iter()
+                    .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+                {
+                    return Err(invalid(
+                        "store.cluster_nodes",
+                        format!(
+                            "{:?} is not redis://host:port or rediss://host:port",
+                            crate::session::redis_store::redact(bad)
+                        ),
+                    ));
+                }
+                if !self.cluster_nodes.is_empty() && self.tls_ca_file.is_some() {
+                    return Err(invalid(
+                        "store.tls_ca_file",
+                        "is not supported with store.cluster_nodes (a certificate from the public web PKI works)",
+                    ));
+                }
+                if let Some(bad) = self
                     .sentinels
                     .iter()
                     .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
@@ -356,6 +393,7 @@ impl RawStore {
                     wait_timeout: Duration::from_millis(self.wait_timeout_ms),
                     sentinels: self.sentinels,
                     master_name,
+                    cluster_nodes: self.cluster_nodes,
                     key_prefix: self.key_prefix,
                     connect_timeout: secs("store.connect_timeout", self.connect_timeout, false)?,
                     command_timeout,

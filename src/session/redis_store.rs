@@ -16,6 +16,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncCommands, IntoConnectionInfo, Script};
 
@@ -32,6 +35,8 @@ pub struct RedisSettings {
     /// data nodes' user, password and database only).
     pub sentinels: Vec<String>,
     pub master_name: Option<String>,
+    /// Redis Cluster seed nodes; when given, keys go to the node serving their slot.
+    pub cluster_nodes: Vec<String>,
     /// Replicas that must have a change before it is acknowledged (`WAIT`); 0: none.
     pub wait_replicas: u32,
     pub wait_timeout: Duration,
@@ -101,7 +106,7 @@ struct Replicas {
 struct Link {
     source: Source,
     config: ConnectionManagerConfig,
-    current: std::sync::RwLock<ConnectionManager>,
+    current: std::sync::RwLock<Conn>,
     /// When the link last started over, and the shortest time between two starts.
     replaced: std::sync::Mutex<std::time::Instant>,
     pause: Duration,
@@ -114,21 +119,80 @@ enum Source {
     Fixed(redis::Client),
     /// Whichever server the sentinels name as the master now.
     Sentinel(tokio::sync::Mutex<SentinelClient>),
+    /// The nodes of a Redis Cluster, each key on the node that serves its slot (the cluster
+    /// connection follows `MOVED`/`ASK` and slot changes itself).
+    Cluster(ClusterClient),
+}
+
+/// A connection of either kind, used through the same commands.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl Source {
-    async fn client(&self, within: Duration) -> Result<redis::Client, String> {
-        match self {
-            Source::Fixed(client) => Ok(client.clone()),
+    /// A fresh connection: lazy for one server (it connects on its first command), connected
+    /// for a cluster (whose client learns the slot map first).
+    async fn connect(
+        &self,
+        config: &ConnectionManagerConfig,
+        within: Duration,
+    ) -> Result<Conn, String> {
+        let client = match self {
+            Source::Fixed(client) => client.clone(),
             Source::Sentinel(sentinel) => {
                 let mut sentinel = sentinel.lock().await;
                 match tokio::time::timeout(within, sentinel.async_get_client()).await {
-                    Ok(Ok(client)) => Ok(client),
-                    Ok(Err(e)) => Err(format!("no master from the sentinels: {e}")),
-                    Err(_) => Err(format!("no master from the sentinels within {within:?}")),
+                    Ok(Ok(client)) => client,
+                    Ok(Err(e)) => return Err(format!("no master from the sentinels: {e}")),
+                    Err(_) => {
+                        return Err(format!("no master from the sentinels within {within:?}"));
+                    }
                 }
             }
-        }
+            Source::Cluster(cluster) => {
+                return match tokio::time::timeout(within, cluster.get_async_connection()).await {
+                    Ok(Ok(conn)) => Ok(Conn::Cluster(conn)),
+                    Ok(Err(e)) => Err(format!("cluster: {e}")),
+                    Err(_) => Err(format!("cluster: no connection within {within:?}")),
+                };
+            }
+        };
+        ConnectionManager::new_lazy_with_config(client, config.clone())
+            .map(Conn::Single)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -147,7 +211,7 @@ fn lost_master(e: &redis::RedisError) -> bool {
 }
 
 impl Link {
-    fn get(&self) -> ConnectionManager {
+    fn get(&self) -> Conn {
         self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -191,14 +255,11 @@ impl Link {
             }
             *last = std::time::Instant::now();
         }
-        let client = match self.source.client(self.connect_timeout).await {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::warn!(error = %e, "redis: the connection is lost; cannot connect afresh");
-                return;
-            }
-        };
-        match ConnectionManager::new_lazy_with_config(client, self.config.clone()) {
+        match self
+            .source
+            .connect(&self.config, self.connect_timeout)
+            .await
+        {
             Ok(fresh) => {
                 *self
                     .current
@@ -218,6 +279,48 @@ impl Link {
 const RESTART_PAUSE: Duration = Duration::from_millis(500);
 
 impl RedisCells {
+    /// SCANs one server for the first cell whose key `wanted` accepts; `node` picks a cluster
+    /// node by address.
+    async fn scan_node(
+        &self,
+        mut conn: Conn,
+        node: Option<(String, u16)>,
+        wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
+    ) -> Result<Option<String>, StoreError> {
+        let cells = format!("{}r:", self.prefix);
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{cells}*"))
+                .arg("COUNT")
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) = match (&mut conn, &node) {
+                (Conn::Cluster(c), Some((host, port))) => {
+                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    });
+                    let value = self.link.run(c.route_command(scan, routing)).await?;
+                    redis::from_redis_value(value).map_err(|e| backend(e.into()))?
+                }
+                _ => self.link.run(scan.query_async(&mut conn)).await?,
+            };
+            if let Some(k) = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&cells))
+                .find(|k| wanted(k))
+            {
+                return Ok(Some(k.to_string()));
+            }
+            if next == 0 {
+                return Ok(None);
+            }
+            cursor = next;
+        }
+    }
+
     fn cell(&self, key: &str) -> String {
         format!("{}r:{key}", self.prefix)
     }
@@ -253,17 +356,32 @@ impl Cells for RedisCells {
         new: Option<&Entry>,
     ) -> Result<bool, StoreError> {
         let mut conn = self.link.get();
+        let (old_set, new_set) = (self.subject_set(old), self.subject_set(new));
+        // On a cluster a script may touch only the keys it is given, all in one slot, and a
+        // subject's set is in another slot than the cell: the set changes go around the script
+        // instead, added before the swap and removed after it (a crash leaves an extra member,
+        // which a read of the set drops, never a missing one).
+        let around = matches!(self.link.source, Source::Cluster(_)) && old_set != new_set;
+        if around && !new_set.is_empty() {
+            let _: i64 = self.link.run(conn.sadd(&new_set, key)).await?;
+        }
         let mut invocation = self.swap.key(self.cell(key));
         invocation
             .arg(if expected.is_some() { "1" } else { "0" })
             .arg(expected.unwrap_or_default())
             .arg(new.map(|n| self.codec.encode(key, n)).unwrap_or_default())
             .arg(new.map_or(0, Entry::deadline).max(0) + EXPIRY_GRACE_MS)
-            .arg(key)
-            .arg(self.subject_set(old))
-            .arg(self.subject_set(new));
+            .arg(key);
+        if matches!(self.link.source, Source::Cluster(_)) {
+            invocation.arg("").arg("");
+        } else {
+            invocation.arg(&old_set).arg(&new_set);
+        }
         if self.replicas.wanted == 0 {
             let swapped: i64 = self.link.run(invocation.invoke_async(&mut conn)).await?;
+            if around && swapped == 1 && !old_set.is_empty() {
+                let _: i64 = self.link.run(conn.srem(&old_set, key)).await?;
+            }
             return Ok(swapped == 1);
         }
         // The swap and its `WAIT` go out together on one connection, so the `WAIT` is for
@@ -311,30 +429,40 @@ impl Cells for RedisCells {
         &self,
         wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
     ) -> Result<Option<String>, StoreError> {
-        let mut conn = self.link.get();
-        let cells = format!("{}r:", self.prefix);
-        let mut cursor: u64 = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{cells}*"))
-                .arg("COUNT")
-                .arg(1000);
-            let (next, keys): (u64, Vec<String>) =
-                self.link.run(scan.query_async(&mut conn)).await?;
-            if let Some(k) = keys
-                .iter()
-                .filter_map(|k| k.strip_prefix(&cells))
-                .find(|k| wanted(k))
+        let conn = self.link.get();
+        let Conn::Cluster(mut cluster) = conn.clone() else {
+            return self.scan_node(conn, None, wanted).await;
+        };
+        // SCAN walks one node's keys: on a cluster, walk every master's.
+        let nodes: String = self
+            .link
+            .run(cluster.route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            ))
+            .await
+            .and_then(|v| redis::from_redis_value(v).map_err(|e| backend(e.into())))?;
+        for line in nodes
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+        {
+            let Some((host, port)) = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|a| a.split('@').next())
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+            else {
+                continue;
+            };
+            if let Some(k) = self
+                .scan_node(conn.clone(), Some((host, port)), wanted)
+                .await?
             {
-                return Ok(Some(k.to_string()));
+                return Ok(Some(k));
             }
-            if next == 0 {
-                return Ok(None);
-            }
-            cursor = next;
         }
+        Ok(None)
     }
 
     async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError> {
@@ -378,6 +506,14 @@ impl RedisStore {
     ) -> Result<RedisStore, StoreError> {
         let open = |reason: String| StoreError::Open {
             path: match &cfg.master_name {
+                None if !cfg.cluster_nodes.is_empty() => format!(
+                    "the cluster of {}",
+                    cfg.cluster_nodes
+                        .iter()
+                        .map(|u| redact(u))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 Some(name) => format!(
                     "master {name:?} of the sentinels {}",
                     cfg.sentinels
@@ -403,12 +539,28 @@ impl RedisStore {
             Some(name) => Source::Sentinel(tokio::sync::Mutex::new(
                 sentinel_client(cfg, name).map_err(open)?,
             )),
+            None if !cfg.cluster_nodes.is_empty() => Source::Cluster(
+                ClusterClient::builder(cfg.cluster_nodes.clone())
+                    .connection_timeout(cfg.connect_timeout)
+                    .response_timeout(cfg.command_timeout)
+                    .build()
+                    .map_err(|e| open(format!("store.cluster_nodes: {e}")))?,
+            ),
             None => Source::Fixed(fixed_client(cfg).map_err(open)?),
         };
-        let client = source.client(cfg.connect_timeout).await.map_err(open)?;
-        let conn = ConnectionManager::new_with_config(client, config.clone())
+        let conn = source
+            .connect(&config, cfg.connect_timeout)
             .await
-            .map_err(|e| open(e.to_string()))?;
+            .map_err(open)?;
+        // Fail at start, not on the first visitor, when the store does not answer.
+        let mut probe = conn.clone();
+        tokio::time::timeout(
+            cfg.connect_timeout + cfg.command_timeout,
+            redis::cmd("PING").query_async::<String>(&mut probe),
+        )
+        .await
+        .map_err(|_| open("no answer to PING".into()))?
+        .map_err(|e| open(e.to_string()))?;
         Ok(Engine {
             cells: RedisCells {
                 link: Link {

@@ -937,3 +937,96 @@ impl SentinelSet {
         self.master.take();
     }
 }
+
+/// A Redis Cluster of three masters (slots spread by `redis-cli --cluster create`), on loopback
+/// ports of its own. `None` (saying why) when redis-server is not installed.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    _nodes: Vec<Killed>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> Option<RedisCluster> {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = vec![free_port(), free_port(), free_port()];
+        let mut nodes = Vec::new();
+        for &port in &ports {
+            let data = dir.path().join(format!("node-{port}"));
+            std::fs::create_dir_all(&data).unwrap();
+            let args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &data.display().to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            nodes.push(redis_process("redis-server", &args)?);
+            wait_port(port);
+        }
+        let mut create = std::process::Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for p in &ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli comes with redis-server");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !ports
+            .iter()
+            .all(|&p| redis_cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(RedisCluster {
+            ports,
+            _nodes: nodes,
+            _dir: dir,
+        })
+    }
+
+    /// `[store]` lines for a sidecar on this cluster, under its own key prefix.
+    pub fn store_toml(&self, prefix: &str) -> String {
+        let nodes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "[store]\nbackend = \"redis\"\ncluster_nodes = {nodes:?}\nkey_prefix = \"{prefix}\"\ncommand_timeout = 2\n"
+        )
+    }
+
+    /// Keys held by each node.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .map(|&p| redis_cli(p, &["DBSIZE"]).parse().unwrap())
+            .collect()
+    }
+}
