@@ -442,28 +442,38 @@ async fn sled_suite(sealed: bool) {
     .await;
 }
 
-async fn redis_suite(sealed: bool) {
-    let Some(server) = common::RedisServer::start() else {
-        return;
+/// A Redis store from `[store]` TOML lines.
+async fn redis_store(toml: &str, sealed: bool) -> RedisStore {
+    let cfg = Config::from_toml(toml).unwrap();
+    let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
+        unreachable!("a redis store")
     };
+    RedisStore::connect(redis, Arc::new(policy()), 8192)
+        .await
+        .unwrap()
+        .sealed(codec(sealed))
+}
+
+/// The suite on Redis: each check gets a fresh, empty store (its own key prefix) from
+/// `store_toml(prefix)`.
+async fn redis_suite_on(store_toml: impl Fn(&str) -> String, sealed: bool) {
     let n = std::sync::atomic::AtomicUsize::new(0);
     suite(
         async || {
-            // A fresh, empty store: its own key prefix on the shared server.
             let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let cfg = Config::from_toml(&server.store_toml(&format!("suite{i}:"))).unwrap();
-            let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
-                unreachable!()
-            };
-            let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
-                .await
-                .unwrap()
-                .sealed(codec(sealed));
-            Arc::new(store) as Arc<dyn Store>
+            let toml = store_toml(&format!("suite{i}:{sealed}:"));
+            Arc::new(redis_store(&toml, sealed).await) as Arc<dyn Store>
         },
         false,
     )
     .await;
+}
+
+async fn redis_suite(sealed: bool) {
+    let Some(server) = common::RedisServer::start() else {
+        return;
+    };
+    redis_suite_on(|prefix| server.store_toml(prefix), sealed).await;
 }
 
 #[tokio::test]
@@ -495,22 +505,7 @@ async fn redis_behind_sentinel_keeps_the_store_contract() {
     let Some(set) = common::SentinelSet::start() else {
         return;
     };
-    let n = std::sync::atomic::AtomicUsize::new(0);
-    suite(
-        async || {
-            let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let cfg = Config::from_toml(&set.store_toml(&format!("suite{i}:"))).unwrap();
-            let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
-                unreachable!()
-            };
-            let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
-                .await
-                .unwrap();
-            Arc::new(store) as Arc<dyn Store>
-        },
-        false,
-    )
-    .await;
+    redis_suite_on(|prefix| set.store_toml(prefix), false).await;
     // The records went to the master the sentinels name, and reached its replica.
     let master = set.current_master();
     assert_eq!(master, set.master_port);
@@ -523,24 +518,8 @@ async fn redis_cluster_keeps_the_store_contract_sealed_or_not() {
     let Some(cluster) = common::RedisCluster::start() else {
         return;
     };
-    let n = std::sync::atomic::AtomicUsize::new(0);
     for sealed in [false, true] {
-        suite(
-            async || {
-                let i = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let cfg = Config::from_toml(&cluster.store_toml(&format!("suite{i}:"))).unwrap();
-                let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
-                    unreachable!()
-                };
-                let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
-                    .await
-                    .unwrap()
-                    .sealed(codec(sealed));
-                Arc::new(store) as Arc<dyn Store>
-            },
-            false,
-        )
-        .await;
+        redis_suite_on(|prefix| cluster.store_toml(prefix), sealed).await;
     }
     // The cells went to every master, by slot.
     let per_node = cluster.keys_per_node();
@@ -549,13 +528,7 @@ async fn redis_cluster_keeps_the_store_contract_sealed_or_not() {
         "keys per node: {per_node:?}"
     );
     // An admin look-up by handle walks every master.
-    let cfg = Config::from_toml(&cluster.store_toml("handles:")).unwrap();
-    let session_sidecar::config::Backend::Redis(redis) = &cfg.store.backend else {
-        unreachable!()
-    };
-    let store = RedisStore::connect(redis, Arc::new(policy()), 8192)
-        .await
-        .unwrap();
+    let store = redis_store(&cluster.store_toml("handles:"), false).await;
     let keys: Vec<String> = (0..30).map(|_| id::generate()).collect();
     for k in &keys {
         store

@@ -336,43 +336,30 @@ impl RawStore {
                         ));
                     }
                 };
-                if master_name.is_some() && self.tls_ca_file.is_some() {
-                    return Err(invalid(
-                        "store.tls_ca_file",
-                        "is not supported with store.sentinels (a certificate from the public web PKI works)",
-                    ));
-                }
-                if let Some(bad) = self
-                    .cluster_nodes
-                    .iter()
-                    .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-                {
-                    return Err(invalid(
-                        "store.cluster_nodes",
-                        format!(
-                            "{:?} is not redis://host:port or rediss://host:port",
-                            crate::session::redis_store::redact(bad)
-                        ),
-                    ));
-                }
-                if !self.cluster_nodes.is_empty() && self.tls_ca_file.is_some() {
-                    return Err(invalid(
-                        "store.tls_ca_file",
-                        "is not supported with store.cluster_nodes (a certificate from the public web PKI works)",
-                    ));
-                }
-                if let Some(bad) = self
-                    .sentinels
-                    .iter()
-                    .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
-                {
-                    return Err(invalid(
-                        "store.sentinels",
-                        format!(
-                            "{:?} is not redis://host:port or rediss://host:port",
-                            crate::session::redis_store::redact(bad)
-                        ),
-                    ));
+                for (key, urls) in [
+                    ("store.sentinels", &self.sentinels),
+                    ("store.cluster_nodes", &self.cluster_nodes),
+                ] {
+                    if let Some(bad) = urls
+                        .iter()
+                        .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+                    {
+                        return Err(invalid(
+                            key,
+                            format!(
+                                "{:?} is not redis://host:port or rediss://host:port",
+                                crate::session::redis_store::redact(bad)
+                            ),
+                        ));
+                    }
+                    if !urls.is_empty() && self.tls_ca_file.is_some() {
+                        return Err(invalid(
+                            "store.tls_ca_file",
+                            format!(
+                                "is not supported with {key} (a certificate from the public web PKI works)"
+                            ),
+                        ));
+                    }
                 }
                 let command_timeout = secs("store.command_timeout", self.command_timeout, false)?;
                 if self.wait_replicas > 0

@@ -783,6 +783,30 @@ fn redis_process(program: &str, args: &[String]) -> Option<Killed> {
     }
 }
 
+/// A redis-server on 127.0.0.1:`port` with its own directory under `dir`, no persistence, and
+/// `extra` arguments.
+fn redis_node(dir: &std::path::Path, port: u16, extra: &[&str]) -> Option<Killed> {
+    let data = dir.join(format!("redis-{port}"));
+    std::fs::create_dir_all(&data).unwrap();
+    let port = port.to_string();
+    let data = data.display().to_string();
+    let mut args = vec![
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        &data,
+    ];
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    redis_process("redis-server", &args)
+}
+
 fn wait_port(port: u16) {
     for _ in 0..500 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -809,27 +833,7 @@ impl SentinelSet {
         let dir = tempfile::tempdir().unwrap();
         let master_port = free_port();
         let replica_ports = vec![free_port(), free_port()];
-        let server = |port: u16, extra: &[&str]| {
-            let data = dir.path().join(format!("redis-{port}"));
-            std::fs::create_dir_all(&data).unwrap();
-            let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &data.display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            args.extend(extra.iter().map(|s| s.to_string()));
-            redis_process("redis-server", &args)
-        };
+        let server = |port: u16, extra: &[&str]| redis_node(dir.path(), port, extra);
         let master = server(master_port, &[])?;
         wait_port(master_port);
         let mut replicas = Vec::new();
@@ -952,30 +956,15 @@ impl RedisCluster {
         let ports = vec![free_port(), free_port(), free_port()];
         let mut nodes = Vec::new();
         for &port in &ports {
-            let data = dir.path().join(format!("node-{port}"));
-            std::fs::create_dir_all(&data).unwrap();
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
+            let cluster = [
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &data.display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            nodes.push(redis_process("redis-server", &args)?);
+            ];
+            nodes.push(redis_node(dir.path(), port, &cluster)?);
             wait_port(port);
         }
         let mut create = std::process::Command::new("redis-cli");
