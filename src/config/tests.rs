@@ -266,6 +266,7 @@ fn sentinel_settings_are_checked_together_and_their_passwords_masked() {
             "[store]\nsentinels = [\"redis://h:26379\"]\nmaster_name = \"m\"".to_string(),
             "store.sentinels",
         ),
+        ("[store]\nmaster_name = \"m\"".to_string(), "store.sentinels"),
         (
             format!("{redis}sentinels = [\"h:26379\"]\nmaster_name = \"m\""),
             "store.sentinels",

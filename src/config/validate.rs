@@ -295,7 +295,7 @@ impl RawStore {
                 "is not supported with store.cluster_nodes yet",
             ));
         }
-        if self.backend != "redis" && !self.sentinels.is_empty() {
+        if self.backend != "redis" && !(self.sentinels.is_empty() && self.master_name.is_empty()) {
             return Err(invalid(
                 "store.sentinels",
                 "Redis Sentinel applies only with store.backend = \"redis\"",
