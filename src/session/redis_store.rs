@@ -361,7 +361,8 @@ impl Cells for RedisCells {
         // subject's set is in another slot than the cell: the set changes go around the script
         // instead, added before the swap and removed after it (a crash leaves an extra member,
         // which a read of the set drops, never a missing one).
-        let around = matches!(self.link.source, Source::Cluster(_)) && old_set != new_set;
+        let cluster = matches!(self.link.source, Source::Cluster(_));
+        let around = cluster && old_set != new_set;
         if around && !new_set.is_empty() {
             let _: i64 = self.link.run(conn.sadd(&new_set, key)).await?;
         }
@@ -372,7 +373,7 @@ impl Cells for RedisCells {
             .arg(new.map(|n| self.codec.encode(key, n)).unwrap_or_default())
             .arg(new.map_or(0, Entry::deadline).max(0) + EXPIRY_GRACE_MS)
             .arg(key);
-        if matches!(self.link.source, Source::Cluster(_)) {
+        if cluster {
             invocation.arg("").arg("");
         } else {
             invocation.arg(&old_set).arg(&new_set);
@@ -506,21 +507,12 @@ impl RedisStore {
     ) -> Result<RedisStore, StoreError> {
         let open = |reason: String| StoreError::Open {
             path: match &cfg.master_name {
-                None if !cfg.cluster_nodes.is_empty() => format!(
-                    "the cluster of {}",
-                    cfg.cluster_nodes
-                        .iter()
-                        .map(|u| redact(u))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                None if !cfg.cluster_nodes.is_empty() => {
+                    format!("the cluster of {}", redact_all(&cfg.cluster_nodes))
+                }
                 Some(name) => format!(
                     "master {name:?} of the sentinels {}",
-                    cfg.sentinels
-                        .iter()
-                        .map(|u| redact(u))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    redact_all(&cfg.sentinels)
                 ),
                 None => redact(&cfg.url),
             },
@@ -631,6 +623,14 @@ impl RedisStore {
         self.cells.codec = codec;
         self
     }
+}
+
+/// Several URLs, each without its user and password, for messages.
+fn redact_all(urls: &[String]) -> String {
+    urls.iter()
+        .map(|u| redact(u))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The URL without its user and password, for messages: the userinfo ends at the authority's
