@@ -16,7 +16,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::session::changes::Change;
-use crate::session::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
+use crate::session::store::{Liveness, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated};
 use crate::session::{Millis, Record};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -340,8 +340,16 @@ impl Store for Metered {
                 .update(key, seen, change, new_key, now, force_save)
         )
     }
-    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
-        metered!(self, "liveness", self.inner.liveness(key, now))
+    fn mark(&self) -> Option<Mark> {
+        self.inner.mark()
+    }
+    async fn liveness(
+        &self,
+        key: &str,
+        now: Millis,
+        seen: Option<Seen>,
+    ) -> Result<Liveness, StoreError> {
+        metered!(self, "liveness", self.inner.liveness(key, now, seen))
     }
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
         metered!(self, "touch", self.inner.touch(key, now))

@@ -276,7 +276,7 @@ async fn the_sweeper_removes_expired_records_through_the_index() {
     let mut gone = false;
     for _ in 0..100 {
         // The background sweeper runs every second of real time.
-        let live = s.store.liveness(&keys[0], i64::MIN).await.unwrap();
+        let live = s.store.liveness(&keys[0], i64::MIN, None).await.unwrap();
         if live == session_sidecar::session::store::Liveness::Ended {
             gone = true;
             break;

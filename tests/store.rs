@@ -13,8 +13,8 @@ use session_sidecar::session::changes::{Change, Op};
 use session_sidecar::session::entry::Codec;
 use session_sidecar::session::redis_store::RedisStore;
 use session_sidecar::session::sled_store::SledStore;
-use session_sidecar::session::store::{Liveness, Store, UpdateError, Updated};
-use session_sidecar::session::{Millis, Policy, Record, id};
+use session_sidecar::session::store::{Liveness, Seen, Store, UpdateError, Updated};
+use session_sidecar::session::{ExpiryMode, Millis, Policy, Record, id};
 
 /// The tests' "now": real time, because Redis expires keys by its own clock.
 fn t0() -> Millis {
@@ -59,6 +59,7 @@ async fn suite(open: impl AsyncFn() -> Arc<dyn Store>, sweeps: bool) {
         sweep_removes_only_what_expired(open().await).await;
     }
     liveness_distinguishes_live_forwarded_and_ended(open().await).await;
+    a_liveness_check_after_a_load_hears_of_every_end(open().await).await;
     a_second_cycle_lands_in_the_renamed_session(open().await).await;
     concurrent_updates_and_a_cycle_lose_nothing(open().await).await;
     a_stale_version_costs_a_reread_not_a_change(open().await).await;
@@ -149,7 +150,10 @@ async fn emptying_removes_the_record(s: Arc<dyn Store>) {
         s.update(&k, None, &c, None, t0() + 1, false).await.unwrap(),
         Updated::Removed { forwarded: false }
     );
-    assert_eq!(s.liveness(&k, t0() + 1).await.unwrap(), Liveness::Ended);
+    assert_eq!(
+        s.liveness(&k, t0() + 1, None).await.unwrap(),
+        Liveness::Ended
+    );
 }
 
 async fn an_update_after_removal_reports_the_session_ended(s: Arc<dyn Store>) {
@@ -283,7 +287,10 @@ async fn liveness_distinguishes_live_forwarded_and_ended(s: Arc<dyn Store>) {
     s.create(&old, &record(json!({"a": 0}), t0()))
         .await
         .unwrap();
-    assert_eq!(s.liveness(&old, t0() + 1).await.unwrap(), Liveness::Live);
+    assert_eq!(
+        s.liveness(&old, t0() + 1, None).await.unwrap(),
+        Liveness::Live
+    );
     let c = Change {
         cycle: true,
         ..Change::default()
@@ -292,11 +299,106 @@ async fn liveness_distinguishes_live_forwarded_and_ended(s: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(
-        s.liveness(&old, t0() + 2).await.unwrap(),
+        s.liveness(&old, t0() + 2, None).await.unwrap(),
         Liveness::Forwarded
     );
     s.remove(&new).await.unwrap();
-    assert_eq!(s.liveness(&old, t0() + 3).await.unwrap(), Liveness::Ended);
+    assert_eq!(
+        s.liveness(&old, t0() + 3, None).await.unwrap(),
+        Liveness::Ended
+    );
+}
+
+/// What a request's load saw, for its liveness check (as `Sessions` takes it: the mark first).
+async fn load_seen(s: &Arc<dyn Store>, k: &str, now: Millis) -> Option<Seen> {
+    let mark = s.mark();
+    let (r, _) = s.load_versioned(k, now).await.unwrap().unwrap();
+    mark.map(|mark| Seen {
+        mark,
+        deadline: r.deadline,
+    })
+}
+
+/// The liveness check with what the load saw, once the store could hear of the change (a
+/// notice follows its change by a moment: up to 5 s allowed here).
+async fn liveness_becomes(
+    s: &Arc<dyn Store>,
+    k: &str,
+    now: Millis,
+    seen: Option<Seen>,
+    want: Liveness,
+) {
+    let mut got = None;
+    for _ in 0..500 {
+        got = Some(s.liveness(k, now, seen).await.unwrap());
+        if got == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("liveness {got:?}, not {want:?}, with {seen:?}");
+}
+
+/// The check a read-only request makes after its response, given what its load saw: a store
+/// with end notices may answer it without a read, and must still see every end.
+async fn a_liveness_check_after_a_load_hears_of_every_end(s: Arc<dyn Store>) {
+    // A store with notices starts listening a moment after it opens.
+    for _ in 0..200 {
+        if s.mark().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fresh = async || {
+        let k = id::generate();
+        s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
+        let seen = load_seen(&s, &k, t0() + 1).await;
+        (k, seen)
+    };
+    let (k, seen) = fresh().await;
+    assert_eq!(
+        s.liveness(&k, t0() + 2, seen).await.unwrap(),
+        Liveness::Live
+    );
+    // Past the deadline the load read: ended, notice or not.
+    assert_eq!(
+        s.liveness(&k, t0() + AGE_MS, seen).await.unwrap(),
+        Liveness::Ended
+    );
+    // Flushed.
+    s.remove(&k).await.unwrap();
+    liveness_becomes(&s, &k, t0() + 2, seen, Liveness::Ended).await;
+    // Cycled.
+    let (k, seen) = fresh().await;
+    let cycle = Change {
+        cycle: true,
+        ..Change::default()
+    };
+    s.update(&k, None, &cycle, Some(&id::generate()), t0() + 2, false)
+        .await
+        .unwrap();
+    liveness_becomes(&s, &k, t0() + 3, seen, Liveness::Forwarded).await;
+    // Its expiry brought forward to a moment now past.
+    let (k, seen) = fresh().await;
+    let shorter = Change {
+        expiry: Some(ExpiryMode::Seconds(1)),
+        ..Change::default()
+    };
+    s.update(&k, None, &shorter, None, t0() + 2, false)
+        .await
+        .unwrap();
+    liveness_becomes(&s, &k, t0() + 2_000, seen, Liveness::Ended).await;
+    // A change that ends nothing leaves other sessions' checks alone: still live.
+    let (k, seen) = fresh().await;
+    let (other, _) = fresh().await;
+    s.remove(&other).await.unwrap();
+    s.update(&k, None, &set("b", json!(1)), None, t0() + 2, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.liveness(&k, t0() + 3, seen).await.unwrap(),
+        Liveness::Live
+    );
 }
 
 async fn concurrent_updates_and_a_cycle_lose_nothing(s: Arc<dyn Store>) {
@@ -476,6 +578,45 @@ async fn redis_suite(sealed: bool) {
     redis_suite_on(|prefix| server.store_toml(prefix), sealed).await;
 }
 
+/// Whether the store listens for end notices within 5 s of opening.
+async fn listening(s: &Arc<dyn Store>) -> bool {
+    for _ in 0..500 {
+        if s.mark().is_some() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn on_redis_the_check_after_a_load_reads_only_when_a_notice_came() {
+    let Some(server) = common::RedisServer::start() else {
+        return;
+    };
+    let s = Arc::new(redis_store(&server.store_toml("fast:"), false).await) as Arc<dyn Store>;
+    assert!(listening(&s).await, "subscribed to the end notices");
+    let k = id::generate();
+    s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
+    let seen = load_seen(&s, &k, t0() + 1).await;
+    // The cell deleted behind the sidecars' back (no notice): the check with the load's mark
+    // does not read, so it still says live; without a mark it reads and finds it gone. (A
+    // session only ends through a sidecar, or by its deadline, which the load read.)
+    let deleted = common::redis_cli(server.port, &["DEL", &format!("fast:r:{k}")]);
+    assert_eq!(deleted, "1");
+    assert_eq!(
+        s.liveness(&k, t0() + 2, seen).await.unwrap(),
+        Liveness::Live
+    );
+    assert_eq!(
+        s.liveness(&k, t0() + 2, None).await.unwrap(),
+        Liveness::Ended
+    );
+    // A notice on the channel, whoever sent it, sends the check to Redis.
+    common::redis_cli(server.port, &["PUBLISH", "fast:ended", &k]);
+    liveness_becomes(&s, &k, t0() + 2, seen, Liveness::Ended).await;
+}
+
 #[tokio::test]
 async fn sled_store_keeps_sessions_across_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -506,6 +647,8 @@ async fn redis_behind_sentinel_keeps_the_store_contract() {
         return;
     };
     redis_suite_on(|prefix| set.store_toml(prefix), false).await;
+    let s = Arc::new(redis_store(&set.store_toml("listen:"), false).await) as Arc<dyn Store>;
+    assert!(listening(&s).await, "end notices through the master");
     // The records went to the master the sentinels name, and reached its replica.
     let master = set.current_master();
     assert_eq!(master, set.master_port);
@@ -527,8 +670,12 @@ async fn redis_cluster_keeps_the_store_contract_sealed_or_not() {
         per_node.iter().all(|&k| k > 0),
         "keys per node: {per_node:?}"
     );
-    // An admin look-up by handle walks every master.
+    // End notices: a script's PUBLISH on any master reaches the one subscription (the suite's
+    // checks above waited for them once listening).
     let store = redis_store(&cluster.store_toml("handles:"), false).await;
+    let s = Arc::new(redis_store(&cluster.store_toml("listen:"), false).await) as Arc<dyn Store>;
+    assert!(listening(&s).await, "end notices on a cluster");
+    // An admin look-up by handle walks every master.
     let keys: Vec<String> = (0..30).map(|_| id::generate()).collect();
     for k in &keys {
         store

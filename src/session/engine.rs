@@ -14,7 +14,7 @@ use async_trait::async_trait;
 
 use super::changes::{self, Change};
 use super::entry::{Codec, DecodeError, Entry, Head, MAX_HOPS, Moved};
-use super::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
+use super::store::{Liveness, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated};
 use super::{Millis, Policy, Record};
 
 #[async_trait]
@@ -42,6 +42,17 @@ pub trait Cells: Send + Sync + 'static {
 
     /// Whether the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Where this backend's end notices stand, if it has them (see [`Store::mark`]).
+    fn mark(&self) -> Option<Mark> {
+        None
+    }
+
+    /// Whether no end notice for `key` arrived since `mark` (and none could have been missed).
+    /// `false` sends the liveness check to the store.
+    fn unchanged_since(&self, _key: &str, _mark: Mark) -> bool {
+        false
+    }
 
     /// The raw entry under `key`.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -242,7 +253,20 @@ impl<C: Cells> Engine<C> {
         }
     }
 
-    pub async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
+    pub async fn liveness(
+        &self,
+        key: &str,
+        now: Millis,
+        seen: Option<Seen>,
+    ) -> Result<Liveness, StoreError> {
+        // A backend with end notices heard of every flush, cycle and shortened expiry of `key`
+        // since the load; the load's deadline answers for plain expiry.
+        if let Some(seen) = seen
+            && seen.deadline > now
+            && self.cells.unchanged_since(key, seen.mark)
+        {
+            return Ok(Liveness::Live);
+        }
         // Read on every read-only request: the head answers the common case, no parsing.
         let mut current = key.to_string();
         for hop in 0..=MAX_HOPS {
@@ -343,8 +367,17 @@ impl<C: Cells> Store for Engine<C> {
         Engine::update(self, key, seen, change, new_key, now, force_save).await
     }
 
-    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
-        Engine::liveness(self, key, now).await
+    fn mark(&self) -> Option<Mark> {
+        self.cells.mark()
+    }
+
+    async fn liveness(
+        &self,
+        key: &str,
+        now: Millis,
+        seen: Option<Seen>,
+    ) -> Result<Liveness, StoreError> {
+        Engine::liveness(self, key, now, seen).await
     }
 
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {

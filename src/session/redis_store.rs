@@ -9,22 +9,32 @@
 //!
 //! Durability follows the Redis server's persistence settings (README, "More than one
 //! machine"); `sync` has nothing to wait for here.
+//!
+//! End notices spare a read-only request its second round trip: every swap that ends a
+//! session, cycles it or brings its expiry forward publishes the session key on
+//! `{prefix}ended` from inside the script, and each sidecar listens on its own data connection
+//! (RESP3 carries replies and pushes on one connection). The liveness check after a read-only
+//! response then asks Redis only when a notice for its key arrived since the load, or when a
+//! notice may have been missed (see [`Notices`]).
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
+use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{AsyncCommands, IntoConnectionInfo, Script};
+use redis::{
+    AsyncCommands, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value,
+};
 
 use super::engine::{Cells, Engine};
 use super::entry::{Codec, Entry};
-use super::store::{StoreError, Swept};
+use super::store::{Mark, StoreError, Swept};
 use super::{Millis, Policy};
 
 /// Where the shared store is and how long to wait for it.
@@ -48,7 +58,9 @@ pub struct RedisSettings {
 
 /// KEYS[1] the cell. ARGV: 1 "0" = expect absent, "1" = expect ARGV[2]; 3 new bytes ("" =
 /// delete); 4 new deadline (ms, PXAT); 5 session key; 6 old subject set ("" none); 7 new
-/// subject set ("" none).
+/// subject set ("" none); 8 the channel to publish the session key on ("" none: the change
+/// ends nothing). Every sidecar trusts the others' notices, so one that cannot publish must not
+/// run: start-up checks it may (ACL), and a notice refused later fails the swap (503).
 const SWAP: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if ARGV[1] == '0' then
@@ -65,6 +77,7 @@ if ARGV[6] ~= ARGV[7] then
   if ARGV[6] ~= '' then redis.call('SREM', ARGV[6], ARGV[5]) end
   if ARGV[7] ~= '' then redis.call('SADD', ARGV[7], ARGV[5]) end
 end
+if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[5]) end
 return 1
 "#;
 
@@ -77,7 +90,7 @@ fn backend(e: redis::RedisError) -> StoreError {
 }
 
 pub struct RedisCells {
-    link: Link,
+    link: Arc<Link>,
     prefix: String,
     swap: Script,
     codec: Codec,
@@ -111,6 +124,187 @@ struct Link {
     replaced: std::sync::Mutex<std::time::Instant>,
     pause: Duration,
     connect_timeout: Duration,
+    notices: Arc<Notices>,
+}
+
+/// What this sidecar heard on the end-notice channel: for each session key, the sequence
+/// number of the last notice about it.
+///
+/// A mark (epoch, sequence) is taken before a request's load; its liveness check needs no read
+/// when the epoch is unchanged and no notice about its key came after the mark. Only pushes of
+/// the current connection count. Whatever may lose a notice ends the epoch or stops the
+/// listening until the subscription is confirmed again: the connection dropping (redis'
+/// `Disconnection` push), the link starting over on a new connection, the subscription not
+/// (yet) confirmed, or more notices than are kept since the mark. A notice arrives a moment
+/// after its change; a session ended within that moment before a response goes out is found
+/// ended by the next request instead, which then deletes the cookie.
+pub struct Notices {
+    channel: String,
+    heard: std::sync::Mutex<Heard>,
+    /// Wakes the task that subscribes (again).
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Heard {
+    /// The connection whose pushes count; a replaced one's late pushes are ignored.
+    conn: u64,
+    /// Connections handed out so far (the ids).
+    made: u64,
+    epoch: u64,
+    listening: bool,
+    seq: u64,
+    last: HashMap<String, u64>,
+    order: VecDeque<(u64, String)>,
+    /// Notices up to this sequence number were forgotten.
+    floor: u64,
+}
+
+/// How many notices are kept: more during one request's flight and its check reads instead.
+const NOTICES_KEPT: usize = 16_384;
+
+impl Notices {
+    fn new(channel: String) -> Notices {
+        Notices {
+            channel,
+            heard: std::sync::Mutex::new(Heard::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
+        self.heard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn mark(&self) -> Option<Mark> {
+        let h = self.heard();
+        h.listening.then_some(Mark {
+            epoch: h.epoch,
+            seq: h.seq,
+        })
+    }
+
+    fn unchanged_since(&self, key: &str, mark: Mark) -> bool {
+        let h = self.heard();
+        h.listening
+            && h.epoch == mark.epoch
+            && mark.seq >= h.floor
+            && h.last.get(key).is_none_or(|&seq| seq <= mark.seq)
+    }
+
+    /// A push sender for a new connection; its pushes count once [`Notices::adopt`] makes it
+    /// the current one.
+    fn sender(self: &Arc<Self>) -> (u64, impl redis::aio::AsyncPushSender + Clone) {
+        let id = {
+            let mut h = self.heard();
+            h.made += 1;
+            h.made
+        };
+        let notices = Arc::downgrade(self);
+        let sender = move |push: PushInfo| -> Result<(), redis::aio::SendError> {
+            if let Some(notices) = notices.upgrade() {
+                notices.push(id, push);
+            }
+            Ok(())
+        };
+        (id, sender)
+    }
+
+    /// Connection `id` is now the link's: nothing is trusted until it has subscribed.
+    fn adopt(&self, id: u64) {
+        {
+            let mut h = self.heard();
+            h.conn = id;
+            h.epoch += 1;
+            h.listening = false;
+        }
+        self.wake.notify_one();
+    }
+
+    fn push(&self, id: u64, push: PushInfo) {
+        let mut h = self.heard();
+        if h.conn != id {
+            return;
+        }
+        match push.kind {
+            PushKind::Message => {
+                // [channel, payload]
+                let key = match push.data.get(1) {
+                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => return,
+                };
+                h.seq += 1;
+                let seq = h.seq;
+                h.last.insert(key.clone(), seq);
+                h.order.push_back((seq, key));
+                if h.order.len() > NOTICES_KEPT
+                    && let Some((old, key)) = h.order.pop_front()
+                {
+                    if h.last.get(&key) == Some(&old) {
+                        h.last.remove(&key);
+                    }
+                    h.floor = old;
+                }
+            }
+            PushKind::Subscribe => h.listening = true,
+            PushKind::Disconnection => {
+                h.epoch += 1;
+                h.listening = false;
+                drop(h);
+                self.wake.notify_one();
+            }
+            _ => {}
+        }
+    }
+
+    fn listening(&self) -> bool {
+        self.heard().listening
+    }
+}
+
+/// Keeps the link's current connection subscribed to the notice channel: at start, after a
+/// disconnection and after the link starts over. Ends when the store is dropped.
+async fn listen(link: Weak<Link>, notices: Arc<Notices>, within: Duration) {
+    let mut failing = false;
+    loop {
+        let Some(strong) = link.upgrade() else {
+            return;
+        };
+        if !notices.listening() {
+            let mut conn = strong.get();
+            let subscribed = match &mut conn {
+                Conn::Single(c) => {
+                    tokio::time::timeout(within, c.subscribe(&notices.channel)).await
+                }
+                Conn::Cluster(c) => {
+                    tokio::time::timeout(within, c.subscribe(&notices.channel)).await
+                }
+            };
+            match subscribed {
+                Ok(Ok(())) => failing = false,
+                Ok(Err(e)) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, channel = %notices.channel, "redis: cannot subscribe to the end notices; read-only requests check liveness with a read");
+                }
+                Err(_) if !failing => {
+                    failing = true;
+                    tracing::warn!(channel = %notices.channel, "redis: no answer to the end-notice subscription; read-only requests check liveness with a read");
+                }
+                _ => {}
+            }
+        }
+        drop(strong);
+        // Woken by a disconnection or a new connection; a second's nap otherwise, so a failed
+        // subscription is tried again and a dropped store ends the task.
+        let nap = if notices.listening() {
+            Duration::from_secs(1)
+        } else {
+            RESTART_PAUSE
+        };
+        let _ = tokio::time::timeout(nap, notices.wake.notified()).await;
+    }
 }
 
 /// Where the link's connections go.
@@ -121,7 +315,7 @@ enum Source {
     Sentinel(tokio::sync::Mutex<SentinelClient>),
     /// The nodes of a Redis Cluster, each key on the node that serves its slot (the cluster
     /// connection follows `MOVED`/`ASK` and slot changes itself).
-    Cluster(ClusterClient),
+    Cluster(ClusterClient, ClusterConfig),
 }
 
 /// A connection of either kind, used through the same commands.
@@ -169,6 +363,7 @@ impl Source {
         &self,
         config: &ConnectionManagerConfig,
         within: Duration,
+        push: impl redis::aio::AsyncPushSender + Clone,
     ) -> Result<Conn, String> {
         let client = match self {
             Source::Fixed(client) => client.clone(),
@@ -182,15 +377,17 @@ impl Source {
                     }
                 }
             }
-            Source::Cluster(cluster) => {
-                return match tokio::time::timeout(within, cluster.get_async_connection()).await {
+            Source::Cluster(cluster, config) => {
+                let config = config.clone().set_push_sender(push);
+                let connect = cluster.get_async_connection_with_config(config);
+                return match tokio::time::timeout(within, connect).await {
                     Ok(Ok(conn)) => Ok(Conn::Cluster(conn)),
                     Ok(Err(e)) => Err(format!("cluster: {e}")),
                     Err(_) => Err(format!("cluster: no connection within {within:?}")),
                 };
             }
         };
-        ConnectionManager::new_lazy_with_config(client, config.clone())
+        ConnectionManager::new_lazy_with_config(client, config.clone().set_push_sender(push))
             .map(Conn::Single)
             .map_err(|e| e.to_string())
     }
@@ -255,9 +452,10 @@ impl Link {
             }
             *last = std::time::Instant::now();
         }
+        let (id, push) = self.notices.sender();
         match self
             .source
-            .connect(&self.config, self.connect_timeout)
+            .connect(&self.config, self.connect_timeout, push)
             .await
         {
             Ok(fresh) => {
@@ -265,6 +463,7 @@ impl Link {
                     .current
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                self.notices.adopt(id);
                 tracing::warn!("redis: the connection is lost; connecting afresh");
             }
             Err(e) => {
@@ -337,10 +536,28 @@ impl RedisCells {
     }
 }
 
+/// Whether replacing `old` with `new` may end a session a request in flight has loaded: it is
+/// removed, cycled (moved), or its expiry brought forward.
+fn ends(old: Option<&Entry>, new: Option<&Entry>) -> bool {
+    match (old, new) {
+        (None, _) => false,
+        (Some(_), None | Some(Entry::Moved(_))) => true,
+        (Some(old), Some(new)) => new.deadline() < old.deadline(),
+    }
+}
+
 #[async_trait]
 impl Cells for RedisCells {
     fn codec(&self) -> &Codec {
         &self.codec
+    }
+
+    fn mark(&self) -> Option<Mark> {
+        self.link.notices.mark()
+    }
+
+    fn unchanged_since(&self, key: &str, mark: Mark) -> bool {
+        self.link.notices.unchanged_since(key, mark)
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -361,7 +578,7 @@ impl Cells for RedisCells {
         // subject's set is in another slot than the cell: the set changes go around the script
         // instead, added before the swap and removed after it (a crash leaves an extra member,
         // which a read of the set drops, never a missing one).
-        let cluster = matches!(self.link.source, Source::Cluster(_));
+        let cluster = matches!(self.link.source, Source::Cluster(..));
         let around = cluster && old_set != new_set;
         if around && !new_set.is_empty() {
             let _: i64 = self.link.run(conn.sadd(&new_set, key)).await?;
@@ -378,6 +595,11 @@ impl Cells for RedisCells {
         } else {
             invocation.arg(&old_set).arg(&new_set);
         }
+        invocation.arg(if ends(old, new) {
+            self.link.notices.channel.as_str()
+        } else {
+            ""
+        });
         if self.replicas.wanted == 0 {
             let swapped: i64 = self.link.run(invocation.invoke_async(&mut conn)).await?;
             if around && swapped == 1 && !old_set.is_empty() {
@@ -535,13 +757,19 @@ impl RedisStore {
                 ClusterClient::builder(cfg.cluster_nodes.clone())
                     .connection_timeout(cfg.connect_timeout)
                     .response_timeout(cfg.command_timeout)
+                    .use_protocol(ProtocolVersion::RESP3)
                     .build()
                     .map_err(|e| open(format!("store.cluster_nodes: {e}")))?,
+                ClusterConfig::new()
+                    .set_connection_timeout(cfg.connect_timeout)
+                    .set_response_timeout(cfg.command_timeout),
             ),
             None => Source::Fixed(fixed_client(cfg).map_err(open)?),
         };
+        let notices = Arc::new(Notices::new(format!("{}ended", cfg.key_prefix)));
+        let (id, push) = notices.sender();
         let conn = source
-            .connect(&config, cfg.connect_timeout)
+            .connect(&config, cfg.connect_timeout, push)
             .await
             .map_err(open)?;
         // Fail at start, not on the first visitor, when the store does not answer.
@@ -552,17 +780,38 @@ impl RedisStore {
         )
         .await
         .map_err(|_| open("no answer to PING".into()))?
-        .map_err(|e| open(e.to_string()))?;
+        .map_err(|e| open(format!("{e} (the store needs Redis 6 or newer: RESP3)")))?;
+        // Every sidecar relies on the others' end notices: one whose user may not publish them
+        // (a Redis 7 ACL user starts without channels) must not serve.
+        let channel = notices.channel.clone();
+        let publish = redis::cmd("PUBLISH").arg(&channel).arg("").clone();
+        tokio::time::timeout(cfg.command_timeout, publish.query_async::<i64>(&mut probe))
+            .await
+            .map_err(|_| open("no answer to PUBLISH".into()))?
+            .map_err(|e| {
+                open(format!(
+                    "cannot publish end notices on {channel:?} ({e}); grant the user the channel, \
+                 e.g. ACL SETUSER <user> &{channel}"
+                ))
+            })?;
+        let link = Arc::new(Link {
+            source,
+            config,
+            current: std::sync::RwLock::new(conn),
+            replaced: std::sync::Mutex::new(std::time::Instant::now()),
+            pause: cfg.command_timeout,
+            connect_timeout: cfg.connect_timeout,
+            notices: notices.clone(),
+        });
+        notices.adopt(id);
+        tokio::spawn(listen(
+            Arc::downgrade(&link),
+            notices,
+            cfg.connect_timeout + cfg.command_timeout,
+        ));
         Ok(Engine {
             cells: RedisCells {
-                link: Link {
-                    source,
-                    config,
-                    current: std::sync::RwLock::new(conn),
-                    replaced: std::sync::Mutex::new(std::time::Instant::now()),
-                    pause: cfg.command_timeout,
-                    connect_timeout: cfg.connect_timeout,
-                },
+                link,
                 prefix: cfg.key_prefix.clone(),
                 swap: Script::new(SWAP),
                 codec: Codec::plain(),
@@ -579,6 +828,7 @@ impl RedisStore {
 
 /// The client of a single server named by `url`.
 fn fixed_client(cfg: &RedisSettings) -> Result<redis::Client, String> {
+    let info = resp3(&cfg.url)?;
     match &cfg.tls_ca_file {
         Some(ca) => {
             let pem = std::fs::read(ca)
@@ -587,21 +837,29 @@ fn fixed_client(cfg: &RedisSettings) -> Result<redis::Client, String> {
                 client_tls: None,
                 root_cert: Some(pem),
             };
-            redis::Client::build_with_tls(cfg.url.as_str(), certs)
+            redis::Client::build_with_tls(info, certs)
         }
-        None => redis::Client::open(cfg.url.as_str()),
+        None => redis::Client::open(info),
     }
     .map_err(|e| e.to_string())
+}
+
+/// `url`'s connection settings, speaking RESP3 (replies and end notices on one connection).
+fn resp3(url: &str) -> Result<redis::ConnectionInfo, String> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| format!("store.url: {e}"))?;
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    Ok(info.set_redis_settings(settings))
 }
 
 /// The client that asks the sentinels for the master named `name`; the data nodes are reached
 /// with `url`'s user, password and database (and TLS when it is `rediss://`).
 fn sentinel_client(cfg: &RedisSettings, name: &str) -> Result<SentinelClient, String> {
-    let data = cfg
-        .url
-        .as_str()
-        .into_connection_info()
-        .map_err(|e| format!("store.url: {e}"))?;
+    let data = resp3(&cfg.url)?;
     let mut nodes = SentinelNodeConnectionInfo::default()
         .set_redis_connection_info(data.redis_settings().clone());
     if cfg.url.starts_with("rediss://") {
@@ -648,6 +906,89 @@ pub fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn message(key: &str) -> PushInfo {
+        PushInfo {
+            kind: PushKind::Message,
+            data: vec![
+                Value::BulkString(b"p:ended".to_vec()),
+                Value::BulkString(key.as_bytes().to_vec()),
+            ],
+        }
+    }
+
+    fn kind(kind: PushKind) -> PushInfo {
+        PushInfo { kind, data: vec![] }
+    }
+
+    #[test]
+    fn a_notice_or_anything_that_may_have_lost_one_sends_the_check_to_redis() {
+        let n = Arc::new(Notices::new("p:ended".into()));
+        let (first, _) = n.sender();
+        n.adopt(first);
+        assert_eq!(n.mark(), None, "not subscribed yet: nothing to trust");
+        n.push(first, kind(PushKind::Subscribe));
+        let m1 = n.mark().expect("listening");
+        assert!(n.unchanged_since("k", m1) && n.unchanged_since("j", m1));
+        // A notice about `k`: only `k`'s check reads, and a mark taken after it trusts it again.
+        n.push(first, message("k"));
+        assert!(!n.unchanged_since("k", m1));
+        assert!(n.unchanged_since("j", m1));
+        let m2 = n.mark().unwrap();
+        assert!(n.unchanged_since("k", m2));
+        // The connection dropped: every earlier mark is void, and nothing is trusted until the
+        // subscription is confirmed again.
+        n.push(first, kind(PushKind::Disconnection));
+        assert!(!n.unchanged_since("j", m2));
+        assert_eq!(n.mark(), None);
+        n.push(first, kind(PushKind::Subscribe));
+        let m3 = n.mark().unwrap();
+        assert!(n.unchanged_since("j", m3) && !n.unchanged_since("j", m2));
+        // The link started over: the old connection's late pushes count for nothing.
+        let (second, _) = n.sender();
+        n.adopt(second);
+        assert!(!n.unchanged_since("j", m3));
+        n.push(first, kind(PushKind::Subscribe));
+        assert_eq!(n.mark(), None, "a replaced connection's confirmation");
+        n.push(second, kind(PushKind::Subscribe));
+        let m4 = n.mark().unwrap();
+        n.push(first, message("j"));
+        assert!(
+            n.unchanged_since("j", m4),
+            "a replaced connection's notice is ignored"
+        );
+        // More notices since a mark than are kept: that mark can no longer be trusted.
+        for i in 0..NOTICES_KEPT {
+            n.push(second, message(&format!("other{i}")));
+        }
+        assert!(n.unchanged_since("j", m4), "all kept");
+        n.push(second, message("one-more"));
+        assert!(!n.unchanged_since("j", m4), "the oldest forgotten");
+        assert!(n.unchanged_since("j", n.mark().unwrap()));
+        assert_eq!(n.heard().last.len(), NOTICES_KEPT);
+    }
+
+    #[test]
+    fn only_ends_cycles_and_shortened_expiries_are_announced() {
+        use crate::session::entry::Moved;
+        let record = |deadline| {
+            let mut r = crate::session::Record::new(0);
+            r.deadline = deadline;
+            Entry::Session(r)
+        };
+        let (long, short) = (record(10_000), record(5_000));
+        let moved = Entry::Moved(Moved {
+            to: "new".into(),
+            until: 20_000,
+        });
+        assert!(!ends(None, Some(&long)), "a new session");
+        assert!(!ends(Some(&short), Some(&long)), "extended");
+        assert!(!ends(Some(&long), Some(&long)), "same deadline");
+        assert!(ends(Some(&long), Some(&short)), "brought forward");
+        assert!(ends(Some(&long), None), "flushed");
+        assert!(ends(Some(&long), Some(&moved)), "cycled");
+    }
     #[test]
     fn redact_hides_a_password_holding_at_signs() {
         let r = super::redact("redis://user:p@ss@w0rd@redis.internal:6379/0");

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::changes::{self, Change, TooLarge};
-use super::store::{Liveness, Store, StoreError, UpdateError, Updated};
+use super::store::{Liveness, Mark, Seen, Store, StoreError, UpdateError, Updated};
 use super::{Data, Millis, Policy, Record, id, seconds_until};
 
 /// What a request found under the keys its cookie presented.
@@ -16,6 +16,8 @@ pub struct Loaded {
     live: Option<(String, Record, Vec<u8>)>,
     /// The request carried our cookie (live or not).
     carried: bool,
+    /// Where the store's end notices stood before the load (spares the liveness check a read).
+    mark: Option<Mark>,
 }
 
 static EMPTY: std::sync::LazyLock<Data> = std::sync::LazyLock::new(Data::new);
@@ -122,17 +124,22 @@ impl Sessions {
         carried: bool,
         now: Millis,
     ) -> Result<Loaded, StoreError> {
+        // Taken before the load: a notice that arrives after it may concern a change made
+        // before the load (a needless read later), never the reverse.
+        let mark = self.store.mark();
         for key in keys {
             if let Some((record, raw)) = self.store.load_versioned(key, now).await? {
                 return Ok(Loaded {
                     live: Some((key.clone(), record, raw)),
                     carried,
+                    mark,
                 });
             }
         }
         Ok(Loaded {
             live: None,
             carried,
+            mark,
         })
     }
 
@@ -175,6 +182,7 @@ impl Sessions {
     ) -> Result<Outcome, Refused> {
         let force = self.policy.save_every_request;
         let carried = loaded.carried;
+        let seen = loaded.mark;
         let Some((key, snapshot, raw)) = loaded.live else {
             return self.fresh(change, now, carried).await;
         };
@@ -197,7 +205,11 @@ impl Sessions {
         }
         if change.is_empty() && !force {
             // The session may have ended while the upstream worked: then drop the stale cookie.
-            if self.store.liveness(&key, now).await? == Liveness::Ended {
+            let seen = seen.map(|mark| Seen {
+                mark,
+                deadline: snapshot.deadline,
+            });
+            if self.store.liveness(&key, now, seen).await? == Liveness::Ended {
                 return Ok(Outcome::cookie(CookieOp::Remove));
             }
             self.touch(&key, &snapshot, now).await;

@@ -55,6 +55,25 @@ pub enum Liveness {
     Ended,
 }
 
+/// Where a store's stream of end notices stood when a request loaded its session: a later
+/// [`Store::liveness`] that finds no notice for the key since then, and the deadline the load
+/// read still ahead, needs no read of its own (docs/HEADERS.md §9, "Round trips").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// Which unbroken run of the notice stream the mark belongs to.
+    pub epoch: u64,
+    /// How many notices that run had delivered.
+    pub seq: u64,
+}
+
+/// What a request saw when it loaded its session: the notice mark taken before the load and
+/// the deadline the load read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub mark: Mark,
+    pub deadline: Millis,
+}
+
 /// How many records a sweep removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Swept {
@@ -91,8 +110,19 @@ pub trait Store: Send + Sync + 'static {
         force_save: bool,
     ) -> Result<Updated, UpdateError>;
 
-    /// Whether `key` (or its successor after a cycle) is still live; read-only.
-    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError>;
+    /// Where the store's end notices stand, taken before a load; `None` when the store has
+    /// none (sled: its reads are local) or is not receiving them right now.
+    fn mark(&self) -> Option<Mark>;
+
+    /// Whether `key` (or its successor after a cycle) is still live; read-only. With `seen`
+    /// (what the request's load saw), a store with end notices answers without a read when
+    /// nothing about `key` arrived since.
+    async fn liveness(
+        &self,
+        key: &str,
+        now: Millis,
+        seen: Option<Seen>,
+    ) -> Result<Liveness, StoreError>;
 
     /// Records activity for the idle timeout, if the policy says it is due.
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError>;

@@ -18,7 +18,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use session_sidecar::session::changes::Change;
-use session_sidecar::session::store::{Liveness, Store, StoreError, Swept, UpdateError, Updated};
+use session_sidecar::session::store::{
+    Liveness, Mark, Seen as Loaded, Store, StoreError, Swept, UpdateError, Updated,
+};
 use session_sidecar::session::{ManualClock, Millis, Record};
 use session_sidecar::{Config, Deps};
 use tokio::net::TcpListener;
@@ -247,9 +249,17 @@ impl Store for Faulty {
             .update(key, seen, change, new_key, now, force)
             .await
     }
-    async fn liveness(&self, key: &str, now: Millis) -> Result<Liveness, StoreError> {
+    fn mark(&self) -> Option<Mark> {
+        self.inner.mark()
+    }
+    async fn liveness(
+        &self,
+        key: &str,
+        now: Millis,
+        seen: Option<Loaded>,
+    ) -> Result<Liveness, StoreError> {
         self.check()?;
-        self.inner.liveness(key, now).await
+        self.inner.liveness(key, now, seen).await
     }
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
         self.check()?;
