@@ -97,9 +97,9 @@ def rss_mib(pid):
 class Stack:
     """Upstream, sidecar and nginx, all on 127.0.0.1."""
 
-    def __init__(self, tmp, store_path=None, redis_port=None, peers=False, calibration=None):
+    def __init__(self, tmp, store_path=None, redis_store=None, peers=False, calibration=None):
         self.tmp = tmp
-        self.redis_port = redis_port
+        self.redis_store = redis_store
         self.store_extra = ""
         self.lua = self.minproxy = None
         self.up_port, self.sc_port, self.ng_port = free_port(), free_port(), free_port()
@@ -163,8 +163,7 @@ http {{
     def start_sidecar(self):
         conf = os.path.join(self.tmp, "sidecar.toml")
         with open(conf, "w") as f:
-            store = (f'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{self.redis_port}/0"\n'
-                     if self.redis_port else f'[store]\npath = "{self.store_path}"\n{self.store_extra}')
+            store = self.redis_store or f'[store]\npath = "{self.store_path}"\n{self.store_extra}'
             f.write(f'listen = "127.0.0.1:{self.sc_port}"\nupstream = "http://127.0.0.1:{self.up_port}"\n'
                     f'skip_paths = ["/static/"]\n{store}[admin]\nlisten = ""\n')
         started = time.time()
@@ -297,10 +296,18 @@ def main():
         ensure_tools(need_oha=False)
         sh("cargo", "build", "--release", "--locked", "--quiet", "--bin", "session-sidecar",
            "--example", "bench_upstream", cwd=ROOT)
-        res = redis_counter(tempfile.mkdtemp(prefix="sidecar-bench-"), args)
-        with open(os.path.join(BENCH, "results-redis.json"), "w") as f:
-            json.dump({"machine": machine(), "command": " ".join(sys.argv), "redis": res}, f, indent=2)
-        return 1 if res["lost"] else 0
+        runs = redis_counter(tempfile.mkdtemp(prefix="sidecar-bench-"), args)
+        suffix = "-smoke" if args.smoke else ""
+        with open(os.path.join(BENCH, f"results-redis{suffix}.json"), "w") as f:
+            json.dump({"machine": machine(), "command": " ".join(sys.argv), "redis": runs}, f, indent=2)
+        text = "\n".join(["Visit counter (`/count`, wrk -t1 -c32, median of rounds) with the sidecar on Redis, "
+                          "against nginx proxy_pass and the Lua+Redis session peer on the same Redis; every "
+                          "server on this machine, no persistence.", ""] + redis_table(runs)
+                         + ["", f"Machine: {machine()}. Command: `{' '.join(sys.argv)}`."]) + "\n"
+        with open(os.path.join(BENCH, f"results-redis{suffix}.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return 1 if any(r["lost"] for r in runs) else 0
     ensure_tools(need_oha=not args.smoke)
     sh("cargo", "build", "--release", "--locked", "--quiet", "--bin", "session-sidecar",
        "--example", "bench_upstream", "--example", "bench_fill", cwd=ROOT)
@@ -419,57 +426,180 @@ def big_store(tmp, args):
     return res
 
 
-def redis_calls(port):
-    """Commands Redis has executed so far (INFO commandstats), to count round trips."""
-    out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True,
-                         text=True, check=True).stdout
-    total = sum(int(m) for m in re.findall(r"calls=(\d+)", out))
-    # Commands a script runs are counted too: each swap script runs one GET and one SET or DEL
-    # (SADD/SREM only when a subject changes). Round trips are what the sidecar sent itself.
-    m = re.search(r"cmdstat_evalsha:calls=(\d+)", out)
-    evalsha = int(m.group(1)) if m else 0
-    return total - 2 * evalsha
+def redis_calls(ports):
+    """Round trips clients made to the Redis servers at `ports` so far, from INFO commandstats."""
+    total = 0
+    for port in ports:
+        out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True,
+                             text=True, check=True).stdout
+        stat = {m.group(1): int(m.group(2)) for m in re.finditer(r"cmdstat_([a-z|]+):calls=(\d+)", out)}
+        # A script's own commands are counted too: each swap runs one GET and one SET or DEL
+        # (SADD/SREM only when a subject changes, PUBLISH only when a session ends). A WAIT rides
+        # in the same round trip as its swap. What is left is what clients sent themselves.
+        total += (sum(stat.values()) - 2 * stat.get("evalsha", 0) - stat.get("wait", 0)
+                  - stat.get("info", 0) - stat.get("ping", 0) - stat.get("replconf", 0))
+    return total
+
+
+def start_redis(tmp, name, *extra):
+    """A redis-server on a free loopback port, without persistence."""
+    port = free_port()
+    d = os.path.join(tmp, name)
+    os.makedirs(d, exist_ok=True)
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", d, *extra], stdout=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return port, proc
+
+
+def wait_for(what, check, timeout=30):
+    deadline = time.time() + timeout
+    while not check():
+        if time.time() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout} s")
+        time.sleep(0.1)
+
+
+def cli(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True).stdout.strip()
+
+
+def redis_topology(tmp, kind):
+    """Starts a Redis of `kind`; returns (sidecar [store] TOML, data ports to count on, the port a
+    single-server client uses (None on a cluster), processes)."""
+    if kind == "standalone":
+        port, proc = start_redis(tmp, "standalone")
+        return f'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{port}/0"\n', [port], port, [proc]
+    if kind.startswith("sentinel"):
+        master, mp = start_redis(tmp, f"{kind}-master")
+        replica, rp = start_redis(tmp, f"{kind}-replica", "--replicaof", "127.0.0.1", str(master))
+        wait_for("replica in sync", lambda: "master_link_status:up" in cli(replica, "INFO", "replication"))
+        sport = free_port()
+        conf = os.path.join(tmp, f"{kind}-sentinel.conf")
+        with open(conf, "w") as f:
+            f.write(f"port {sport}\nbind 127.0.0.1\ndir {tmp}\n"
+                    f"sentinel monitor sessions 127.0.0.1 {master} 1\n"
+                    f"sentinel down-after-milliseconds sessions 5000\n")
+        sp = subprocess.Popen(["redis-sentinel", conf], stdout=subprocess.DEVNULL)
+        wait_port(sport, sp)
+        wait_for("sentinel knows the master",
+                 lambda: str(master) in cli(sport, "SENTINEL", "get-master-addr-by-name", "sessions"))
+        wait = "wait_replicas = 1\n" if kind.endswith("wait") else ""
+        toml = (f'[store]\nbackend = "redis"\nsentinels = ["redis://127.0.0.1:{sport}"]\n'
+                f'master_name = "sessions"\n{wait}')
+        return toml, [master], master, [sp, rp, mp]
+    if kind == "cluster":
+        nodes = [start_redis(tmp, f"cluster-{i}", "--cluster-enabled", "yes", "--cluster-config-file",
+                             os.path.join(tmp, f"cluster-{i}", "nodes.conf")) for i in range(3)]
+        ports = [p for p, _ in nodes]
+        sh("redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0",
+           "--cluster-yes", stdout=subprocess.DEVNULL)
+        wait_for("cluster ok", lambda: all("cluster_state:ok" in cli(p, "CLUSTER", "INFO") for p in ports))
+        urls = ", ".join(f'"redis://127.0.0.1:{p}"' for p in ports)
+        return f'[store]\nbackend = "redis"\ncluster_nodes = [{urls}]\n', ports, None, [p for _, p in nodes]
+    raise ValueError(kind)
+
+
+def start_lua_redis(stack, redis_port):
+    """The Lua+Redis peer (bench/lua_redis_sessions.conf) on the stack's upstream and this Redis."""
+    if not (os.path.exists(LUA_MODULE) and os.path.exists(CJSON)):
+        print("no nginx Lua module or lua-cjson: the Lua+Redis peer is left out", flush=True)
+        return None, None
+    port = free_port()
+    with open(os.path.join(BENCH, "lua_redis_sessions.conf")) as f:
+        text = (f.read().replace("@TMP@", stack.tmp).replace("@UPSTREAM@", str(stack.up_port))
+                .replace("@LISTEN@", str(port)).replace("@REDIS@", str(redis_port)))
+    conf = os.path.join(stack.tmp, "lua-redis-nginx.conf")
+    with open(conf, "w") as f:
+        f.write(text)
+    proc = subprocess.Popen(["nginx", "-c", conf, "-p", "/usr/share/nginx"], stderr=subprocess.DEVNULL)
+    wait_port(port, proc, timeout=10)
+    return port, proc
+
+
+# Where the Redis store is measured: (kind, label).
+REDIS_TOPOLOGIES = [
+    ("standalone", "one redis-server"),
+    ("sentinel", "Sentinel: master + replica, 1 sentinel"),
+    ("sentinel-wait", "Sentinel, wait_replicas = 1"),
+    ("cluster", "Cluster: 3 masters"),
+]
 
 
 def redis_counter(tmp, args):
-    """The visit counter with the sidecar on Redis (on this machine), against nginx, same run."""
-    if not shutil.which("redis-server"):
-        sh("apt-get", "install", "-y", "-qq", "redis-server", env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    port = free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)
-    wait_port(port, redis)
-    stack = Stack(tmp, redis_port=port)
-    try:
-        cookies = make_sessions(stack.sc_port, args.sessions)
-        cookie_file = os.path.join(tmp, "cookies-redis.txt")
-        with open(cookie_file, "w") as f:
-            f.write("\n".join(cookies) + "\n")
-        rounds = {"nginx": [], "sidecar": []}
-        for _ in range(args.rounds):
-            rounds["nginx"].append(wrk(stack.ng_port, "/count", args.seconds, cookie_file))
-            before = redis_calls(port)
-            res = wrk(stack.sc_port, "/count", args.seconds, cookie_file)
-            res["redis_calls_per_req"] = (redis_calls(port) - before) / res["requests"]
-            rounds["sidecar"].append(res)
-            print(f"redis visit counter: nginx {rounds['nginx'][-1]['rps']:.0f} req/s, sidecar {res['rps']:.0f} req/s "
-                  f"p99 {res['p99_ms']:.3f} ms, {res['redis_calls_per_req']:.2f} Redis round trips/req", flush=True)
-        med = {w: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for w, rs in rounds.items()}
-        # Read-only round trips: the same on /read.
-        before = redis_calls(port)
-        read = wrk(stack.sc_port, "/read", max(2, args.seconds // 2), cookie_file)
-        read_calls = (redis_calls(port) - before) / read["requests"]
-        res = {"nginx_rps": med["nginx"]["rps"], "sidecar_rps": med["sidecar"]["rps"],
-               "ratio": med["sidecar"]["rps"] / med["nginx"]["rps"], "p99_ms": med["sidecar"]["p99_ms"],
-               "calls_per_write": med["sidecar"]["redis_calls_per_req"], "calls_per_read": read_calls,
-               "lost": stack.stats()["lost"]}
-        print(f"redis: ratio {res['ratio']:.2f}, {res['calls_per_write']:.2f} round trips per counter request, "
-              f"{res['calls_per_read']:.2f} per read-only request, lost {res['lost']}")
-        return res
-    finally:
-        stack.stop()
-        redis.terminate()
-        redis.wait()
+    """The visit counter with the sidecar on Redis of each topology (all on this machine), against
+    nginx proxy_pass and the Lua+Redis peer on the same Redis, interleaved per round."""
+    missing = [c for c in ("redis-server", "redis-sentinel") if not shutil.which(c)]
+    if missing:
+        sh("apt-get", "install", "-y", "-qq", *missing, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    out = []
+    for kind, label in REDIS_TOPOLOGIES:
+        sub = tempfile.mkdtemp(prefix=f"redis-{kind}-", dir=tmp)
+        toml, ports, single, procs = redis_topology(sub, kind)
+        stack = Stack(sub, redis_store=toml)
+        peer_port = peer = None
+        try:
+            if single:
+                peer_port, peer = start_lua_redis(stack, single)
+            contenders = [("nginx", stack.ng_port), ("sidecar", stack.sc_port)]
+            cookie_files = {}
+            for who, port in (("sidecar", stack.sc_port), ("lua+redis peer", peer_port)):
+                if port:
+                    cookie_files[who] = os.path.join(sub, f"cookies-{who.replace(' ', '-')}.txt")
+                    with open(cookie_files[who], "w") as f:
+                        f.write("\n".join(make_sessions(port, args.sessions)) + "\n")
+            if peer_port:
+                contenders.append(("lua+redis peer", peer_port))
+            rounds = {who: [] for who, _ in contenders}
+            for r in range(args.rounds):
+                for who, port in contenders:
+                    before = redis_calls(ports)
+                    res = wrk(port, "/count", args.seconds, cookie_files.get(who, cookie_files["sidecar"]))
+                    res["redis_calls_per_req"] = (redis_calls(ports) - before) / max(res["requests"], 1)
+                    rounds[who].append(res)
+                    print(f"redis {kind:14} round {r + 1} {who:15} {res['rps']:>8.0f} req/s  p99 {res['p99_ms']:.3f} ms"
+                          f"  {res['redis_calls_per_req']:.2f} round trips/req  non-2xx {res['non2xx']}", flush=True)
+            med = {w: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for w, rs in rounds.items()}
+            before = redis_calls(ports)
+            read = wrk(stack.sc_port, "/read", max(2, args.seconds // 2), cookie_files["sidecar"])
+            read_calls = (redis_calls(ports) - before) / max(read["requests"], 1)
+            res = {"kind": kind, "label": label, "median": med,
+                   "nginx_rps": med["nginx"]["rps"], "sidecar_rps": med["sidecar"]["rps"],
+                   "ratio": med["sidecar"]["rps"] / med["nginx"]["rps"], "p99_ms": med["sidecar"]["p99_ms"],
+                   "calls_per_write": med["sidecar"]["redis_calls_per_req"], "calls_per_read": read_calls,
+                   "read_rps": read["rps"], "non2xx": sum(x["non2xx"] for x in rounds["sidecar"]),
+                   "lost": stack.stats()["lost"]}
+            if "lua+redis peer" in med:
+                res["peer_rps"] = med["lua+redis peer"]["rps"]
+                res["peer_ratio"] = res["peer_rps"] / res["nginx_rps"]
+                res["peer_calls_per_write"] = med["lua+redis peer"]["redis_calls_per_req"]
+            print(f"redis {kind}: sidecar {res['ratio']:.2f}x nginx"
+                  + (f", Lua+Redis peer {res['peer_ratio']:.2f}x" if "peer_ratio" in res else "")
+                  + f"; round trips {res['calls_per_write']:.2f} per counter request, {read_calls:.2f} per read-only;"
+                  f" lost {res['lost']}", flush=True)
+            out.append(res)
+        finally:
+            stack.stop()
+            for p in ([peer] if peer else []) + procs:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return out
+
+
+def redis_table(runs):
+    lines = ["| Redis | nginx req/s | sidecar req/s | sidecar / nginx | Lua+Redis peer req/s (/ nginx) "
+             "| sidecar p99 ms | round trips: counter / read-only (peer: counter) | lost |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        peer = (f"{r['peer_rps']:.0f} ({r['peer_ratio']:.2f}x)" if "peer_rps" in r else "- (single server only)")
+        peer_calls = f" ({r['peer_calls_per_write']:.2f})" if "peer_calls_per_write" in r else ""
+        lines.append(f"| {r['label']} | {r['nginx_rps']:.0f} | {r['sidecar_rps']:.0f} | {r['ratio']:.2f} | {peer} | "
+                     f"{r['p99_ms']:.3f} | {r['calls_per_write']:.2f} / {r['calls_per_read']:.2f}{peer_calls} | "
+                     f"{r['lost']} |")
+    return lines
 
 
 def machine():
@@ -508,12 +638,10 @@ def write_outputs(results, smoke):
                      f"{fr['sidecar']['p99_ms']:.3f} ms, nginx p99 {fr['nginx']['p99_ms']:.3f} ms "
                      f"(difference {fr['sidecar']['p99_ms'] - fr['nginx']['p99_ms']:+.3f} ms; target ≤ +0.3 ms).")
     if "redis" in results:
-        r = results["redis"]
         lines.append("")
-        lines.append(f"Visit counter on the Redis store (redis-server on this machine, no persistence): "
-                     f"{r['sidecar_rps']:.0f} req/s vs nginx {r['nginx_rps']:.0f} = {r['ratio']:.2f}x, "
-                     f"p99 {r['p99_ms']:.3f} ms; Redis round trips per request: {r['calls_per_write']:.2f} "
-                     f"(counter), {r['calls_per_read']:.2f} (read-only).")
+        lines.append("Visit counter on the Redis store (every server on this machine, no persistence):")
+        lines.append("")
+        lines += redis_table(results["redis"])
     if "big" in results:
         b = results["big"]
         lines.append("")

@@ -124,3 +124,131 @@ async fn slots_moved_while_serving_lose_nothing_and_sessions_work_across_sidecar
         "every count went on from the last"
     );
 }
+
+/// `wait_replicas` on a cluster: every master's replica must confirm each change (the cell's,
+/// and a subject set's on another master); a stopped replica makes changes to its master's
+/// slots refused (503) after `wait_timeout_ms`, reads go on, and changes are acknowledged again
+/// once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_wait_replicas_each_change_waits_for_its_masters_replica() {
+    let Some(cluster) = RedisCluster::start_with_replicas(1) else {
+        return;
+    };
+    let replicas = cluster.replicas();
+    assert_eq!(replicas.len(), 3, "one replica per master");
+    let app = start_app(echo).await;
+    let store = format!(
+        "{}wait_replicas = 1\nwait_timeout_ms = 300\n",
+        cluster.store_toml("cwait:")
+    );
+    let sidecar = sidecar_for(app, &store).await;
+    // Visitors spread over the slots, each logged in (a subject set on some master) and counting.
+    let mut visitors = Vec::new();
+    for i in 0..12 {
+        let client = browser();
+        let r = client
+            .get(sidecar.url("/"))
+            .header("x-test-incr", "n")
+            .header(
+                "x-test-reply",
+                reply(&[("X-Session-Subject", &format!("user{i}"))]),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        visitors.push(client);
+    }
+    let count = async |client: &reqwest::Client| {
+        client
+            .get(sidecar.url("/"))
+            .header("x-test-incr", "n")
+            .send()
+            .await
+            .unwrap()
+    };
+    for client in &visitors {
+        let r = count(client).await;
+        assert_eq!(seen(r).await.session()["n"], 1);
+    }
+    // Each change reached a replica before it was acknowledged: the replicas hold the keys.
+    let held: u64 = replicas
+        .iter()
+        .map(|(p, _)| redis_cli(*p, &["DBSIZE"]).parse::<u64>().unwrap())
+        .sum();
+    assert!(held >= 24, "cells and subject sets on the replicas: {held}");
+    let signal = |sig: &str| {
+        for (_, pid) in &replicas {
+            std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .unwrap();
+        }
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let refused = count(&visitors[0]).await;
+    let took = started.elapsed();
+    assert_eq!(refused.status(), 503, "no replica confirmed: refused");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(2000),
+        "refused after the WAIT timeout: {took:?}"
+    );
+    let read = visitors[1].get(sidecar.url("/")).send().await.unwrap();
+    assert_eq!(read.status(), 200, "reading needs no replica");
+    signal("-CONT");
+    let mut resumed = false;
+    for _ in 0..50 {
+        if count(&visitors[0]).await.status() == 200 {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        resumed,
+        "changes acknowledged again once the replicas answer"
+    );
+    // A subject set lives on another master than the cell: its change waits for that master's
+    // replica too. A visitor whose cell and new subject's set are on different masters: with
+    // only the set master's replica stopped, counting is acknowledged and tagging is refused.
+    let resp = plain()
+        .get(sidecar.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let key = cookie_value(&set_cookies(&resp)[0]);
+    let cell_master = cluster.master_of(&format!("cwait:r:{key}"));
+    let subject = (0..)
+        .map(|i| format!("other{i}"))
+        .find(|s| cluster.master_of(&format!("cwait:u:{s}")) != cell_master)
+        .unwrap();
+    let set_replica = cluster.replicas_of(cluster.master_of(&format!("cwait:u:{subject}")));
+    assert_eq!(set_replica.len(), 1);
+    let pid = set_replica[0].1.to_string();
+    let as_visitor = async |reply_headers: &[(&str, &str)]| {
+        plain()
+            .get(sidecar.url("/"))
+            .header("cookie", format!("sessionid={key}"))
+            .header("x-test-incr", "n")
+            .header("x-test-reply", reply(reply_headers))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    let counted = as_visitor(&[]).await;
+    let tagged = as_visitor(&[("X-Session-Subject", &subject)]).await;
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(counted, 200, "the cell's master's replica answers");
+    assert_eq!(tagged, 503, "the subject set's master's replica does not");
+    eprintln!("cluster with wait_replicas: refused after {took:?} while the replicas were stopped");
+}

@@ -343,10 +343,6 @@ fn cluster_nodes_are_redis_only_exclusive_with_sentinels_and_masked() {
             format!("{redis}cluster_nodes = [\"h:7000\"]"),
             "store.cluster_nodes",
         ),
-        (
-            format!("{redis}cluster_nodes = [\"redis://h:7000\"]\nwait_replicas = 1"),
-            "store.wait_replicas",
-        ),
     ] {
         let e = err(&text);
         assert!(e.contains(key), "{text}: {e}");

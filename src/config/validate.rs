@@ -289,12 +289,6 @@ impl RawStore {
                 "give store.cluster_nodes or store.sentinels, not both",
             ));
         }
-        if !self.cluster_nodes.is_empty() && self.wait_replicas > 0 {
-            return Err(invalid(
-                "store.wait_replicas",
-                "is not supported with store.cluster_nodes yet",
-            ));
-        }
         if self.backend != "redis" && !(self.sentinels.is_empty() && self.master_name.is_empty()) {
             return Err(invalid(
                 "store.sentinels",

@@ -104,6 +104,26 @@ struct Replicas {
     timeout: Duration,
 }
 
+impl Replicas {
+    /// `WAIT`'s answer: enough replicas, or the change is not acknowledged (503).
+    fn confirmed(&self, acked: u32) -> Result<(), StoreError> {
+        if acked >= self.wanted {
+            return Ok(());
+        }
+        Err(StoreError::Backend(format!(
+            "redis: {acked} of {} replica(s) confirmed the change within {:?}",
+            self.wanted, self.timeout
+        )))
+    }
+
+    /// Adds the `WAIT` for this many replicas to `pipe`, after the command it confirms.
+    fn wait(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("WAIT")
+            .arg(self.wanted)
+            .arg(self.timeout.as_millis() as u64);
+    }
+}
+
 /// The connection to Redis, replaced after a command times out.
 ///
 /// redis' manager reconnects when the connection drops, but a half-open TCP connection (the
@@ -581,7 +601,17 @@ impl Cells for RedisCells {
         let cluster = matches!(self.link.source, Source::Cluster(..));
         let around = cluster && old_set != new_set;
         if around && !new_set.is_empty() {
-            let _: i64 = self.link.run(conn.sadd(&new_set, key)).await?;
+            if self.replicas.wanted == 0 {
+                let _: i64 = self.link.run(conn.sadd(&new_set, key)).await?;
+            } else {
+                // The set is on another master than the cell: its replicas confirm it (a lost
+                // member would let "log out everywhere" miss this session after a failover).
+                let mut pipe = redis::pipe();
+                pipe.sadd(&new_set, key);
+                self.replicas.wait(&mut pipe);
+                let (_, acked): (i64, u32) = self.link.run(pipe.query_async(&mut conn)).await?;
+                self.replicas.confirmed(acked)?;
+            }
         }
         let mut invocation = self.swap.key(self.cell(key));
         invocation
@@ -608,25 +638,24 @@ impl Cells for RedisCells {
             return Ok(swapped == 1);
         }
         // The swap and its `WAIT` go out together on one connection, so the `WAIT` is for
-        // exactly this change: a reconnect or a failover between them fails both (503).
-        let replicas = &self.replicas;
+        // exactly this change: a reconnect or a failover between them fails both (503). On a
+        // cluster the pipeline goes whole to the master of the cell's slot, whose replicas
+        // the `WAIT` counts.
         for first in [true, false] {
             let mut pipe = redis::pipe();
-            pipe.invoke_script(&invocation)
-                .cmd("WAIT")
-                .arg(replicas.wanted)
-                .arg(replicas.timeout.as_millis() as u64);
+            pipe.invoke_script(&invocation);
+            self.replicas.wait(&mut pipe);
             match self
                 .link
                 .run(pipe.query_async::<(i64, u32)>(&mut conn))
                 .await
             {
-                Ok((swapped, acked)) if acked >= replicas.wanted => return Ok(swapped == 1),
-                Ok((_, acked)) => {
-                    return Err(StoreError::Backend(format!(
-                        "redis: {acked} of {} replica(s) confirmed the change within {:?}",
-                        replicas.wanted, replicas.timeout
-                    )));
+                Ok((swapped, acked)) => {
+                    self.replicas.confirmed(acked)?;
+                    if around && swapped == 1 && !old_set.is_empty() {
+                        let _: i64 = self.link.run(conn.srem(&old_set, key)).await?;
+                    }
+                    return Ok(swapped == 1);
                 }
                 Err(e) if first && e.to_string().contains("NoScript") => {
                     // A server that has not seen the script yet (a fresh master after a

@@ -961,9 +961,15 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Three masters.
     pub fn start() -> Option<RedisCluster> {
+        RedisCluster::start_with_replicas(0)
+    }
+
+    /// Three masters, each with `replicas` replicas (`redis-cli --cluster create` assigns them).
+    pub fn start_with_replicas(replicas: usize) -> Option<RedisCluster> {
         let dir = tempfile::tempdir().unwrap();
-        let ports = vec![free_port(), free_port(), free_port()];
+        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for &port in &ports {
             let cluster = [
@@ -983,7 +989,7 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{p}"));
         }
         let out = create
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli comes with redis-server");
         assert!(
@@ -992,9 +998,13 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let linked = |p: u16| {
+            let info = redis_cli(p, &["INFO", "replication"]);
+            !info.contains("role:slave") || info.contains("master_link_status:up")
+        };
         while !ports
             .iter()
-            .all(|&p| redis_cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            .all(|&p| redis_cli(p, &["CLUSTER", "INFO"]).contains("cluster_state:ok") && linked(p))
         {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -1019,6 +1029,46 @@ impl RedisCluster {
         format!(
             "[store]\nbackend = \"redis\"\ncluster_nodes = {nodes:?}\nkey_prefix = \"{prefix}\"\ncommand_timeout = 2\n"
         )
+    }
+
+    /// The nodes that are replicas now, with their processes.
+    pub fn replicas(&self) -> Vec<(u16, u32)> {
+        self.ports
+            .iter()
+            .zip(&self._nodes)
+            .filter(|&(&p, _)| redis_cli(p, &["INFO", "replication"]).contains("role:slave"))
+            .map(|(&p, node)| (p, node.0.id()))
+            .collect()
+    }
+
+    /// The port of the master serving `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let slot: u16 = redis_cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .unwrap();
+        let serves = |port: u16| {
+            let nodes = redis_cli(port, &["CLUSTER", "NODES"]);
+            let me = nodes
+                .lines()
+                .find(|l| l.contains("myself"))
+                .unwrap()
+                .to_string();
+            me.contains("master")
+                && me.split_whitespace().skip(8).any(|range| {
+                    let (a, b) = range.split_once('-').unwrap_or((range, range));
+                    matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+                })
+        };
+        *self.ports.iter().find(|&&p| serves(p)).unwrap()
+    }
+
+    /// The replicas (port, pid) of the master on `master`.
+    pub fn replicas_of(&self, master: u16) -> Vec<(u16, u32)> {
+        let link = format!("master_port:{master}");
+        self.replicas()
+            .into_iter()
+            .filter(|&(p, _)| redis_cli(p, &["INFO", "replication"]).contains(&link))
+            .collect()
     }
 
     /// Keys held by each node.
