@@ -840,7 +840,18 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
 
 impl SentinelSet {
     pub fn start() -> Option<SentinelSet> {
+        SentinelSet::start_with_sentinels_as(None)
+    }
+
+    /// With `uid`, the sentinels run as that user and group id (`setpriv`), so that a firewall
+    /// rule on the socket owner can cut them, and only them, off from a server.
+    pub fn start_with_sentinels_as(uid: Option<u32>) -> Option<SentinelSet> {
         let dir = tempfile::tempdir().unwrap();
+        if uid.is_some() {
+            // The sentinels rewrite their configuration files.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
         let master_port = free_port();
         let replica_ports = vec![free_port(), free_port()];
         let server = |port: u16, extra: &[&str]| redis_node(dir.path(), port, extra);
@@ -871,10 +882,24 @@ impl SentinelSet {
                 ),
             )
             .unwrap();
-            sentinels.push(redis_process(
-                "redis-sentinel",
-                &[conf.display().to_string()],
-            )?);
+            let conf = conf.display().to_string();
+            sentinels.push(match uid {
+                None => redis_process("redis-sentinel", &[conf])?,
+                Some(uid) => {
+                    std::process::Command::new("chown")
+                        .args([format!("{uid}:{uid}"), conf.clone()])
+                        .status()
+                        .unwrap();
+                    let args = [
+                        format!("--reuid={uid}"),
+                        format!("--regid={uid}"),
+                        "--clear-groups".into(),
+                        "redis-sentinel".into(),
+                        conf,
+                    ];
+                    redis_process("setpriv", &args)?
+                }
+            });
             wait_port(port);
             sentinel_ports.push(port);
         }
