@@ -252,3 +252,20 @@ async fn with_wait_replicas_each_change_waits_for_its_masters_replica() {
     assert_eq!(tagged, 503, "the subject set's master's replica does not");
     eprintln!("cluster with wait_replicas: refused after {took:?} while the replicas were stopped");
 }
+
+/// The sidecar cut off from every master's client port (the cluster bus untouched, so the
+/// cluster itself stays whole): 503 within the command timeout, and service with the session as
+/// it was once the partition heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_off_from_the_cluster_the_sidecar_answers_503_within_the_command_timeout_and_recovers()
+{
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let sidecar = sidecar_for(app, &cluster.store_toml("ccut:")).await;
+    partition_and_heal(&sidecar, || {
+        cluster.ports.iter().map(|&p| Cut::new(0, p)).collect()
+    })
+    .await;
+}

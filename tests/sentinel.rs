@@ -255,58 +255,6 @@ async fn failover(extra: &str, lag: bool) -> Option<u64> {
     Some(tally.lost.load(Ordering::SeqCst))
 }
 
-/// An `iptables` rule that drops what processes of `uid` send to 127.0.0.1:`port`, removed on
-/// drop: the sentinels lose the master while the sidecar still reaches it.
-struct Cut {
-    rule: Vec<String>,
-}
-
-impl Cut {
-    /// `None` (saying why) where the firewall cannot be changed.
-    fn new(uid: u32, port: u16) -> Option<Cut> {
-        let rule: Vec<String> = [
-            "OUTPUT",
-            "-o",
-            "lo",
-            "-p",
-            "tcp",
-            "--dport",
-            &port.to_string(),
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid.to_string(),
-            "-j",
-            "DROP",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let added = std::process::Command::new("iptables")
-            .arg("-I")
-            .args(&rule)
-            .status();
-        match added {
-            Ok(s) if s.success() => Some(Cut { rule }),
-            other => {
-                eprintln!(
-                    "SKIPPED: iptables cannot add a rule ({other:?}); it needs root and the iptables package"
-                );
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("iptables")
-            .arg("-D")
-            .args(&self.rule)
-            .status();
-    }
-}
-
 /// The sentinels' user: nobody.
 const SENTINEL_UID: u32 = 65534;
 
@@ -396,4 +344,18 @@ async fn with_wait_replicas_a_master_cut_off_from_the_sentinels_acknowledges_not
         refused > 0,
         "changes the old master could not replicate were refused"
     );
+}
+
+/// The sidecar (this test process, root) cut off from the master, the sentinels not: no
+/// failover, the sidecar answers 503 within the command timeout, and serves again with the
+/// session as it was once the partition heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_off_from_the_master_the_sidecar_answers_503_within_the_command_timeout_and_recovers() {
+    let Some(set) = SentinelSet::start_with_sentinels_as(Some(SENTINEL_UID)) else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let sidecar = sidecar_for(app, &set.store_toml("cut:")).await;
+    partition_and_heal(&sidecar, || Some(vec![Cut::new(0, set.master_port)?])).await;
+    assert_eq!(set.current_master(), set.master_port, "no failover");
 }

@@ -439,7 +439,7 @@ impl Link {
     /// does not cover connecting, which a fresh connection may be doing. A timeout, either
     /// one, makes the link start over; behind Sentinel, so does any sign that the master moved.
     async fn run<T>(
-        &self,
+        self: &Arc<Self>,
         command: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.pause, command).await {
@@ -447,12 +447,12 @@ impl Link {
             Ok(Err(e)) => {
                 let sentinel = matches!(self.source, Source::Sentinel(_));
                 if e.is_timeout() || (sentinel && lost_master(&e)) {
-                    self.start_over().await;
+                    self.start_over();
                 }
                 Err(backend(e))
             }
             Err(_) => {
-                self.start_over().await;
+                self.start_over();
                 Err(StoreError::Backend(format!(
                     "redis: no answer within {:?}",
                     self.pause
@@ -461,7 +461,10 @@ impl Link {
         }
     }
 
-    async fn start_over(&self) {
+    /// Replaces the connection in the background: the request that found it broken gets its
+    /// 503 within the command timeout, not after a connection attempt (a cluster connects to
+    /// its nodes first, Sentinel asks the sentinels, each up to `connect_timeout`).
+    fn start_over(self: &Arc<Self>) {
         {
             let mut last = self
                 .replaced
@@ -472,6 +475,10 @@ impl Link {
             }
             *last = std::time::Instant::now();
         }
+        tokio::spawn(self.clone().reconnect());
+    }
+
+    async fn reconnect(self: Arc<Self>) {
         let (id, push) = self.notices.sender();
         match self
             .source
