@@ -612,8 +612,28 @@ async fn on_redis_the_check_after_a_load_reads_only_when_a_notice_came() {
         s.liveness(&k, t0() + 2, None).await.unwrap(),
         Liveness::Ended
     );
-    // A notice on the channel, whoever sent it, sends the check to Redis.
-    common::redis_cli(server.port, &["PUBLISH", "fast:ended", &k]);
+    // What the channel carries when a session ends: its handle, never its key.
+    let mut listener = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port.to_string(), "SUBSCRIBE", "fast:ended"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ended = id::generate();
+    s.create(&ended, &record(json!({"a": 0}), t0()))
+        .await
+        .unwrap();
+    s.remove(&ended).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    listener.kill().unwrap();
+    let heard = String::from_utf8(listener.wait_with_output().unwrap().stdout).unwrap();
+    assert!(heard.contains(&id::handle(&ended)), "{heard}");
+    assert!(
+        !heard.contains(&ended),
+        "the key itself was published: {heard}"
+    );
+    // A notice on the channel (the session's handle), whoever sent it, sends the check to Redis.
+    common::redis_cli(server.port, &["PUBLISH", "fast:ended", &id::handle(&k)]);
     liveness_becomes(&s, &k, t0() + 2, seen, Liveness::Ended).await;
 }
 

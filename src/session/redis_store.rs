@@ -11,8 +11,8 @@
 //! machine"); `sync` has nothing to wait for here.
 //!
 //! End notices spare a read-only request its second round trip: every swap that ends a
-//! session, cycles it or brings its expiry forward publishes the session key on
-//! `{prefix}ended` from inside the script, and each sidecar listens on its own data connection
+//! session, cycles it or brings its expiry forward publishes the session's handle (a one-way
+//! name, [`super::id::handle`]) on `{prefix}ended` from inside the script, and each sidecar listens on its own data connection
 //! (RESP3 carries replies and pushes on one connection). The liveness check after a read-only
 //! response then asks Redis only when a notice for its key arrived since the load, or when a
 //! notice may have been missed (see [`Notices`]).
@@ -58,8 +58,8 @@ pub struct RedisSettings {
 
 /// KEYS[1] the cell. ARGV: 1 "0" = expect absent, "1" = expect ARGV[2]; 3 new bytes ("" =
 /// delete); 4 new deadline (ms, PXAT); 5 session key; 6 old subject set ("" none); 7 new
-/// subject set ("" none); 8 the channel to publish the session key on ("" none: the change
-/// ends nothing). Every sidecar trusts the others' notices, so one that cannot publish must not
+/// subject set ("" none); 8 the channel to publish the session's handle (ARGV 9) on ("" none:
+/// the change ends nothing). The handle, not the key: a subscriber learns nothing it could use. Every sidecar trusts the others' notices, so one that cannot publish must not
 /// run: start-up checks it may (ACL), and a notice refused later fails the swap (503).
 const SWAP: &str = r#"
 local cur = redis.call('GET', KEYS[1])
@@ -77,7 +77,7 @@ if ARGV[6] ~= ARGV[7] then
   if ARGV[6] ~= '' then redis.call('SREM', ARGV[6], ARGV[5]) end
   if ARGV[7] ~= '' then redis.call('SADD', ARGV[7], ARGV[5]) end
 end
-if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[5]) end
+if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[9]) end
 return 1
 "#;
 
@@ -147,7 +147,7 @@ struct Link {
     notices: Arc<Notices>,
 }
 
-/// What this sidecar heard on the end-notice channel: for each session key, the sequence
+/// What this sidecar heard on the end-notice channel: for each session handle, the sequence
 /// number of the last notice about it.
 ///
 /// A mark (epoch, sequence) is taken before a request's load; its liveness check needs no read
@@ -206,12 +206,14 @@ impl Notices {
         })
     }
 
+    /// Notices name sessions by their handle (one-way), so `key` is looked up by its handle.
     fn unchanged_since(&self, key: &str, mark: Mark) -> bool {
+        let handle = super::id::handle(key);
         let h = self.heard();
         h.listening
             && h.epoch == mark.epoch
             && mark.seq >= h.floor
-            && h.last.get(key).is_none_or(|&seq| seq <= mark.seq)
+            && h.last.get(&handle).is_none_or(|&seq| seq <= mark.seq)
     }
 
     /// A push sender for a new connection; its pushes count once [`Notices::adopt`] makes it
@@ -250,7 +252,7 @@ impl Notices {
         }
         match push.kind {
             PushKind::Message => {
-                // [channel, payload]
+                // [channel, handle]
                 let key = match push.data.get(1) {
                     Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
                     _ => return,
@@ -632,11 +634,13 @@ impl Cells for RedisCells {
         } else {
             invocation.arg(&old_set).arg(&new_set);
         }
-        invocation.arg(if ends(old, new) {
-            self.link.notices.channel.as_str()
+        if ends(old, new) {
+            invocation
+                .arg(self.link.notices.channel.as_str())
+                .arg(super::id::handle(key));
         } else {
-            ""
-        });
+            invocation.arg("").arg("");
+        }
         if self.replicas.wanted == 0 {
             let swapped: i64 = self.link.run(invocation.invoke_async(&mut conn)).await?;
             if around && swapped == 1 && !old_set.is_empty() {
@@ -944,12 +948,13 @@ pub fn redact(url: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A notice about the session under `key` (it carries the key's handle).
     fn message(key: &str) -> PushInfo {
         PushInfo {
             kind: PushKind::Message,
             data: vec![
                 Value::BulkString(b"p:ended".to_vec()),
-                Value::BulkString(key.as_bytes().to_vec()),
+                Value::BulkString(crate::session::id::handle(key).into_bytes()),
             ],
         }
     }
