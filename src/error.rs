@@ -34,6 +34,13 @@ pub enum ProxyError {
     UpstreamTimeout(u64),
     #[error("the request body stalled: nothing arrived for {0} seconds")]
     ClientTimeout(u64),
+    /// A cross-site request forgery defence refused the request (`[csrf]`); the app never saw it.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("the form is larger than the {0} bytes read to find its CSRF token")]
+    FormTooLarge(usize),
+    #[error("the request body could not be read: {0}")]
+    ClientBody(String),
     #[error("the session store is unavailable: {0}")]
     Store(#[from] StoreError),
 }
@@ -48,6 +55,9 @@ impl ProxyError {
             | ProxyError::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::FormTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -58,7 +68,10 @@ impl ProxyError {
         match &self {
             ProxyError::SessionEnded
             | ProxyError::HeadTooLarge(_)
-            | ProxyError::ClientTimeout(_) => {
+            | ProxyError::ClientTimeout(_)
+            | ProxyError::Forbidden(_)
+            | ProxyError::FormTooLarge(_)
+            | ProxyError::ClientBody(_) => {
                 tracing::warn!(status = status.as_u16(), "{self}")
             }
             _ => tracing::error!(status = status.as_u16(), "{self}"),

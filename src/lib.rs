@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod config;
 pub mod cookie;
+pub mod csrf;
 pub mod error;
 pub mod headers;
 pub mod metrics;

@@ -13,6 +13,7 @@ use hyper::upgrade::OnUpgrade;
 
 use crate::config::Config;
 use crate::cookie::{Presented, SessionCookie};
+use crate::csrf;
 use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
@@ -20,7 +21,7 @@ use crate::server::Tracker;
 use crate::session::sessions::{CookieOp, Outcome, Refused, Sessions};
 use crate::session::store::Store;
 use crate::session::{Clock, Policy, json};
-use crate::upstream::{ResponseBody, Upstream};
+use crate::upstream::{RequestBody, ResponseBody, Upstream};
 
 /// What the access log says about a request, gathered on the way.
 #[derive(Default)]
@@ -40,6 +41,7 @@ struct Names {
     status: HeaderName,
     expiry_age: HeaderName,
     id: HeaderName,
+    csrf: HeaderName,
 }
 
 pub struct Sidecar {
@@ -73,6 +75,7 @@ impl Sidecar {
             status: header_name(p, "-status"),
             expiry_age: header_name(p, "-expiry-age"),
             id: header_name(p, "-id"),
+            csrf: header_name(p, "-csrf"),
         };
         Sidecar {
             cookie: SessionCookie::new(
@@ -170,6 +173,7 @@ impl Sidecar {
             },
         );
 
+        let body = RequestBody::Streamed(body);
         if skip {
             let (mut rparts, rbody, upgrades) = self
                 .forward(
@@ -189,11 +193,35 @@ impl Sidecar {
             return Ok(self.finish(rparts, rbody, upgrades));
         }
 
+        // A forged request is refused before anything is loaded or forwarded.
+        let guarded = presented.carried
+            && !csrf::is_safe(&parts.method)
+            && self.config.csrf.guards(parts.uri.path());
+        if guarded && self.config.csrf.check_origin {
+            csrf::check_origin(
+                &parts.headers,
+                own_host(&parts.headers),
+                &self.config.csrf.trusted_origins,
+            )
+            .map_err(ProxyError::Forbidden)?;
+        }
+
         let now = self.clock.now();
-        let loaded = self
+        let mut loaded = self
             .sessions
             .open(&presented.keys, presented.carried, now)
             .await?;
+        let mut body = body;
+        if let Some(token) = &self.config.csrf.token {
+            if guarded && let Some(key) = loaded.key() {
+                body = self.check_token(token, key, &parts.headers, body).await?;
+            }
+            // The app's token for the session, or for the one its answer would create.
+            let t = csrf::masked(loaded.key_or_next());
+            parts
+                .headers
+                .insert(&self.names.csrf, HeaderValue::from_str(&t).expect("hex"));
+        }
         let h = &mut parts.headers;
         h.insert(
             &self.names.data,
@@ -334,6 +362,49 @@ impl Sidecar {
         );
     }
 
+    /// The per-session CSRF token of an unsafe request: from the configured header, or from the
+    /// field of an urlencoded form (read up to `max_form_bytes`, then handed on as read).
+    async fn check_token(
+        &self,
+        token: &crate::config::CsrfToken,
+        key: &str,
+        headers: &http::HeaderMap,
+        body: RequestBody,
+    ) -> Result<RequestBody, ProxyError> {
+        if let Some(presented) = headers.get(&token.header) {
+            return if csrf::verify(key, presented.as_bytes()) {
+                Ok(body)
+            } else {
+                Err(ProxyError::Forbidden("CSRF token incorrect".into()))
+            };
+        }
+        let (Some(field), RequestBody::Streamed(incoming)) = (&token.field, body) else {
+            return Err(ProxyError::Forbidden("CSRF token missing".into()));
+        };
+        if !csrf::is_form(headers) {
+            return Err(ProxyError::Forbidden("CSRF token missing".into()));
+        }
+        let limit = token.max_form_bytes;
+        let read = http_body_util::Limited::new(incoming, limit).collect();
+        let form = match tokio::time::timeout(self.config.header_read_timeout, read).await {
+            Err(_) => {
+                return Err(ProxyError::ClientTimeout(
+                    self.config.header_read_timeout.as_secs(),
+                ));
+            }
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(ProxyError::FormTooLarge(limit));
+            }
+            Ok(Err(e)) => return Err(ProxyError::ClientBody(e.to_string())),
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        match csrf::form_field(&form, field) {
+            Some(t) if csrf::verify(key, &t) => Ok(RequestBody::Read(Some(form))),
+            Some(_) => Err(ProxyError::Forbidden("CSRF token incorrect".into())),
+            None => Err(ProxyError::Forbidden("CSRF token missing".into())),
+        }
+    }
+
     /// The configured limits on the request head (431 beyond them).
     fn check_head(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
         let count = req.headers().len();
@@ -389,7 +460,7 @@ impl Sidecar {
     /// Sends the request upstream; for a switched protocol, pairs the two upgrade handles.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         client_upgrade: Option<OnUpgrade>,
         upstream_ms: &mut f64,
     ) -> Result<
@@ -450,6 +521,16 @@ pub fn scrub_request_head(
         headers.insert(HOST, v);
     }
     presented
+}
+
+/// The host the client addressed, as the scrub left it in `X-Forwarded-Host` (a trusted proxy's
+/// value, or the request's own `Host`).
+fn own_host(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(&headers::X_FORWARDED_HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
 }
 
 /// Whether a `Vary` header already names `Cookie` (or `*`).

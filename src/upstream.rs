@@ -157,10 +157,48 @@ impl Progress {
     }
 }
 
+/// A request body for the upstream: the client's, streamed as it comes, or one the sidecar has
+/// read already (a form whose CSRF token field it checked).
+pub enum RequestBody {
+    Streamed(Incoming),
+    Read(Option<Bytes>),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Read(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(body) => body.is_end_stream(),
+            RequestBody::Read(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Streamed(body) => body.size_hint(),
+            RequestBody::Read(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}
+
 /// The client's request body on its way upstream, reporting its progress (none to report for
 /// a request without a body).
 pub struct Watched {
-    inner: Incoming,
+    inner: RequestBody,
     progress: Option<Arc<Progress>>,
 }
 
@@ -289,7 +327,10 @@ impl Upstream {
     /// Sends `req` (its URI is rewritten to the upstream; headers are the caller's business)
     /// and waits for the response head: at most the configured timeout once the request body
     /// is sent.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<ResponseBody>, ProxyError> {
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         // Origin form: the request line carries the path and query only.
         parts.uri = Uri::from(

@@ -64,6 +64,13 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("admin", "listen", Kind::Str),
     ("admin", "token", Kind::Str),
     ("admin", "token_file", Kind::Str),
+    ("csrf", "check_origin", Kind::Bool),
+    ("csrf", "trusted_origins", Kind::List),
+    ("csrf", "exempt_paths", Kind::List),
+    ("csrf", "token", Kind::Bool),
+    ("csrf", "token_header", Kind::Str),
+    ("csrf", "token_field", Kind::Str),
+    ("csrf", "max_form_bytes", Kind::Int),
 ];
 
 pub(crate) fn apply_env(

@@ -121,6 +121,36 @@ pub enum Backend {
 /// The shared store's settings (owned by the store, named here as the config calls them).
 pub use crate::session::redis_store::RedisSettings as RedisConfig;
 
+/// The CSRF defences (`[csrf]`).
+#[derive(Debug, Clone, Default)]
+pub struct CsrfConfig {
+    pub check_origin: bool,
+    /// Lower-cased `scheme://host[:port]`.
+    pub trusted_origins: Vec<String>,
+    pub exempt_paths: Vec<String>,
+    /// The per-session token, when required.
+    pub token: Option<CsrfToken>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CsrfToken {
+    pub header: http::HeaderName,
+    /// The urlencoded form field, if the token may come that way.
+    pub field: Option<String>,
+    pub max_form_bytes: usize,
+}
+
+impl CsrfConfig {
+    /// Whether a request to `path` is checked at all.
+    pub fn guards(&self, path: &str) -> bool {
+        (self.check_origin || self.token.is_some())
+            && !self
+                .exempt_paths
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
@@ -161,6 +191,7 @@ pub struct Config {
     pub secret_key: Option<String>,
     pub secret_key_fallbacks: Vec<String>,
     pub admin: AdminConfig,
+    pub csrf: CsrfConfig,
 }
 
 impl Config {

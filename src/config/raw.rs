@@ -27,6 +27,9 @@ pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 pub const MIN_SECRET_BYTES: usize = 32;
 /// Prefix of the environment variables that override keys of the file.
 pub const ENV_PREFIX: &str = "SESSION_SIDECAR_";
+pub const DEFAULT_CSRF_TOKEN_HEADER: &str = "X-CSRF-Token";
+pub const DEFAULT_CSRF_TOKEN_FIELD: &str = "csrfmiddlewaretoken";
+pub const DEFAULT_CSRF_MAX_FORM_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -54,6 +57,29 @@ pub struct RawConfig {
     pub store: RawStore,
     pub security: RawSecurity,
     pub admin: RawAdmin,
+    pub csrf: RawCsrf,
+}
+
+/// Cross-site request forgery defences for the app (README, "Protecting the app").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCsrf {
+    /// Refuse an unsafe request carrying the session cookie that a browser says comes from
+    /// another site (`Sec-Fetch-Site`), or whose `Origin` is not the request's own host.
+    pub check_origin: bool,
+    /// Origins (`https://host[:port]`) whose requests pass the origin check.
+    pub trusted_origins: Vec<String>,
+    /// Path prefixes with no CSRF check at all (webhooks).
+    pub exempt_paths: Vec<String>,
+    /// Require a per-session token on unsafe requests carrying the session cookie; the app
+    /// receives it in `{header_prefix}-Csrf`.
+    pub token: bool,
+    /// The request header the token comes back in.
+    pub token_header: String,
+    /// Or the field of an `application/x-www-form-urlencoded` body ("": the header only).
+    pub token_field: String,
+    /// The most of such a body read to find the field (413 beyond it).
+    pub max_form_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -158,6 +184,21 @@ impl Default for RawConfig {
             store: RawStore::default(),
             security: RawSecurity::default(),
             admin: RawAdmin::default(),
+            csrf: RawCsrf::default(),
+        }
+    }
+}
+
+impl Default for RawCsrf {
+    fn default() -> Self {
+        RawCsrf {
+            check_origin: false,
+            trusted_origins: Vec::new(),
+            exempt_paths: Vec::new(),
+            token: false,
+            token_header: DEFAULT_CSRF_TOKEN_HEADER.into(),
+            token_field: DEFAULT_CSRF_TOKEN_FIELD.into(),
+            max_form_bytes: DEFAULT_CSRF_MAX_FORM_BYTES,
         }
     }
 }

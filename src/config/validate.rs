@@ -126,6 +126,7 @@ impl RawConfig {
             (None, secret) => secret.is_some(),
         };
         let admin = self.admin.validate()?;
+        let csrf = self.csrf.validate()?;
         Ok(Config {
             listen,
             upstream,
@@ -166,6 +167,7 @@ impl RawConfig {
             secret_key: sec.secret_key,
             secret_key_fallbacks: sec.secret_key_fallbacks,
             admin,
+            csrf,
         })
     }
 }
@@ -252,6 +254,64 @@ impl RawCookie {
             secure: self.secure,
             http_only: self.http_only,
             same_site,
+        })
+    }
+}
+
+impl RawCsrf {
+    fn validate(self) -> Result<CsrfConfig, ConfigError> {
+        let mut trusted_origins = Vec::new();
+        for o in &self.trusted_origins {
+            let lower = o.to_ascii_lowercase();
+            let well_formed = lower
+                .split_once("://")
+                .filter(|(scheme, _)| matches!(*scheme, "http" | "https"))
+                .and_then(|(_, authority)| authority.parse::<http::uri::Authority>().ok())
+                .is_some_and(|a| !a.as_str().contains('@') && !a.host().is_empty());
+            if !well_formed || lower.ends_with('/') {
+                return Err(invalid(
+                    "csrf.trusted_origins",
+                    format!(
+                        "{o:?} is not an origin like \"https://example.com\" or \"https://example.com:8443\" (scheme and host, no path)"
+                    ),
+                ));
+            }
+            trusted_origins.push(lower);
+        }
+        for p in &self.exempt_paths {
+            if !p.starts_with('/') {
+                return Err(invalid(
+                    "csrf.exempt_paths",
+                    format!("{p:?} must start with '/'"),
+                ));
+            }
+        }
+        let token = if self.token {
+            let header = http::HeaderName::from_bytes(self.token_header.as_bytes())
+                .ok()
+                .filter(|_| is_token(&self.token_header))
+                .ok_or_else(|| {
+                    invalid(
+                        "csrf.token_header",
+                        format!("{:?} is not a valid header name", self.token_header),
+                    )
+                })?;
+            if self.max_form_bytes == 0 {
+                return Err(invalid("csrf.max_form_bytes", "must be greater than 0"));
+            }
+            Some(CsrfToken {
+                header,
+                field: (!self.token_field.is_empty()).then_some(self.token_field),
+                max_form_bytes: self.max_form_bytes,
+            })
+        } else {
+            None
+        };
+        Ok(CsrfConfig {
+            check_origin: self.check_origin,
+            trusted_origins,
+            exempt_paths: self.exempt_paths,
+            token,
         })
     }
 }

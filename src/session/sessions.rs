@@ -18,6 +18,9 @@ pub struct Loaded {
     carried: bool,
     /// Where the store's end notices stood before the load (spares the liveness check a read).
     mark: Option<Mark>,
+    /// The key a session created by this request's answer gets, chosen early when something
+    /// derived from it must reach the app first (the CSRF token).
+    next_key: Option<String>,
 }
 
 static EMPTY: std::sync::LazyLock<Data> = std::sync::LazyLock::new(Data::new);
@@ -40,6 +43,14 @@ impl Loaded {
 
     pub fn record(&self) -> Option<&Record> {
         self.live.as_ref().map(|(_, r, _)| r)
+    }
+
+    /// The live session's key, or the key a session created by this request will get.
+    pub fn key_or_next(&mut self) -> &str {
+        match &self.live {
+            Some((k, _, _)) => k,
+            None => self.next_key.get_or_insert_with(id::generate),
+        }
     }
 }
 
@@ -133,6 +144,7 @@ impl Sessions {
                     live: Some((key.clone(), record, raw)),
                     carried,
                     mark,
+                    next_key: None,
                 });
             }
         }
@@ -140,6 +152,7 @@ impl Sessions {
             live: None,
             carried,
             mark,
+            next_key: None,
         })
     }
 
@@ -184,7 +197,7 @@ impl Sessions {
         let carried = loaded.carried;
         let seen = loaded.mark;
         let Some((key, snapshot, raw)) = loaded.live else {
-            return self.fresh(change, now, carried).await;
+            return self.fresh(change, now, carried, loaded.next_key).await;
         };
         if change.flush {
             // Refuse an oversized fresh session before the old one is gone.
@@ -198,7 +211,7 @@ impl Sessions {
             )?;
             self.store.remove(&key).await?;
             tracing::info!("session flushed");
-            let mut outcome = self.fresh(change, now, true).await?;
+            let mut outcome = self.fresh(change, now, true, None).await?;
             self.store.sync().await?;
             outcome.flushed = true;
             return Ok(outcome);
@@ -274,7 +287,14 @@ impl Sessions {
     }
 
     /// A visitor without a live session: store a new one if the change leaves data.
-    async fn fresh(&self, change: &Change, now: Millis, stale: bool) -> Result<Outcome, Refused> {
+    /// A new session for `change`'s data, under `key` if given and free, else a random one.
+    async fn fresh(
+        &self,
+        change: &Change,
+        now: Millis,
+        stale: bool,
+        mut key: Option<String>,
+    ) -> Result<Outcome, Refused> {
         let mut record = Record::new(now);
         let effect = changes::apply(
             &mut record,
@@ -292,7 +312,7 @@ impl Sessions {
             }));
         }
         loop {
-            let key = id::generate();
+            let key = key.take().unwrap_or_else(id::generate);
             if self.store.create(&key, &record).await? {
                 self.store.sync().await?;
                 tracing::debug!("session created");

@@ -36,6 +36,8 @@ pub struct Seen {
     pub query: Option<String>,
     pub headers: BTreeMap<String, Vec<String>>,
     pub body_len: u64,
+    /// The body's bytes added up (wrapping): that it arrived unchanged.
+    pub body_sum: u64,
     pub version: String,
 }
 
@@ -111,10 +113,15 @@ pub async fn echo(req: Request<Incoming>) -> Response<AppBody> {
     let query = req.uri().query().map(str::to_string);
     let version = format!("{:?}", req.version());
     let mut body = req.into_body();
-    let mut body_len = 0u64;
+    let (mut body_len, mut body_sum) = (0u64, 0u64);
     while let Some(frame) = body.frame().await {
         match frame {
-            Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len() as u64),
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    body_len += d.len() as u64;
+                    body_sum = d.iter().fold(body_sum, |s, &b| s.wrapping_add(b as u64));
+                }
+            }
             Err(_) => break,
         }
     }
@@ -152,7 +159,7 @@ pub async fn echo(req: Request<Incoming>) -> Response<AppBody> {
         return builder.body(streamed(size)).unwrap();
     }
     let seen = json!({"method": method, "path": path, "query": query, "headers": headers,
-                      "body_len": body_len, "version": version});
+                      "body_len": body_len, "body_sum": body_sum, "version": version});
     builder
         .header("content-type", "application/json")
         .body(full(seen.to_string()))
@@ -772,9 +779,18 @@ pub struct SentinelSet {
     pub replicas: Vec<Killed>,
     sentinels: Vec<Killed>,
     dir: tempfile::TempDir,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 pub const MASTER_NAME: &str = "sessions";
+
+/// Replicated Redis set-ups (a Sentinel set, a cluster) run one at a time within a test binary:
+/// each is half a dozen processes whose failovers and timeouts the tests measure, and two cores
+/// shared by several of them make those figures, and the set-up itself, unreliable.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 fn redis_process(program: &str, args: &[String]) -> Option<Killed> {
     match std::process::Command::new(program)
@@ -846,6 +862,7 @@ impl SentinelSet {
     /// With `uid`, the sentinels run as that user and group id (`setpriv`), so that a firewall
     /// rule on the socket owner can cut them, and only them, off from a server.
     pub fn start_with_sentinels_as(uid: Option<u32>) -> Option<SentinelSet> {
+        let turn = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         if uid.is_some() {
             // The sentinels rewrite their configuration files.
@@ -911,6 +928,7 @@ impl SentinelSet {
             replicas,
             sentinels,
             dir,
+            _turn: turn,
         };
         set.wait_until_ready();
         Some(set)
@@ -983,6 +1001,7 @@ pub struct RedisCluster {
     pub ports: Vec<u16>,
     _nodes: Vec<Killed>,
     _dir: tempfile::TempDir,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl RedisCluster {
@@ -993,6 +1012,7 @@ impl RedisCluster {
 
     /// Three masters, each with `replicas` replicas (`redis-cli --cluster create` assigns them).
     pub fn start_with_replicas(replicas: usize) -> Option<RedisCluster> {
+        let turn = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
@@ -1041,6 +1061,7 @@ impl RedisCluster {
             ports,
             _nodes: nodes,
             _dir: dir,
+            _turn: turn,
         })
     }
 
