@@ -789,7 +789,8 @@ pub const MASTER_NAME: &str = "sessions";
 /// shared by several of them make those figures, and the set-up itself, unreliable.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn redis_process(program: &str, args: &[String]) -> Option<Killed> {
