@@ -193,6 +193,9 @@ impl SessionCookie {
             SameSite::Lax => cookie::SameSite::Lax,
             SameSite::None => cookie::SameSite::None,
         });
+        if cfg.partitioned {
+            c.set_partitioned(true);
+        }
         c
     }
 }

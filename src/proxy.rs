@@ -53,6 +53,8 @@ pub struct Sidecar {
     names: Names,
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
+    /// The warning that the cookie lacks `Secure` behind an HTTPS proxy was given.
+    warned_insecure: std::sync::atomic::AtomicBool,
 }
 
 fn header_name(prefix: &str, suffix: &str) -> HeaderName {
@@ -90,6 +92,27 @@ impl Sidecar {
             names,
             metrics,
             tracker,
+            warned_insecure: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Warns once when a trusted proxy says visitors came over HTTPS while the cookie is not
+    /// `Secure`: the browser would send the session key over plain HTTP too.
+    fn warn_if_insecure(&self, headers: &http::HeaderMap) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.config.trust_forwarded
+            && !self.config.cookie.secure
+            && !self.warned_insecure.load(Relaxed)
+            && headers
+                .get(&headers::X_FORWARDED_PROTO)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+            && !self.warned_insecure.swap(true, Relaxed)
+        {
+            tracing::warn!(
+                "visitors reach the sidecar over HTTPS (X-Forwarded-Proto from the trusted proxy) \
+                 but [cookie] secure = false: browsers would send the session cookie over plain \
+                 HTTP too; set [cookie] secure = true"
+            );
         }
     }
 
@@ -172,6 +195,7 @@ impl Sidecar {
                 upgrade,
             },
         );
+        self.warn_if_insecure(&parts.headers);
 
         let body = RequestBody::Streamed(body);
         if skip {

@@ -221,3 +221,59 @@ async fn the_upstreams_own_set_cookie_passes_and_ours_is_appended() {
     assert_eq!(all[0], "theme=dark; Path=/");
     assert!(all[1].starts_with("sessionid="));
 }
+
+/// `__Host-` name, `Partitioned`: every cookie the sidecar sets or deletes keeps the promises the
+/// prefix makes (a deletion too, or browsers ignore it and the session stays), and the sidecar
+/// recognises the cookie under that name.
+#[tokio::test]
+async fn a_host_prefixed_partitioned_cookie_carries_what_browsers_require_set_and_deleted() {
+    let s = sidecar(
+        "[cookie]\nname = \"__Host-sid\"\nsecure = true\nsame_site = \"None\"\npartitioned = true",
+    )
+    .await;
+    let resp = plain()
+        .get(s.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    let ours = |resp: &reqwest::Response| -> Option<String> {
+        resp.headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .find(|c| c.starts_with("__Host-sid="))
+    };
+    let set = ours(&resp).expect("a cookie");
+    let removal_needs = ["Secure", "Path=/", "Partitioned", "SameSite=None"];
+    assert!(set.starts_with("__Host-sid="), "{set}");
+    for part in removal_needs {
+        assert!(set.contains(part), "{part} in {set}");
+    }
+    assert!(!set.contains("Domain"), "{set}");
+    let cookie = format!("__Host-sid={}", cookie_value(&set));
+    let again = plain()
+        .get(s.url("/"))
+        .header("cookie", &cookie)
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen(again).await.session()["n"], 1, "the cookie is ours");
+    let out = plain()
+        .get(s.url("/logout"))
+        .header("cookie", &cookie)
+        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
+        .send()
+        .await
+        .unwrap();
+    let gone = ours(&out).expect("removal cookie");
+    assert!(
+        gone.starts_with("__Host-sid=") && gone.contains("Max-Age=0"),
+        "{gone}"
+    );
+    for part in removal_needs {
+        assert!(gone.contains(part), "{part} in {gone}");
+    }
+    assert!(!gone.contains("Domain"), "{gone}");
+}

@@ -695,3 +695,51 @@ async fn healthcheck_reports_readiness_through_the_admin_listener() {
     let (status, _) = p.wait();
     assert!(status.success());
 }
+
+/// Behind a trusted proxy that says visitors came over HTTPS, a cookie without `Secure` would
+/// also travel over plain HTTP: the sidecar says so once, at the first such request.
+#[tokio::test]
+async fn an_insecure_cookie_behind_an_https_proxy_is_warned_about_once() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&write_config(dir.path(), app, "trust_forwarded = true"));
+    let client = plain();
+    let get = async |proto: &str| {
+        let r = client
+            .get(p.url("/"))
+            .header("x-forwarded-proto", proto)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    get("http").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let warned = |log: &str| log.matches("set [cookie] secure = true").count();
+    assert_eq!(
+        warned(&p.log.lock().unwrap()),
+        0,
+        "plain HTTP: nothing to warn about"
+    );
+    get("https").await;
+    get("HTTPS").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.signal("-TERM");
+    let (_, log) = p.wait();
+    assert_eq!(warned(&log), 1, "{log}");
+    // Secure cookies, or an untrusted X-Forwarded-Proto: no warning.
+    for extra in ["trust_forwarded = true\n[cookie]\nsecure = true", ""] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = start(&write_config(dir.path(), app, extra));
+        let r = plain()
+            .get(p.url("/"))
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        p.signal("-TERM");
+        let (_, log) = p.wait();
+        assert_eq!(warned(&log), 0, "{extra}: {log}");
+    }
+}

@@ -37,6 +37,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("cookie", "secure", Kind::Bool),
     ("cookie", "http_only", Kind::Bool),
     ("cookie", "same_site", Kind::Str),
+    ("cookie", "partitioned", Kind::Bool),
     ("expiry", "cookie_age", Kind::Int),
     ("expiry", "expire_at_browser_close", Kind::Bool),
     ("expiry", "save_every_request", Kind::Bool),

@@ -55,6 +55,7 @@ pub struct CookieConfig {
     pub secure: bool,
     pub http_only: bool,
     pub same_site: SameSite,
+    pub partitioned: bool,
 }
 
 #[derive(Debug, Clone)]

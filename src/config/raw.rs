@@ -91,6 +91,8 @@ pub struct RawCookie {
     pub secure: bool,
     pub http_only: bool,
     pub same_site: String,
+    /// CHIPS: a cookie kept per top-level site when the app is embedded in another's page.
+    pub partitioned: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -212,6 +214,7 @@ impl Default for RawCookie {
             secure: false,
             http_only: true,
             same_site: "Lax".into(),
+            partitioned: false,
         }
     }
 }

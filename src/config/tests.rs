@@ -354,3 +354,40 @@ fn cluster_nodes_are_redis_only_exclusive_with_sentinels_and_masked() {
     .unwrap();
     assert!(!shown.contains("cl0sterpass"), "{shown}");
 }
+
+#[test]
+fn cookie_prefixes_and_partitioned_are_refused_where_browsers_would_drop_the_cookie() {
+    for (cookie, key) in [
+        ("name = \"__Host-sid\"", "cookie.name"),
+        (
+            "name = \"__Host-sid\"\nsecure = true\npath = \"/app\"",
+            "cookie.name",
+        ),
+        (
+            "name = \"__Host-sid\"\nsecure = true\ndomain = \"example.com\"",
+            "cookie.name",
+        ),
+        ("name = \"__host-sid\"", "cookie.name"),
+        ("name = \"__Secure-sid\"", "cookie.name"),
+        (
+            "name = \"__SECURE-sid\"\ndomain = \"example.com\"",
+            "cookie.name",
+        ),
+        ("partitioned = true", "cookie.partitioned"),
+    ] {
+        let e = err(&format!("[cookie]\n{cookie}"));
+        assert!(
+            e.contains(key) && e.contains("browsers drop it"),
+            "{cookie}: {e}"
+        );
+    }
+    for cookie in [
+        "name = \"__Host-sid\"\nsecure = true",
+        "name = \"__Secure-sid\"\nsecure = true\npath = \"/app\"\ndomain = \"example.com\"",
+        "partitioned = true\nsecure = true\nsame_site = \"None\"",
+        "name = \"Host-sid\"",
+    ] {
+        Config::from_toml(&format!("[cookie]\n{cookie}"))
+            .unwrap_or_else(|e| panic!("{cookie}: {e}"));
+    }
+}

@@ -247,6 +247,35 @@ impl RawCookie {
                 ));
             }
         };
+        // Browsers drop a cookie whose name prefix promises what its attributes do not keep
+        // (RFC 6265bis §4.1.3; the prefixes are matched without regard to case).
+        let lower = self.name.to_ascii_lowercase();
+        if lower.starts_with("__host-")
+            && !(self.secure && self.path == "/" && self.domain.is_none())
+        {
+            return Err(invalid(
+                "cookie.name",
+                format!(
+                    "{:?}: a __Host- cookie needs secure = true, path = \"/\" and no domain, or browsers drop it",
+                    self.name
+                ),
+            ));
+        }
+        if lower.starts_with("__secure-") && !self.secure {
+            return Err(invalid(
+                "cookie.name",
+                format!(
+                    "{:?}: a __Secure- cookie needs secure = true, or browsers drop it",
+                    self.name
+                ),
+            ));
+        }
+        if self.partitioned && !self.secure {
+            return Err(invalid(
+                "cookie.partitioned",
+                "a Partitioned cookie needs secure = true, or browsers drop it",
+            ));
+        }
         Ok(CookieConfig {
             name: self.name,
             path: self.path,
@@ -254,6 +283,7 @@ impl RawCookie {
             secure: self.secure,
             http_only: self.http_only,
             same_site,
+            partitioned: self.partitioned,
         })
     }
 }
