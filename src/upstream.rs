@@ -19,14 +19,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 
+use crate::config::UpstreamAddr;
 use crate::error::ProxyError;
 
 /// An idle connection is closed after this long unused.
@@ -81,7 +82,7 @@ enum Failure {
 
 pub struct Upstream {
     pool: Arc<Pool>,
-    authority: Authority,
+    addr: UpstreamAddr,
     timeout: Duration,
 }
 
@@ -245,51 +246,66 @@ impl Drop for Watched {
     }
 }
 
+/// HTTP/1.1 over a connected stream, its driver running on this worker.
+async fn handshake<S>(stream: S) -> Result<Sender, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(Failure::Http)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
 impl Upstream {
-    pub fn new(authority: Authority, timeout: Duration) -> Upstream {
+    pub fn new(addr: UpstreamAddr, timeout: Duration) -> Upstream {
         Upstream {
             pool: Arc::new(Pool::default()),
-            authority,
+            addr,
             timeout,
         }
     }
 
     /// A new connection to the upstream, its driver running on this worker.
     async fn connect(&self) -> Result<Sender, Failure> {
-        let host = self.authority.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let port = self.authority.port_u16().unwrap_or(80);
-        let stream =
-            match tokio::time::timeout(self.timeout, TcpStream::connect((host, port))).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    return Err(Failure::Connect(format!(
-                        "connecting to {}: {e}",
-                        self.authority
-                    )));
-                }
-                Err(_) => {
-                    return Err(Failure::Connect(format!(
-                        "connecting to {}: no answer within {} s",
-                        self.authority,
-                        self.timeout.as_secs()
-                    )));
-                }
-            };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(Failure::Http)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
+        match &self.addr {
+            UpstreamAddr::Tcp(authority) => {
+                let host = authority.host();
+                let host = host
+                    .strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(host);
+                let port = authority.port_u16().unwrap_or(80);
+                let stream = self.within(TcpStream::connect((host, port))).await?;
+                let _ = stream.set_nodelay(true);
+                handshake(stream).await
             }
-        });
-        Ok(sender)
+            UpstreamAddr::Unix(path) => {
+                handshake(self.within(UnixStream::connect(path)).await?).await
+            }
+        }
+    }
+
+    /// A connection attempt, within the upstream timeout.
+    async fn within<S>(
+        &self,
+        connect: impl std::future::Future<Output = std::io::Result<S>>,
+    ) -> Result<S, Failure> {
+        let why = match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} s", self.timeout.as_secs()),
+        };
+        Err(Failure::Connect(format!(
+            "connecting to {}: {why}",
+            self.addr
+        )))
     }
 
     /// Sends `req` on an idle connection if one is ready, else on a new one; a request an idle

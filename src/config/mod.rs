@@ -158,12 +158,37 @@ pub struct AdminConfig {
     pub token: Option<String>,
 }
 
+/// Where the app listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    /// `http://host:port`.
+    Tcp(http::uri::Authority),
+    /// `unix:/path/to/app.sock` (gunicorn, uWSGI, Puma, an app in the same pod).
+    Unix(PathBuf),
+}
+
+impl UpstreamAddr {
+    /// As the operator wrote it, for logs and errors: `host:port` or `unix:/path`.
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            UpstreamAddr::Tcp(a) => a.as_str().into(),
+            UpstreamAddr::Unix(p) => format!("unix:{}", p.display()).into(),
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
 /// The validated configuration: every field holds a value the sidecar can use as it is.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// `scheme://authority` of the upstream, without a trailing slash.
-    pub upstream: http::uri::Authority,
+    /// The app: `host:port` over TCP, or a Unix socket.
+    pub upstream: UpstreamAddr,
     pub upstream_timeout: Duration,
     /// Lower-cased prefix, e.g. `x-session`.
     pub header_prefix: String,

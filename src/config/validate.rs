@@ -190,14 +190,22 @@ fn validate_upgrades(list: &[String]) -> Result<Vec<String>, ConfigError> {
         .collect()
 }
 
-fn parse_upstream(text: &str) -> Result<http::uri::Authority, ConfigError> {
+fn parse_upstream(text: &str) -> Result<UpstreamAddr, ConfigError> {
     let bad = |why: &str| invalid("upstream", format!("{text:?} {why}"));
+    if let Some(path) = text.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(bad(
+                "needs an absolute socket path, e.g. unix:/run/app.sock",
+            ));
+        }
+        return Ok(UpstreamAddr::Unix(PathBuf::from(path)));
+    }
     let uri: http::Uri = text.parse().map_err(|_| bad("is not a URL"))?;
     match uri.scheme_str() {
         Some("http") => {}
         Some(other) => {
             return Err(bad(&format!(
-                "uses scheme {other:?}; only http:// is supported"
+                "uses scheme {other:?}; only http:// and unix:/path are supported"
             )));
         }
         None => return Err(bad("needs a scheme, e.g. http://127.0.0.1:8000")),
@@ -209,7 +217,7 @@ fn parse_upstream(text: &str) -> Result<http::uri::Authority, ConfigError> {
     if authority.as_str().contains('@') {
         return Err(bad("must not contain credentials"));
     }
-    Ok(authority)
+    Ok(UpstreamAddr::Tcp(authority))
 }
 
 impl RawCookie {

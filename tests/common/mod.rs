@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -83,6 +83,37 @@ where
         }
     });
     addr
+}
+
+/// The echo app (or another handler) on a Unix socket at `path`; counts the connections it
+/// accepts.
+pub async fn start_unix_app<F, Fut>(path: &std::path::Path, handler: F) -> Arc<AtomicU64>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<AppBody>> + Send + 'static,
+{
+    let listener = tokio::net::UnixListener::bind(path).unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    accepted
 }
 
 pub fn full(b: impl Into<Bytes>) -> AppBody {
@@ -356,7 +387,12 @@ pub async fn sidecar_for(app: SocketAddr, extra: &str) -> Sidecar {
 pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> Sidecar {
     let (top, tables) = split_extra(extra);
     let text = format!(
-        "upstream = \"http://{app}\"\nlisten = \"127.0.0.1:0\"\n{timeout}{top}\n{store}{admin}{tables}",
+        "{upstream}listen = \"127.0.0.1:0\"\n{timeout}{top}\n{store}{admin}{tables}",
+        upstream = if top.contains("upstream = ") {
+            String::new()
+        } else {
+            format!("upstream = \"http://{app}\"\n")
+        },
         admin = if tables.contains("[admin]") {
             ""
         } else {
