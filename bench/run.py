@@ -64,6 +64,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_cluster_port():
+    """A free port whose cluster bus port (port + 10000) exists and is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 def wait_port(port, proc=None, timeout=30):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -443,7 +457,7 @@ def redis_calls(ports):
 
 def start_redis(tmp, name, *extra):
     """A redis-server on a free loopback port, without persistence."""
-    port = free_port()
+    port = free_cluster_port() if "--cluster-enabled" in extra else free_port()
     d = os.path.join(tmp, name)
     os.makedirs(d, exist_ok=True)
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",

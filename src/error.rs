@@ -41,6 +41,9 @@ pub enum ProxyError {
     FormTooLarge(usize),
     #[error("the request body could not be read: {0}")]
     ClientBody(String),
+    /// `[limits] new_sessions_per_minute`: retry after this many seconds.
+    #[error("too many new sessions from this address; retry in {0} s")]
+    TooManySessions(u64),
     #[error("the session store is unavailable: {0}")]
     Store(#[from] StoreError),
 }
@@ -58,6 +61,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::FormTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::TooManySessions(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -71,7 +75,8 @@ impl ProxyError {
             | ProxyError::ClientTimeout(_)
             | ProxyError::Forbidden(_)
             | ProxyError::FormTooLarge(_)
-            | ProxyError::ClientBody(_) => {
+            | ProxyError::ClientBody(_)
+            | ProxyError::TooManySessions(_) => {
                 tracing::warn!(status = status.as_u16(), "{self}")
             }
             _ => tracing::error!(status = status.as_u16(), "{self}"),
@@ -88,7 +93,12 @@ impl ProxyError {
             }
             other => other.to_string(),
         };
-        text_response(status, text)
+        let mut resp = text_response(status, text);
+        if let ProxyError::TooManySessions(secs) = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 

@@ -23,6 +23,7 @@ pub mod cookie;
 pub mod csrf;
 pub mod error;
 pub mod headers;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
@@ -165,6 +166,9 @@ pub async fn run_with_admin(
         workers.push(listener.try_clone().map_err(RunError::Workers)?);
     }
     workers.push(listener);
+    let creation_limit = config
+        .new_sessions_per_minute
+        .map(|n| Arc::new(limits::CreationLimit::new(n)));
     let workers = workers
         .into_iter()
         .map(|listener| {
@@ -175,6 +179,7 @@ pub async fn run_with_admin(
                 policy.clone(),
                 metrics.clone(),
                 tracker.clone(),
+                creation_limit.clone(),
             ));
             (listener, sidecar)
         })

@@ -18,7 +18,7 @@ use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
 use crate::server::Tracker;
-use crate::session::sessions::{CookieOp, Outcome, Refused, Sessions};
+use crate::session::sessions::{CookieOp, Gate, Outcome, Refused, Sessions};
 use crate::session::store::Store;
 use crate::session::{Clock, Policy, json};
 use crate::upstream::{RequestBody, ResponseBody, Upstream};
@@ -55,6 +55,8 @@ pub struct Sidecar {
     tracker: Arc<Tracker>,
     /// The warning that the cookie lacks `Secure` behind an HTTPS proxy was given.
     warned_insecure: std::sync::atomic::AtomicBool,
+    /// `[limits] new_sessions_per_minute`, shared by every worker.
+    creation_limit: Option<Arc<crate::limits::CreationLimit>>,
 }
 
 fn header_name(prefix: &str, suffix: &str) -> HeaderName {
@@ -70,6 +72,7 @@ impl Sidecar {
         policy: Arc<Policy>,
         metrics: Arc<Metrics>,
         tracker: Arc<Tracker>,
+        creation_limit: Option<Arc<crate::limits::CreationLimit>>,
     ) -> Sidecar {
         let p = &config.header_prefix;
         let names = Names {
@@ -86,13 +89,15 @@ impl Sidecar {
                 &config.secret_key_fallbacks,
             ),
             upstream: Upstream::new(config.upstream.clone(), config.upstream_timeout),
-            sessions: Sessions::new(store, policy, config.max_session_bytes),
+            sessions: Sessions::new(store, policy, config.max_session_bytes)
+                .with_subject_limit(config.max_sessions_per_subject),
             config,
             clock,
             names,
             metrics,
             tracker,
             warned_insecure: std::sync::atomic::AtomicBool::new(false),
+            creation_limit,
         }
     }
 
@@ -183,6 +188,9 @@ impl Sidecar {
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        // Read before the scrub appends the peer to X-Forwarded-For.
+        let client =
+            crate::limits::client_addr(&parts.headers, peer.ip(), self.config.trust_forwarded);
         let prefix = self.config.header_prefix.as_str();
         let presented = scrub_request_head(
             &mut parts.headers,
@@ -305,9 +313,14 @@ impl Sidecar {
         // The changes land against the store as it is now, not as it was when the request came
         // in: a session that expired meanwhile must not be revived.
         let now = self.clock.now();
+        if let Some(limit) = &self.creation_limit {
+            let limit = limit.clone();
+            loaded.set_gate(Gate(Box::new(move || limit.admit(client))));
+        }
         let outcome = match self.sessions.commit(loaded, &change, now).await {
             Ok(outcome) => outcome,
             Err(Refused::Ended) => return Err(ProxyError::SessionEnded),
+            Err(Refused::TooMany(secs)) => return Err(ProxyError::TooManySessions(secs)),
             Err(Refused::Store(e)) => return Err(e.into()),
             // Name the headers that carried the oversized data, as for any bad change header.
             Err(Refused::TooLarge(t)) => {

@@ -65,6 +65,8 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("admin", "listen", Kind::Str),
     ("admin", "token", Kind::Str),
     ("admin", "token_file", Kind::Str),
+    ("limits", "max_sessions_per_subject", Kind::Int),
+    ("limits", "new_sessions_per_minute", Kind::Int),
     ("csrf", "check_origin", Kind::Bool),
     ("csrf", "trusted_origins", Kind::List),
     ("csrf", "exempt_paths", Kind::List),

@@ -218,6 +218,10 @@ pub struct Config {
     pub secret_key_fallbacks: Vec<String>,
     pub admin: AdminConfig,
     pub csrf: CsrfConfig,
+    /// `[limits] max_sessions_per_subject`, when set.
+    pub max_sessions_per_subject: Option<usize>,
+    /// `[limits] new_sessions_per_minute` per client address, when set.
+    pub new_sessions_per_minute: Option<std::num::NonZeroU32>,
 }
 
 impl Config {

@@ -58,6 +58,18 @@ pub struct RawConfig {
     pub security: RawSecurity,
     pub admin: RawAdmin,
     pub csrf: RawCsrf,
+    pub limits: RawLimits,
+}
+
+/// Per-user and per-client limits (README, "Protecting the app").
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    /// A subject keeps at most this many sessions: tagging one more ends the oldest others.
+    /// 0 = no limit.
+    pub max_sessions_per_subject: usize,
+    /// New sessions one client address may create per minute (429 beyond). 0 = no limit.
+    pub new_sessions_per_minute: u32,
 }
 
 /// Cross-site request forgery defences for the app (README, "Protecting the app").
@@ -187,6 +199,7 @@ impl Default for RawConfig {
             security: RawSecurity::default(),
             admin: RawAdmin::default(),
             csrf: RawCsrf::default(),
+            limits: RawLimits::default(),
         }
     }
 }

@@ -168,6 +168,9 @@ impl RawConfig {
             secret_key_fallbacks: sec.secret_key_fallbacks,
             admin,
             csrf,
+            max_sessions_per_subject: (self.limits.max_sessions_per_subject > 0)
+                .then_some(self.limits.max_sessions_per_subject),
+            new_sessions_per_minute: std::num::NonZeroU32::new(self.limits.new_sessions_per_minute),
         })
     }
 }

@@ -21,6 +21,17 @@ pub struct Loaded {
     /// The key a session created by this request's answer gets, chosen early when something
     /// derived from it must reach the app first (the CSRF token).
     next_key: Option<String>,
+    /// Asked before a session is created: `Err(seconds)` refuses it (a rate limit).
+    gate: Option<Gate>,
+}
+
+/// Admits or refuses the creation of a session: `Err` holds the seconds to wait.
+pub struct Gate(pub Box<dyn FnOnce() -> Result<(), u64> + Send + Sync>);
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gate")
+    }
 }
 
 static EMPTY: std::sync::LazyLock<Data> = std::sync::LazyLock::new(Data::new);
@@ -43,6 +54,11 @@ impl Loaded {
 
     pub fn record(&self) -> Option<&Record> {
         self.live.as_ref().map(|(_, r, _)| r)
+    }
+
+    /// Sets what is asked before this request's answer may create a session.
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = Some(gate);
     }
 
     /// The live session's key, or the key a session created by this request will get.
@@ -96,6 +112,9 @@ pub enum Refused {
     Ended,
     #[error(transparent)]
     TooLarge(#[from] TooLarge),
+    /// Too many sessions created from this client lately; retry after this many seconds.
+    #[error("too many new sessions from this address; retry in {0} s")]
+    TooMany(u64),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -113,6 +132,8 @@ pub struct Sessions {
     store: Arc<dyn Store>,
     policy: Arc<Policy>,
     max_bytes: usize,
+    /// A subject's sessions beyond this many end, oldest first, when one more is tagged.
+    max_per_subject: Option<usize>,
 }
 
 impl Sessions {
@@ -121,7 +142,15 @@ impl Sessions {
             store,
             policy,
             max_bytes,
+            max_per_subject: None,
         }
+    }
+
+    /// At most `n` sessions per subject (Kibana's `maxSessions`): tagging one more ends the
+    /// oldest others.
+    pub fn with_subject_limit(mut self, n: Option<usize>) -> Sessions {
+        self.max_per_subject = n;
+        self
     }
 
     pub fn policy(&self) -> &Policy {
@@ -145,6 +174,7 @@ impl Sessions {
                     carried,
                     mark,
                     next_key: None,
+                    gate: None,
                 });
             }
         }
@@ -153,6 +183,7 @@ impl Sessions {
             carried,
             mark,
             next_key: None,
+            gate: None,
         })
     }
 
@@ -186,8 +217,64 @@ impl Sessions {
     }
 
     /// Applies one response's change (docs/HEADERS.md §2 order: flush, cycle, data, expiry)
-    /// against the latest stored state and says what to do with the cookie.
+    /// against the latest stored state and says what to do with the cookie; then, when the
+    /// change tagged a subject that has a session limit, ends that subject's oldest others.
     pub async fn commit(
+        &self,
+        loaded: Loaded,
+        change: &Change,
+        now: Millis,
+    ) -> Result<Outcome, Refused> {
+        let current = loaded.key().map(str::to_string);
+        let outcome = self.apply(loaded, change, now).await?;
+        if let (Some(limit), Some(Some(subject))) = (self.max_per_subject, &change.subject) {
+            let kept = match &outcome.cookie {
+                CookieOp::Set { key, .. } => Some(key.as_str()),
+                // Unchanged (already tagged): the loaded session. Merged into a session a
+                // concurrent cycle renamed: not known here, so none is set apart.
+                CookieOp::Keep if !outcome.merged => current.as_deref(),
+                _ => None,
+            };
+            self.end_beyond(subject, kept, limit, now).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Ends `subject`'s sessions beyond `limit`, keeping `kept` (the one just tagged) and the
+    /// most recently created others.
+    async fn end_beyond(
+        &self,
+        subject: &str,
+        kept: Option<&str>,
+        limit: usize,
+        now: Millis,
+    ) -> Result<(), Refused> {
+        let keys = self.store.subject_keys(subject, now).await?;
+        if keys.len() <= limit {
+            return Ok(());
+        }
+        let mut others = Vec::new();
+        for key in keys.into_iter().filter(|k| Some(k.as_str()) != kept) {
+            if let Some(r) = self.store.load(&key, now).await? {
+                others.push((r.created, key));
+            }
+        }
+        // Newest first; the tagged session counts as one of the `limit`.
+        others.sort_by(|a, b| b.cmp(a));
+        let room = limit.saturating_sub(usize::from(kept.is_some()));
+        for (_, key) in others.into_iter().skip(room) {
+            if self.store.remove(&key).await? {
+                tracing::info!(
+                    handle = %id::handle(&key),
+                    "session ended: its subject is over max_sessions_per_subject"
+                );
+            }
+        }
+        self.store.sync().await?;
+        Ok(())
+    }
+
+    async fn apply(
         &self,
         loaded: Loaded,
         change: &Change,
@@ -197,7 +284,9 @@ impl Sessions {
         let carried = loaded.carried;
         let seen = loaded.mark;
         let Some((key, snapshot, raw)) = loaded.live else {
-            return self.fresh(change, now, carried, loaded.next_key).await;
+            return self
+                .fresh(change, now, carried, loaded.next_key, loaded.gate)
+                .await;
         };
         if change.flush {
             // Refuse an oversized fresh session before the old one is gone.
@@ -211,7 +300,7 @@ impl Sessions {
             )?;
             self.store.remove(&key).await?;
             tracing::info!("session flushed");
-            let mut outcome = self.fresh(change, now, true, None).await?;
+            let mut outcome = self.fresh(change, now, true, None, loaded.gate).await?;
             self.store.sync().await?;
             outcome.flushed = true;
             return Ok(outcome);
@@ -294,6 +383,7 @@ impl Sessions {
         now: Millis,
         stale: bool,
         mut key: Option<String>,
+        gate: Option<Gate>,
     ) -> Result<Outcome, Refused> {
         let mut record = Record::new(now);
         let effect = changes::apply(
@@ -310,6 +400,9 @@ impl Sessions {
             } else {
                 CookieOp::Keep
             }));
+        }
+        if let Some(gate) = gate {
+            (gate.0)().map_err(Refused::TooMany)?;
         }
         loop {
             let key = key.take().unwrap_or_else(id::generate);

@@ -756,6 +756,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port for a cluster node: its cluster bus port (port + 10000) must exist and be free
+/// too, or redis-server exits at start.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Waits until something listens on 127.0.0.1:`port` (an example app starting).
 pub async fn wait_until_up(port: u16) {
     for _ in 0..200 {
@@ -1051,7 +1062,9 @@ impl RedisCluster {
     pub fn start_with_replicas(replicas: usize) -> Option<RedisCluster> {
         let turn = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..3 * (1 + replicas)).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..3 * (1 + replicas))
+            .map(|_| free_cluster_port())
+            .collect();
         let mut nodes = Vec::new();
         for &port in &ports {
             let cluster = [
