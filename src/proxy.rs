@@ -53,8 +53,6 @@ pub struct Sidecar {
     names: Names,
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
-    /// The warning that the cookie lacks `Secure` behind an HTTPS proxy was given.
-    warned_insecure: std::sync::atomic::AtomicBool,
     /// `[limits] new_sessions_per_minute`, shared by every worker.
     creation_limit: Option<Arc<crate::limits::CreationLimit>>,
 }
@@ -96,22 +94,22 @@ impl Sidecar {
             names,
             metrics,
             tracker,
-            warned_insecure: std::sync::atomic::AtomicBool::new(false),
             creation_limit,
         }
     }
 
-    /// Warns once when a trusted proxy says visitors came over HTTPS while the cookie is not
-    /// `Secure`: the browser would send the session key over plain HTTP too.
+    /// Warns once per process when a trusted proxy says visitors came over HTTPS while the
+    /// cookie is not `Secure`: the browser would send the session key over plain HTTP too.
     fn warn_if_insecure(&self, headers: &http::HeaderMap) {
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        static WARNED: AtomicBool = AtomicBool::new(false);
         if self.config.trust_forwarded
             && !self.config.cookie.secure
-            && !self.warned_insecure.load(Relaxed)
+            && !WARNED.load(Relaxed)
             && headers
                 .get(&headers::X_FORWARDED_PROTO)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
-            && !self.warned_insecure.swap(true, Relaxed)
+            && !WARNED.swap(true, Relaxed)
         {
             tracing::warn!(
                 "visitors reach the sidecar over HTTPS (X-Forwarded-Proto from the trusted proxy) \
