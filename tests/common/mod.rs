@@ -69,20 +69,27 @@ where
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await;
-            });
+            tokio::spawn(serve_app_connection(stream, handler.clone()));
         }
     });
     addr
+}
+
+/// Serves one connection of a test app with `handler` (HTTP/1.1, upgrades allowed).
+async fn serve_app_connection<S, F, Fut>(stream: S, handler: F)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<AppBody>> + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades()
+        .await;
 }
 
 /// The echo app (or another handler) on a Unix socket at `path`; counts the connections it
@@ -101,16 +108,7 @@ where
                 return;
             };
             counter.fetch_add(1, Ordering::SeqCst);
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::spawn(serve_app_connection(stream, handler.clone()));
         }
     });
     accepted
