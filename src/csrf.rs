@@ -16,6 +16,8 @@ use rand::RngCore;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
+use crate::session::id::hex;
+
 /// Methods that must not change anything (RFC 9110 §9.2.1); every other one is checked.
 pub fn is_safe(method: &Method) -> bool {
     matches!(
@@ -78,16 +80,6 @@ fn secret(session_key: &str) -> [u8; SECRET_LEN] {
         .expect("HMAC takes a key of any length");
     mac.update(TOKEN_LABEL);
     mac.finalize().into_bytes().into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 15) as usize] as char);
-    }
-    out
 }
 
 fn unhex(text: &[u8]) -> Option<Vec<u8>> {

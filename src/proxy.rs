@@ -186,9 +186,12 @@ impl Sidecar {
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        // Read before the scrub appends the peer to X-Forwarded-For.
-        let client =
-            crate::limits::client_addr(&parts.headers, peer.ip(), self.config.trust_forwarded);
+        // Read before the scrub appends the peer to X-Forwarded-For; only a creation limit needs it.
+        let client = self.creation_limit.as_ref().map(|limit| {
+            let addr =
+                crate::limits::client_addr(&parts.headers, peer.ip(), self.config.trust_forwarded);
+            (limit.clone(), addr)
+        });
         let prefix = self.config.header_prefix.as_str();
         let presented = scrub_request_head(
             &mut parts.headers,
@@ -311,8 +314,7 @@ impl Sidecar {
         // The changes land against the store as it is now, not as it was when the request came
         // in: a session that expired meanwhile must not be revived.
         let now = self.clock.now();
-        if let Some(limit) = &self.creation_limit {
-            let limit = limit.clone();
+        if let Some((limit, client)) = client {
             loaded.set_gate(Gate(Box::new(move || limit.admit(client))));
         }
         let outcome = match self.sessions.commit(loaded, &change, now).await {

@@ -9,7 +9,12 @@ pub const KEY_LEN: usize = 64;
 pub fn generate() -> String {
     let mut bytes = [0u8; KEY_LEN / 2];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let mut out = String::with_capacity(KEY_LEN);
+    hex(&bytes)
+}
+
+/// `bytes` as lowercase hex digits.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
         out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
@@ -25,10 +30,7 @@ pub const HANDLE_LEN: usize = 16;
 pub fn handle(key: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(key.as_bytes());
-    digest[..HANDLE_LEN / 2]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&digest[..HANDLE_LEN / 2])
 }
 
 /// Whether `text` has the shape of a handle.
