@@ -20,8 +20,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::cookie::SessionCookie;
 use crate::metrics::Metrics;
+use crate::reload::Settings;
 use crate::session::store::{Store, StoreError};
 use crate::session::{Clock, Millis, Record, id};
 
@@ -29,8 +29,8 @@ pub struct Admin {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
-    pub cookie: SessionCookie,
-    pub token: Option<String>,
+    /// The cookie (to read a cookie value) and the token, as the latest reload left them.
+    pub settings: watch::Receiver<Arc<Settings>>,
     /// Set when the sidecar starts draining: `/readyz` answers 503 so orchestrators stop
     /// sending traffic.
     pub draining: Arc<AtomicBool>,
@@ -89,7 +89,8 @@ fn rfc3339(ms: Millis) -> String {
 
 impl Admin {
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else {
+        let settings = self.settings.borrow().clone();
+        let Some(token) = &settings.config.admin.token else {
             return true;
         };
         let given = req
@@ -109,7 +110,8 @@ impl Admin {
         if id::is_well_formed(text) {
             return Ok(Some(text.to_string()));
         }
-        Ok(self.cookie.verify(text))
+        let cookie = self.settings.borrow().cookie.clone();
+        Ok(cookie.verify(text))
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Resp {

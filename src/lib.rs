@@ -13,6 +13,8 @@
 //! - [`cookie`]: taking, verifying, signing and setting the session cookie.
 //! - [`session`]: keys, records, the per-key merge, the store trait, sled, the sweeper.
 //! - [`error`]: the responses the sidecar makes itself and their status codes.
+//! - [`reload`]: SIGHUP: the config read again, what may change taken live.
+//! - [`csrf`], [`limits`]: the defences the sidecar adds for the app.
 //! - [`admin`]: the operator's listener; [`metrics`]: the Prometheus series.
 
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod headers;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod upstream;
@@ -36,7 +39,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use config::Config;
-use session::entry::Codec;
 use session::sled_store::SledStore;
 use session::store::{Store, StoreError};
 use session::{Clock, Policy, SystemClock};
@@ -52,10 +54,7 @@ impl Deps {
     /// The production wiring: the configured store and the system clock.
     pub async fn open(config: &Config) -> Result<Deps, StoreError> {
         let policy = Arc::new(policy(config));
-        let codec = match (&config.secret_key, config.store.encrypt) {
-            (Some(secret), true) => Codec::sealed(secret, &config.secret_key_fallbacks),
-            _ => Codec::plain(),
-        };
+        let codec = reload::codec(config);
         let store: Arc<dyn Store> = match &config.store.backend {
             config::Backend::Sled => Arc::new(
                 SledStore::open(&config.store.sled(), policy, config.max_session_bytes)?
@@ -114,19 +113,22 @@ pub async fn run(
     deps: Deps,
 ) -> Result<(), RunError> {
     let admin = bind_admin(&config).await?;
-    run_with_admin(config, listener, admin, shutdown, deps).await
+    run_with_admin(config, listener, admin, shutdown, deps, None).await
 }
 
-/// As [`run`], with the admin listener already bound (or none).
+/// As [`run`], with the admin listener already bound (or none), and reloads when asked.
 pub async fn run_with_admin(
     config: Config,
     listener: TcpListener,
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
     deps: Deps,
+    reloads: Option<reload::Reloads>,
 ) -> Result<(), RunError> {
-    let config = Arc::new(config);
-    let policy = Arc::new(policy(&config));
+    let settings = Arc::new(reload::Settings::new(config, None));
+    let config = settings.config.clone();
+    let (settings_tx, settings_rx) = tokio::sync::watch::channel(settings.clone());
+    let (sweep_tx, sweep_rx) = tokio::sync::watch::channel(config.expiry.sweep_interval);
     let metrics = Arc::new(metrics::Metrics::new());
     let store: Arc<dyn Store> = Arc::new(metrics::Metered {
         inner: deps.store.clone(),
@@ -138,7 +140,7 @@ pub async fn run_with_admin(
     let sweeper = tokio::spawn(session::sweeper::run(
         store.clone(),
         deps.clock.clone(),
-        config.expiry.sweep_interval,
+        sweep_rx,
         stop_rx.clone(),
     ));
     let admin_task = admin.map(|listener| {
@@ -149,12 +151,7 @@ pub async fn run_with_admin(
             store: store.clone(),
             clock: deps.clock.clone(),
             metrics: metrics.clone(),
-            cookie: cookie::SessionCookie::new(
-                config.cookie.clone(),
-                config.secret_key.as_deref(),
-                &config.secret_key_fallbacks,
-            ),
-            token: config.admin.token.clone(),
+            settings: settings_rx,
             draining,
         });
         tokio::spawn(admin::serve(listener, admin, stop_rx))
@@ -166,25 +163,32 @@ pub async fn run_with_admin(
         workers.push(listener.try_clone().map_err(RunError::Workers)?);
     }
     workers.push(listener);
-    let creation_limit = config
-        .new_sessions_per_minute
-        .map(|n| Arc::new(limits::CreationLimit::new(n)));
-    let workers = workers
+    let fixed = proxy::Fixed {
+        store: store.clone(),
+        clock: deps.clock.clone(),
+        metrics: metrics.clone(),
+        tracker: tracker.clone(),
+    };
+    let workers: Vec<_> = workers
         .into_iter()
         .map(|listener| {
-            let sidecar = Arc::new(proxy::Sidecar::new(
-                config.clone(),
-                store.clone(),
-                deps.clock.clone(),
-                policy.clone(),
-                metrics.clone(),
-                tracker.clone(),
-                creation_limit.clone(),
-            ));
+            let sidecar = Arc::new(proxy::Sidecar::new(&settings, fixed.clone()));
             (listener, sidecar)
         })
         .collect();
+    let reloader = reloads.map(|reloads| {
+        let live = reload::Live {
+            settings: settings_tx,
+            sweep_interval: sweep_tx,
+            sidecars: workers.iter().map(|(_, s)| s.clone()).collect(),
+            store: store.clone(),
+        };
+        tokio::spawn(live.serve(reloads))
+    });
     let served = server::serve(workers, shutdown, &config, metrics, tracker).await;
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     let _ = stop_tx.send(true);
     let _ = sweeper.await;
     if let Some(t) = admin_task {

@@ -65,21 +65,7 @@ enum SubjectAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The log format comes from the config when it can be read; errors reading it are reported
-    // by the command itself.
-    let json = Config::load(&cli.config).is_ok_and(|c| c.log_json);
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi && !json);
-    if json {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    let log_filter = init_logs(&cli.config);
     let result = match cli.command {
         Some(Command::CheckConfig) => check_config(&cli.config),
         Some(Command::ClearExpired) => clear_expired(&cli.config),
@@ -106,7 +92,7 @@ fn main() -> ExitCode {
                 &format!("/subjects/{}", segment(&subject)),
             ),
         },
-        None => serve(&cli.config),
+        None => serve(&cli.config, log_filter),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -128,6 +114,43 @@ fn segment(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, RESERVED).to_string()
 }
 
+/// Logs to stderr in the config's format, filtered by `RUST_LOG` when it is set, else by the
+/// config's `log_level`. Returns how a reload sets the filter (`None` while `RUST_LOG` rules).
+/// Errors reading the config are reported by the command itself.
+fn init_logs(path: &std::path::Path) -> Option<session_sidecar::reload::LogFilter> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, reload};
+
+    let config = Config::load(path).ok();
+    let json = config.as_ref().is_some_and(|c| c.log_json);
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let ruled_by_env = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| {
+        let level = config.as_ref().map_or("info", |c| c.log_level.as_str());
+        EnvFilter::builder().parse_lossy(level)
+    });
+    let (filter, handle) = reload::Layer::new(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let format = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi && !json);
+    let logs = tracing_subscriber::registry().with(filter);
+    if json {
+        logs.with(format.json()).init();
+    } else {
+        logs.with(format).init();
+    }
+    (!ruled_by_env).then(|| {
+        Box::new(move |level: &str| {
+            let filter = EnvFilter::builder()
+                .parse(level)
+                .map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }) as session_sidecar::reload::LogFilter
+    })
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,7 +158,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn serve(path: &std::path::Path) -> anyhow::Result<()> {
+fn serve(
+    path: &std::path::Path,
+    log_filter: Option<session_sidecar::reload::LogFilter>,
+) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     runtime()?.block_on(async move {
         let deps = Deps::open(&config).await?;
@@ -149,12 +175,15 @@ fn serve(path: &std::path::Path) -> anyhow::Result<()> {
             "session-sidecar serving"
         );
         let admin = session_sidecar::bind_admin(&config).await?;
+        let reloads = session_sidecar::reload::Reloads::on_hangup(path.to_path_buf(), log_filter)
+            .context("listening for SIGHUP")?;
         session_sidecar::run_with_admin(
             config,
             listener,
             admin,
             session_sidecar::shutdown_signal(),
             deps,
+            Some(reloads),
         )
         .await?;
         Ok(())

@@ -311,6 +311,13 @@ macro_rules! metered {
 
 #[async_trait]
 impl Store for Metered {
+    fn reconfigure(
+        &self,
+        policy: Arc<crate::session::Policy>,
+        codec: crate::session::entry::Codec,
+    ) {
+        self.inner.reconfigure(policy, codec)
+    }
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
         metered!(self, "load", self.inner.load(key, now))
     }

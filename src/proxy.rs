@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::header::{HOST, HeaderName, HeaderValue, SET_COOKIE, UPGRADE, VARY};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -17,10 +18,11 @@ use crate::csrf;
 use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
+use crate::reload::Settings;
 use crate::server::Tracker;
 use crate::session::sessions::{CookieOp, Gate, Outcome, Refused, Sessions};
 use crate::session::store::Store;
-use crate::session::{Clock, Policy, json};
+use crate::session::{Clock, json};
 use crate::upstream::{RequestBody, ResponseBody, Upstream};
 
 /// What the access log says about a request, gathered on the way.
@@ -44,17 +46,61 @@ struct Names {
     csrf: HeaderName,
 }
 
+/// One worker's request handler. What a reload may change lives in a [`Pipeline`], swapped
+/// whole: a request takes the one current when it arrives and keeps it to its end, so a reload
+/// drops no connection and changes no request half-way.
 pub struct Sidecar {
+    current: ArcSwap<Pipeline>,
+}
+
+/// The parts of a worker a reload does not replace.
+#[derive(Clone)]
+pub struct Fixed {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub tracker: Arc<Tracker>,
+}
+
+impl Sidecar {
+    pub fn new(settings: &Settings, fixed: Fixed) -> Sidecar {
+        let c = &settings.config;
+        let upstream = Upstream::new(c.upstream.clone(), c.upstream_timeout);
+        Sidecar {
+            current: ArcSwap::from_pointee(Pipeline::new(settings, upstream, fixed)),
+        }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let pipeline = self.current.load_full();
+        pipeline.handle(req, peer).await
+    }
+
+    /// Takes reloaded settings for the requests that arrive from now on. The worker's idle
+    /// connections to the app are kept when its address did not change.
+    pub fn reload(&self, settings: &Settings) {
+        let old = self.current.load();
+        let c = &settings.config;
+        let upstream = old.upstream.reconfigured(&c.upstream, c.upstream_timeout);
+        let fixed = old.fixed.clone();
+        self.current
+            .store(Arc::new(Pipeline::new(settings, upstream, fixed)));
+    }
+}
+
+/// The request pipeline under one configuration.
+pub struct Pipeline {
     config: Arc<Config>,
     sessions: Sessions,
     clock: Arc<dyn Clock>,
-    cookie: SessionCookie,
+    cookie: Arc<SessionCookie>,
     upstream: Upstream,
     names: Names,
     metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
     /// `[limits] new_sessions_per_minute`, shared by every worker.
     creation_limit: Option<Arc<crate::limits::CreationLimit>>,
+    fixed: Fixed,
 }
 
 fn header_name(prefix: &str, suffix: &str) -> HeaderName {
@@ -62,16 +108,9 @@ fn header_name(prefix: &str, suffix: &str) -> HeaderName {
         .expect("the prefix was validated as a header name")
 }
 
-impl Sidecar {
-    pub fn new(
-        config: Arc<Config>,
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-        policy: Arc<Policy>,
-        metrics: Arc<Metrics>,
-        tracker: Arc<Tracker>,
-        creation_limit: Option<Arc<crate::limits::CreationLimit>>,
-    ) -> Sidecar {
+impl Pipeline {
+    fn new(settings: &Settings, upstream: Upstream, fixed: Fixed) -> Pipeline {
+        let config = settings.config.clone();
         let p = &config.header_prefix;
         let names = Names {
             data: header_name(p, ""),
@@ -80,21 +119,22 @@ impl Sidecar {
             id: header_name(p, "-id"),
             csrf: header_name(p, "-csrf"),
         };
-        Sidecar {
-            cookie: SessionCookie::new(
-                config.cookie.clone(),
-                config.secret_key.as_deref(),
-                &config.secret_key_fallbacks,
-            ),
-            upstream: Upstream::new(config.upstream.clone(), config.upstream_timeout),
-            sessions: Sessions::new(store, policy, config.max_session_bytes)
-                .with_subject_limit(config.max_sessions_per_subject),
+        Pipeline {
+            cookie: settings.cookie.clone(),
+            upstream,
+            sessions: Sessions::new(
+                fixed.store.clone(),
+                settings.policy.clone(),
+                config.max_session_bytes,
+            )
+            .with_subject_limit(config.max_sessions_per_subject),
             config,
-            clock,
+            clock: fixed.clock.clone(),
             names,
-            metrics,
-            tracker,
-            creation_limit,
+            metrics: fixed.metrics.clone(),
+            tracker: fixed.tracker.clone(),
+            creation_limit: settings.creation_limit.clone(),
+            fixed,
         }
     }
 
@@ -119,7 +159,7 @@ impl Sidecar {
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = std::time::Instant::now();
         let logged = tracing::enabled!(target: "access", tracing::Level::INFO)
             .then(|| (req.method().clone(), req.uri().path().to_string()));

@@ -272,6 +272,20 @@ impl Upstream {
         }
     }
 
+    /// This worker's upstream at a reloaded address and timeout; the idle connections stay
+    /// when the address is the same.
+    pub fn reconfigured(&self, addr: &UpstreamAddr, timeout: Duration) -> Upstream {
+        Upstream {
+            pool: if *addr == self.addr {
+                self.pool.clone()
+            } else {
+                Arc::new(Pool::default())
+            },
+            addr: addr.clone(),
+            timeout,
+        }
+    }
+
     /// A new connection to the upstream, its driver running on this worker.
     async fn connect(&self) -> Result<Sender, Failure> {
         match &self.addr {

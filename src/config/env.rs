@@ -31,6 +31,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("", "workers", Kind::Int),
     ("", "upgrades", Kind::List),
     ("", "log_format", Kind::Str),
+    ("", "log_level", Kind::Str),
     ("cookie", "name", Kind::Str),
     ("cookie", "path", Kind::Str),
     ("cookie", "domain", Kind::Str),

@@ -211,6 +211,8 @@ pub struct Config {
     pub upgrades: Vec<String>,
     /// One JSON object per log line instead of text.
     pub log_json: bool,
+    /// The log filter, in `RUST_LOG`'s syntax; changed by a reload.
+    pub log_level: String,
     pub cookie: CookieConfig,
     pub expiry: ExpiryConfig,
     pub store: StoreConfig,

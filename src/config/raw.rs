@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:8000";
 pub const DEFAULT_UPSTREAM_TIMEOUT: u64 = 30;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 pub const DEFAULT_HEADER_PREFIX: &str = "X-Session";
 pub const DEFAULT_MAX_SESSION_BYTES: usize = 8192;
 pub const DEFAULT_SHUTDOWN_GRACE: u64 = 30;
@@ -52,6 +53,8 @@ pub struct RawConfig {
     pub workers: usize,
     pub upgrades: Vec<String>,
     pub log_format: String,
+    /// A `tracing` filter (`info`, `warn,access=off`); `RUST_LOG`, when set, wins.
+    pub log_level: String,
     pub cookie: RawCookie,
     pub expiry: RawExpiry,
     pub store: RawStore,
@@ -193,6 +196,7 @@ impl Default for RawConfig {
             workers: 0,
             upgrades: DEFAULT_UPGRADES.iter().map(|s| s.to_string()).collect(),
             log_format: "text".into(),
+            log_level: DEFAULT_LOG_LEVEL.into(),
             cookie: RawCookie::default(),
             expiry: RawExpiry::default(),
             store: RawStore::default(),

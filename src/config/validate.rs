@@ -161,6 +161,7 @@ impl RawConfig {
                     ));
                 }
             },
+            log_level: validate_log_level(self.log_level)?,
             cookie,
             expiry,
             store,
@@ -572,5 +573,16 @@ impl RawAdmin {
             listen,
             token: self.token,
         })
+    }
+}
+
+/// A filter `tracing` accepts, in `RUST_LOG`'s syntax.
+fn validate_log_level(level: String) -> Result<String, ConfigError> {
+    match tracing_subscriber::EnvFilter::builder().parse(&level) {
+        Ok(_) => Ok(level),
+        Err(e) => Err(invalid(
+            "log_level",
+            format!("{level:?} is not a log filter (such as \"info\" or \"warn,access=off\"): {e}"),
+        )),
     }
 }

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 
 use super::changes::{self, Change};
@@ -19,8 +20,9 @@ use super::{Millis, Policy, Record};
 
 #[async_trait]
 pub trait Cells: Send + Sync + 'static {
-    /// How this backend's entries are written and read (sealed when a secret is configured).
-    fn codec(&self) -> &Codec;
+    /// How this backend's entries are written and read (sealed when a secret is configured);
+    /// a reload swaps it.
+    fn codec(&self) -> &ArcSwap<Codec>;
 
     /// Session keys indexed under `subject` (may include stale ones; the engine checks each).
     async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError>;
@@ -79,7 +81,8 @@ struct Current {
 
 pub struct Engine<C> {
     pub cells: C,
-    pub policy: Arc<Policy>,
+    /// Swapped by a reload; an operation reads it once and keeps what it read.
+    pub policy: ArcSwap<Policy>,
     pub max_bytes: usize,
 }
 
@@ -92,7 +95,7 @@ impl<C: Cells> Engine<C> {
     /// no record, as Django reads session data whose signature fails: the visitor is new, and
     /// the log says why. A damaged record is an error.
     fn decode(&self, key: &str, raw: &[u8]) -> Result<Option<Entry>, StoreError> {
-        match self.cells.codec().decode(key, raw) {
+        match self.cells.codec().load().decode(key, raw) {
             Ok(entry) => Ok(Some(entry)),
             Err(DecodeError::Unopened(why)) => {
                 tracing::warn!(handle = %super::id::handle(key), "session record ignored: {why}");
@@ -166,7 +169,8 @@ impl<C: Cells> Engine<C> {
         now: Millis,
         force_save: bool,
     ) -> Result<Updated, UpdateError> {
-        let policy = &*self.policy;
+        let policy = self.policy.load();
+        let policy = &**policy;
         // First try: what the request loaded, if it is still live (the swap checks it is still
         // there); after that, the latest value.
         let mut hint = seen
@@ -302,12 +306,13 @@ impl<C: Cells> Engine<C> {
             let Entry::Session(r) = &old else {
                 return Ok(());
             };
-            if r.deadline <= now || !self.policy.touch_due(r, now) {
+            let policy = self.policy.load();
+            if r.deadline <= now || !policy.touch_due(r, now) {
                 return Ok(());
             }
             let mut record = r.clone();
             record.accessed = now;
-            record.deadline = self.policy.deadline(&record);
+            record.deadline = policy.deadline(&record);
             let new = Entry::Session(record);
             if self
                 .cells
@@ -339,6 +344,11 @@ impl<C: Cells> Engine<C> {
 
 #[async_trait]
 impl<C: Cells> Store for Engine<C> {
+    fn reconfigure(&self, policy: Arc<Policy>, codec: Codec) {
+        self.cells.codec().store(Arc::new(codec));
+        self.policy.store(policy);
+    }
+
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
         Engine::load(self, key, now).await
     }

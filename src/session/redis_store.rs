@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
@@ -93,7 +94,7 @@ pub struct RedisCells {
     link: Arc<Link>,
     prefix: String,
     swap: Script,
-    codec: Codec,
+    codec: ArcSwap<Codec>,
     replicas: Replicas,
 }
 
@@ -577,7 +578,7 @@ fn ends(old: Option<&Entry>, new: Option<&Entry>) -> bool {
 
 #[async_trait]
 impl Cells for RedisCells {
-    fn codec(&self) -> &Codec {
+    fn codec(&self) -> &ArcSwap<Codec> {
         &self.codec
     }
 
@@ -626,7 +627,10 @@ impl Cells for RedisCells {
         invocation
             .arg(if expected.is_some() { "1" } else { "0" })
             .arg(expected.unwrap_or_default())
-            .arg(new.map(|n| self.codec.encode(key, n)).unwrap_or_default())
+            .arg(
+                new.map(|n| self.codec.load().encode(key, n))
+                    .unwrap_or_default(),
+            )
             .arg(new.map_or(0, Entry::deadline).max(0) + EXPIRY_GRACE_MS)
             .arg(key);
         if cluster {
@@ -854,13 +858,13 @@ impl RedisStore {
                 link,
                 prefix: cfg.key_prefix.clone(),
                 swap: Script::new(SWAP),
-                codec: Codec::plain(),
+                codec: ArcSwap::from_pointee(Codec::plain()),
                 replicas: Replicas {
                     wanted: cfg.wait_replicas,
                     timeout: cfg.wait_timeout,
                 },
             },
-            policy,
+            policy: ArcSwap::new(policy),
             max_bytes,
         })
     }
@@ -918,7 +922,7 @@ impl RedisStore {
     /// Records written from now on are sealed with `codec` (unsealed ones still read): whoever
     /// reads the Redis keys sees no session data.
     pub fn sealed(mut self, codec: Codec) -> RedisStore {
-        self.cells.codec = codec;
+        self.cells.codec = ArcSwap::from_pointee(codec);
         self
     }
 }

@@ -3,8 +3,11 @@
 
 use async_trait::async_trait;
 
+use std::sync::Arc;
+
 use super::changes::{Change, TooLarge};
-use super::{Millis, Record};
+use super::entry::Codec;
+use super::{Millis, Policy, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -83,6 +86,11 @@ pub struct Swept {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Takes a reloaded configuration's expiry policy and record keys: operations that start
+    /// from now on use them. Records sealed with a key the new codec still holds (the secret or
+    /// one of its fallbacks) keep opening.
+    fn reconfigure(&self, policy: Arc<Policy>, codec: Codec);
+
     /// The live record under `key`, or `None` when there is none or it has expired.
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError>;
 

@@ -9,17 +9,27 @@ use super::Clock;
 use super::store::Store;
 
 /// Runs until `stop` turns true; each pass reads only the expired part of the expiry index.
+/// A new interval (a reload) counts from when it arrives.
 pub async fn run(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    every: Duration,
+    mut every: watch::Receiver<Duration>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ticker = |every: Duration, start: tokio::time::Instant| {
+        let mut ticks = tokio::time::interval_at(start, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    };
+    let mut ticks = ticker(*every.borrow_and_update(), tokio::time::Instant::now());
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
+            Ok(()) = every.changed() => {
+                let period = *every.borrow_and_update();
+                ticks = ticker(period, tokio::time::Instant::now() + period);
+                continue;
+            }
             _ = stop.wait_for(|s| *s) => return,
         }
         match store.sweep(clock.now()).await {

@@ -255,6 +255,13 @@ impl Faulty {
 
 #[async_trait::async_trait]
 impl Store for Faulty {
+    fn reconfigure(
+        &self,
+        policy: Arc<session_sidecar::session::Policy>,
+        codec: session_sidecar::session::entry::Codec,
+    ) {
+        self.inner.reconfigure(policy, codec)
+    }
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
         self.check()?;
         self.inner.load(key, now).await
@@ -446,6 +453,7 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
             let _ = rx.await;
         },
         deps,
+        None,
     ));
     Sidecar {
         addr,

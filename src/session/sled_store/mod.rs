@@ -17,6 +17,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
@@ -56,7 +57,7 @@ pub struct SledCells {
     committer: Option<Committer>,
     /// Lock stripes, by key hash: one key's index writes and swap happen as one step.
     stripes: Box<[std::sync::Mutex<()>]>,
-    codec: Codec,
+    codec: ArcSwap<Codec>,
 }
 
 const STRIPES: usize = 64;
@@ -111,18 +112,18 @@ impl SledStore {
             db,
             committer,
             stripes: (0..STRIPES).map(|_| std::sync::Mutex::new(())).collect(),
-            codec: Codec::plain(),
+            codec: ArcSwap::from_pointee(Codec::plain()),
         };
         Ok(Engine {
             cells,
-            policy,
+            policy: ArcSwap::new(policy),
             max_bytes,
         })
     }
 
     /// Records written from now on are sealed with `codec` (unsealed ones still read).
     pub fn sealed(mut self, codec: Codec) -> SledStore {
-        self.cells.codec = codec;
+        self.cells.codec = ArcSwap::from_pointee(codec);
         self
     }
 
@@ -160,7 +161,7 @@ impl SledCells {
         }
         let swapped = self
             .records
-            .compare_and_swap(key, expected, new.map(|n| self.codec.encode(key, n)))
+            .compare_and_swap(key, expected, new.map(|n| self.codec.load().encode(key, n)))
             .map_err(backend)?
             .is_ok();
         if swapped && let Some(o) = old {
@@ -235,7 +236,7 @@ impl SledCells {
             Head::Moved { until } => until,
         };
         if deadline <= now {
-            let entry = self.codec.decode(&key, &raw);
+            let entry = self.codec.load().decode(&key, &raw);
             if let Err(e) = &entry {
                 tracing::error!(handle = %super::id::handle(&key), error = %e, "removing an expired session record that cannot be decoded");
             }
@@ -260,7 +261,7 @@ impl SledCells {
 
 #[async_trait]
 impl Cells for SledCells {
-    fn codec(&self) -> &Codec {
+    fn codec(&self) -> &ArcSwap<Codec> {
         &self.codec
     }
 

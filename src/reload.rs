@@ -1,0 +1,299 @@
+//! Live reload (SIGHUP): the config file and its secret files are read again and validated;
+//! what may change live is taken by every worker, the admin listener, the sweeper and the store
+//! at once, while connections stay open and requests in flight finish under the configuration
+//! they started with. A changed key that is read only at start refuses the whole reload, with a
+//! log line naming it: the running configuration stays, as it does for a file that no longer
+//! validates.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Backend, Config};
+use crate::cookie::SessionCookie;
+use crate::limits::CreationLimit;
+use crate::proxy::Sidecar;
+use crate::session::Policy;
+use crate::session::entry::Codec;
+use crate::session::store::Store;
+
+/// What one configuration gives every worker, derived once per load.
+pub struct Settings {
+    pub config: Arc<Config>,
+    pub policy: Arc<Policy>,
+    pub cookie: Arc<SessionCookie>,
+    /// `[limits] new_sessions_per_minute`, shared by every worker.
+    pub creation_limit: Option<Arc<CreationLimit>>,
+}
+
+impl Settings {
+    /// `previous`, when given, lends what has not changed and carries state: the creation
+    /// limit's counts survive a reload that keeps its rate.
+    pub fn new(config: Config, previous: Option<&Settings>) -> Settings {
+        let kept_limit = previous.and_then(|p| {
+            (p.config.new_sessions_per_minute == config.new_sessions_per_minute)
+                .then(|| p.creation_limit.clone())
+        });
+        let creation_limit = kept_limit.unwrap_or_else(|| {
+            config
+                .new_sessions_per_minute
+                .map(|n| Arc::new(CreationLimit::new(n)))
+        });
+        Settings {
+            policy: Arc::new(config.expiry.policy(config.upstream_timeout)),
+            cookie: Arc::new(SessionCookie::new(
+                config.cookie.clone(),
+                config.secret_key.as_deref(),
+                &config.secret_key_fallbacks,
+            )),
+            creation_limit,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// How the store writes and reads records under `config`: sealed with keys derived from the
+/// secret and its fallbacks when `store.encrypt` is on, plain JSON otherwise.
+pub fn codec(config: &Config) -> Codec {
+    match (&config.secret_key, config.store.encrypt) {
+        (Some(secret), true) => Codec::sealed(secret, &config.secret_key_fallbacks),
+        _ => Codec::plain(),
+    }
+}
+
+/// The keys read only at start (a socket bound, a store opened, threads and limits sized)
+/// whose values differ between `old` and `new`.
+pub fn fixed_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |key: &'static str, same: bool| {
+        if !same {
+            changed.push(key);
+        }
+    };
+    check("listen", old.listen == new.listen);
+    check("workers", old.workers == new.workers);
+    check(
+        "max_connections",
+        old.max_connections == new.max_connections,
+    );
+    check(
+        "max_header_bytes",
+        old.max_header_bytes == new.max_header_bytes,
+    );
+    check("max_headers", old.max_headers == new.max_headers);
+    check(
+        "header_read_timeout",
+        old.header_read_timeout == new.header_read_timeout,
+    );
+    check(
+        "idle_connection_timeout",
+        old.idle_connection_timeout == new.idle_connection_timeout,
+    );
+    check("shutdown_grace", old.shutdown_grace == new.shutdown_grace);
+    check(
+        "max_session_bytes",
+        old.max_session_bytes == new.max_session_bytes,
+    );
+    check("log_format", old.log_json == new.log_json);
+    check("admin.listen", old.admin.listen == new.admin.listen);
+    let (a, b) = (&old.store, &new.store);
+    match (&a.backend, &b.backend) {
+        (Backend::Sled, Backend::Sled) => {
+            check("store.path", a.path == b.path);
+            check("store.durable", a.durable == b.durable);
+            check("store.cache_capacity", a.cache_capacity == b.cache_capacity);
+        }
+        (Backend::Redis(x), Backend::Redis(y)) => {
+            // One name for the connection settings: which of them differ would say little more,
+            // and naming them keeps passwords in URLs out of the log.
+            check("store (the Redis connection settings)", x == y);
+        }
+        _ => check("store.backend", false),
+    }
+    changed
+}
+
+/// Sets the process's log filter; given by whoever installed the subscriber.
+pub type LogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Where reloads come from and what they read.
+pub struct Reloads {
+    /// The config file, read again on each request.
+    pub path: PathBuf,
+    /// One message per reload asked for.
+    pub asked: mpsc::Receiver<()>,
+    /// `None` when something else owns the filter (`RUST_LOG` is set): `log_level` then
+    /// changes nothing, and a reload that changes it says so.
+    pub log_filter: Option<LogFilter>,
+}
+
+impl Reloads {
+    /// A reload on every SIGHUP the process receives.
+    #[cfg(unix)]
+    pub fn on_hangup(path: PathBuf, log_filter: Option<LogFilter>) -> std::io::Result<Reloads> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = signal(SignalKind::hangup())?;
+        let (tx, asked) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                // A reload already waiting covers this one too: it reads the file afresh.
+                if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                    return;
+                }
+            }
+        });
+        Ok(Reloads {
+            path,
+            asked,
+            log_filter,
+        })
+    }
+}
+
+/// What a reload changes: every part that reads the configuration after start.
+pub(crate) struct Live {
+    pub settings: watch::Sender<Arc<Settings>>,
+    pub sweep_interval: watch::Sender<Duration>,
+    pub sidecars: Vec<Arc<Sidecar>>,
+    pub store: Arc<dyn Store>,
+}
+
+/// Why a reload was not applied; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("{0}")]
+    Invalid(#[from] crate::config::ConfigError),
+    #[error(
+        "config key(s) {} cannot change while the sidecar runs (restart it to change them)",
+        .0.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+    )]
+    Fixed(Vec<&'static str>),
+}
+
+impl Live {
+    /// Applies each reload asked for until the requests end.
+    pub async fn serve(self, mut reloads: Reloads) {
+        while reloads.asked.recv().await.is_some() {
+            match self.reload(&reloads) {
+                Ok(()) => {}
+                Err(Refused::Fixed(keys)) => {
+                    for key in &keys {
+                        tracing::error!(
+                            key,
+                            "reload refused: config key `{key}` is read only at start; the running configuration stays"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "reload refused; the running configuration stays"
+                ),
+            }
+        }
+    }
+
+    fn reload(&self, reloads: &Reloads) -> Result<(), Refused> {
+        let new = Config::load(&reloads.path)?;
+        let old = self.settings.borrow().clone();
+        let fixed = fixed_changes(&old.config, &new);
+        if !fixed.is_empty() {
+            return Err(Refused::Fixed(fixed));
+        }
+        if new.log_level != old.config.log_level {
+            match &reloads.log_filter {
+                Some(set) => {
+                    if let Err(e) = set(&new.log_level) {
+                        tracing::error!(error = %e, "the new log_level could not be set");
+                    }
+                }
+                None => tracing::warn!(
+                    "log_level changed, but RUST_LOG is set and keeps the log filter"
+                ),
+            }
+        }
+        let rotated = new.secret_key != old.config.secret_key
+            || new.secret_key_fallbacks != old.config.secret_key_fallbacks;
+        let settings = Arc::new(Settings::new(new, Some(&old)));
+        // The store first: a request that already runs under the new settings writes records
+        // sealed with the new secret.
+        self.store
+            .reconfigure(settings.policy.clone(), codec(&settings.config));
+        for sidecar in &self.sidecars {
+            sidecar.reload(&settings);
+        }
+        self.sweep_interval
+            .send_replace(settings.config.expiry.sweep_interval);
+        self.settings.send_replace(settings.clone());
+        tracing::info!(
+            path = %reloads.path.display(),
+            secrets_rotated = rotated,
+            upstream = %settings.config.upstream,
+            "configuration reloaded"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::from_toml(extra).unwrap()
+    }
+
+    #[test]
+    fn keys_read_only_at_start_are_named_and_live_ones_are_not() {
+        let base = config("");
+        let live = config(
+            "upstream = \"http://127.0.0.1:9\"\nupstream_timeout = 9\nskip_paths = [\"/s\"]\n\
+             log_level = \"warn\"\nheader_prefix = \"X-Sess\"\n\
+             [cookie]\nname = \"sid\"\nsame_site = \"Strict\"\n[expiry]\ncookie_age = 60\n\
+             sweep_interval = 5\n[security]\nsecret_key = \"a new secret of at least thirty-two bytes\"\n\
+             [csrf]\ncheck_origin = true\n[limits]\nnew_sessions_per_minute = 5\n",
+        );
+        assert_eq!(fixed_changes(&base, &live), Vec::<&str>::new());
+        for (extra, key) in [
+            ("listen = \"127.0.0.1:1\"", "listen"),
+            ("workers = 3", "workers"),
+            ("max_connections = 5", "max_connections"),
+            ("max_header_bytes = 4096", "max_header_bytes"),
+            ("max_headers = 50", "max_headers"),
+            ("header_read_timeout = 3", "header_read_timeout"),
+            ("idle_connection_timeout = 3", "idle_connection_timeout"),
+            ("shutdown_grace = 3", "shutdown_grace"),
+            ("max_session_bytes = 100", "max_session_bytes"),
+            ("log_format = \"json\"", "log_format"),
+            ("[admin]\nlisten = \"127.0.0.1:1\"", "admin.listen"),
+            ("[store]\npath = \"elsewhere\"", "store.path"),
+            ("[store]\ndurable = false", "store.durable"),
+            ("[store]\ncache_capacity = 2097152", "store.cache_capacity"),
+            ("[store]\nbackend = \"redis\"", "store.backend"),
+        ] {
+            assert_eq!(fixed_changes(&base, &config(extra)), vec![key], "{extra}");
+        }
+        let redis = config("[store]\nbackend = \"redis\"");
+        let other = config("[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:7000/0\"");
+        assert_eq!(
+            fixed_changes(&redis, &other),
+            vec!["store (the Redis connection settings)"]
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_the_creation_limit_and_its_counts_unless_the_rate_changes() {
+        let old = Settings::new(config("[limits]\nnew_sessions_per_minute = 5"), None);
+        let same = Settings::new(config("[limits]\nnew_sessions_per_minute = 5"), Some(&old));
+        let (a, b) = (old.creation_limit.as_ref(), same.creation_limit.as_ref());
+        assert!(Arc::ptr_eq(a.unwrap(), b.unwrap()));
+        let faster = Settings::new(config("[limits]\nnew_sessions_per_minute = 9"), Some(&old));
+        assert!(!Arc::ptr_eq(
+            a.unwrap(),
+            faster.creation_limit.as_ref().unwrap()
+        ));
+        let off = Settings::new(config(""), Some(&old));
+        assert!(off.creation_limit.is_none());
+    }
+}
