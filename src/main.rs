@@ -164,6 +164,9 @@ fn serve(
 ) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     runtime()?.block_on(async move {
+        // Before anything says it serves: an early SIGHUP must not end the process (its default).
+        let reloads = session_sidecar::reload::Reloads::on_hangup(path.to_path_buf(), log_filter)
+            .context("listening for SIGHUP")?;
         let deps = Deps::open(&config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -175,8 +178,6 @@ fn serve(
             "session-sidecar serving"
         );
         let admin = session_sidecar::bind_admin(&config).await?;
-        let reloads = session_sidecar::reload::Reloads::on_hangup(path.to_path_buf(), log_filter)
-            .context("listening for SIGHUP")?;
         session_sidecar::run_with_admin(
             config,
             listener,

@@ -3,6 +3,8 @@
 //! real cookie-keeping HTTP client.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,0 +1,353 @@
+//! Live reload, on the real binary with a real SIGHUP: what may change does, on connections
+//! that stay open and for requests in flight; what may not is refused, named in the log, and
+//! the running configuration stays (README, "Reloading the configuration").
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::binary::*;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+
+const OLD_SECRET: &str = "the secret the sidecar started with, 32 bytes or more";
+const NEW_SECRET: &str = "the secret it was rotated to, also 32 bytes or more";
+
+/// Writes the config in `dir`: the app, `body` (top-level keys, then tables), the store in
+/// `dir`, and the `[admin]` table's lines.
+fn write(dir: &Path, app: SocketAddr, body: &str, admin: &str) -> PathBuf {
+    let path = dir.join("sidecar.toml");
+    let store = dir.join("sessions").display().to_string();
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"http://{app}\"\n{body}\n\
+         [store]\npath = {store:?}\n[admin]\n{admin}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const NO_ADMIN: &str = "listen = \"\"";
+
+/// Rewrites the config in `dir` and sends SIGHUP; returns once the sidecar logged its `n`th
+/// reload.
+async fn reload(p: &Proc, dir: &Path, app: SocketAddr, body: &str, n: usize) {
+    write(dir, app, body, NO_ADMIN);
+    p.signal("-HUP");
+    p.await_log("configuration reloaded", n).await;
+}
+
+/// One connection to the sidecar, held open across reloads: a request that cannot be sent on it
+/// means the connection was dropped.
+struct Connection(hyper::client::conn::http1::SendRequest<Empty<Bytes>>);
+
+impl Connection {
+    async fn open(addr: std::net::SocketAddr) -> Connection {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        Connection(send)
+    }
+
+    async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> http::Response<Bytes> {
+        let mut req = http::Request::get(path).header("host", "app.test");
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let resp = self
+            .0
+            .send_request(req.body(Empty::new()).unwrap())
+            .await
+            .expect("the connection stayed open");
+        let (parts, body) = resp.into_parts();
+        http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    }
+}
+
+fn our_set_cookie(resp: &http::Response<Bytes>) -> Option<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .find(|c| c.starts_with("sessionid=") || c.starts_with("sid="))
+}
+
+#[tokio::test]
+async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
+    let (app, gate) = gated_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, OLD_SECRET).unwrap();
+    let file = format!("[security]\nsecret_key_file = {:?}", secret_file.display());
+    let p = start(&write(dir.path(), app, &file, NO_ADMIN));
+
+    // A visitor seen only before the rotation: its cookie is signed, and its record sealed,
+    // with the old secret alone.
+    let idle = browser();
+    let first = idle
+        .get(p.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+
+    // Visitors counting without pause, each checking that its count never starts over.
+    const VISITORS: usize = 16;
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut visitors = Vec::new();
+    for _ in 0..VISITORS {
+        let (url, stop, answered) = (p.url("/"), stop.clone(), answered.clone());
+        visitors.push(tokio::spawn(async move {
+            let client = browser();
+            let mut count = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let resp = client
+                    .get(&url)
+                    .header("x-test-incr", "n")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                let seen = seen(resp).await;
+                assert_eq!(seen.session()["n"].as_i64().unwrap_or(0), count);
+                count += 1;
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+            (count, client)
+        }));
+    }
+    // Waits (polling the count, which moves by itself) for `n` more answers to the visitors.
+    let answers = async |n: usize| {
+        let target = answered.load(Ordering::SeqCst) + n;
+        while answered.load(Ordering::SeqCst) < target {
+            assert!(
+                visitors.iter().all(|v| !v.is_finished()),
+                "a visitor failed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // A request in flight while the secret changes: its change still lands.
+    let slow = browser();
+    let in_flight = tokio::spawn({
+        let (slow, url) = (slow.clone(), p.url("/gate"));
+        async move {
+            let resp = slow.get(url).header("x-test-incr", "n").send().await;
+            resp.unwrap().status()
+        }
+    });
+    gate.wait_arrival().await;
+    answers(VISITORS * 10).await;
+    // The new secret from the secret file, the old one kept as a fallback.
+    std::fs::write(&secret_file, NEW_SECRET).unwrap();
+    let rotation = format!("{file}\nsecret_key_fallbacks = [{OLD_SECRET:?}]");
+    reload(&p, dir.path(), app, &rotation, 1).await;
+    gate.open(1);
+    assert_eq!(in_flight.await.unwrap(), 200);
+    let resp = slow.get(p.url("/")).send().await.unwrap();
+    assert_eq!(
+        seen(resp).await.session()["n"],
+        1,
+        "the in-flight change landed"
+    );
+    // Every visitor is seen (and re-signed, re-sealed by its change) under the new secret.
+    answers(VISITORS * 20).await;
+    // The idle visitor's old cookie and record still open through the fallback.
+    let resp = idle.get(p.url("/")).send().await.unwrap();
+    assert_eq!(seen(resp).await.session()["n"], 1);
+
+    // Dropping the fallback: every visitor seen since the rotation holds a cookie signed, and a
+    // record sealed, with the new secret alone.
+    reload(&p, dir.path(), app, &file, 2).await;
+    answers(VISITORS * 10).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut seen_since = Vec::new();
+    for v in visitors {
+        seen_since.push(v.await.expect("a visitor's count started over"));
+    }
+    let total: i64 = seen_since.iter().map(|(count, _)| count).sum();
+    assert!(total > (VISITORS * 30) as i64, "{total} requests");
+    // The idle visitor, last seen before the rotation, is the only one the old secret held.
+    let resp = idle.get(p.url("/")).send().await.unwrap();
+    let s = seen(resp).await;
+    assert_eq!(
+        s.status(),
+        "new",
+        "the old secret no longer verifies anything"
+    );
+    let log = p.log();
+    assert!(log.contains("secrets_rotated=true"), "{log}");
+    assert!(!log.contains(OLD_SECRET) && !log.contains(NEW_SECRET));
+    p.signal("-TERM");
+    let (status, _) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
+    assert!(status.success());
+
+    // Restarted with the new secret alone, on the same store: the cookies were re-signed and
+    // the records re-sealed with it, not only read through the fallback.
+    let p = start(&dir.path().join("sidecar.toml"));
+    for (count, client) in seen_since {
+        let resp = client.get(p.url("/")).send().await.unwrap();
+        assert_eq!(seen(resp).await.session()["n"], count);
+    }
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+}
+
+#[tokio::test]
+async fn cookie_attributes_expiry_skip_paths_upstream_and_admin_token_change_on_an_open_connection()
+{
+    let first_app = start_app(echo).await;
+    let second_app = start_app(|req| async move {
+        let mut resp = echo(req).await;
+        resp.headers_mut()
+            .insert("x-app", http::HeaderValue::from_static("second"));
+        resp
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let token = |t: &str| format!("listen = {admin:?}\ntoken = {t:?}");
+    let p = start(&write(dir.path(), first_app, "", &token("first-token")));
+    let mut conn = Connection::open(p.addr).await;
+
+    let resp = conn.get("/", &[("x-test-incr", "n")]).await;
+    assert!(resp.headers().get("x-app").is_none());
+    let set = our_set_cookie(&resp).unwrap();
+    assert!(
+        set.contains("SameSite=Lax") && set.contains("Max-Age=1209600"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_string();
+    let resp = conn.get("/static/a.css", &[("cookie", &cookie)]).await;
+    let seen: Seen = serde_json::from_slice(resp.body()).unwrap();
+    assert_eq!(seen.status(), "existing");
+    let admin_get = |token: &'static str| {
+        let url = format!("http://{admin}/metrics");
+        async move {
+            plain()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(admin_get("first-token").await, 200);
+
+    let after = "skip_paths = [\"/static/\"]\n[cookie]\nsame_site = \"Strict\"\n\
+                 [expiry]\ncookie_age = 600";
+    write(dir.path(), second_app, after, &token("second-token"));
+    p.signal("-HUP");
+    p.await_log("configuration reloaded", 1).await;
+
+    // The same connection: the new app, the new attributes and age, the same session.
+    let resp = conn
+        .get("/", &[("cookie", &cookie), ("x-test-incr", "n")])
+        .await;
+    assert_eq!(resp.headers()["x-app"], "second");
+    let seen: Seen = serde_json::from_slice(resp.body()).unwrap();
+    assert_eq!(seen.session()["n"], 1);
+    let set = our_set_cookie(&resp).unwrap();
+    assert!(
+        set.contains("SameSite=Strict") && set.contains("Max-Age=600"),
+        "{set}"
+    );
+    let resp = conn.get("/static/a.css", &[("cookie", &cookie)]).await;
+    let seen: Seen = serde_json::from_slice(resp.body()).unwrap();
+    assert!(seen.header("x-session").is_none(), "a skip path now");
+    assert_eq!(admin_get("first-token").await, 401);
+    assert_eq!(admin_get("second-token").await, 200);
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_a_key_read_only_at_start_is_refused_naming_it_and_changes_nothing() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), app, "", NO_ADMIN);
+    let p = start(&config);
+    let mut conn = Connection::open(p.addr).await;
+
+    // listen and store.path cannot change live; the cookie name could, but the whole reload is
+    // refused.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"")
+        .replace("sessions\"", "elsewhere\"")
+        + "[cookie]\nname = \"sid\"\n";
+    std::fs::write(&config, text).unwrap();
+    p.signal("-HUP");
+    p.await_log("reload refused", 2).await;
+    let log = p.log();
+    assert!(
+        log.contains("config key `listen` is read only at start"),
+        "{log}"
+    );
+    assert!(
+        log.contains("config key `store.path` is read only at start"),
+        "{log}"
+    );
+    let resp = conn.get("/", &[("x-test-incr", "n")]).await;
+    let set = our_set_cookie(&resp).unwrap();
+    assert!(set.starts_with("sessionid="), "the old config stays: {set}");
+
+    // A file that no longer validates: refused, naming the key; fixed, it is taken.
+    write(
+        dir.path(),
+        app,
+        "[cookie]\nsame_site = \"Sometimes\"",
+        NO_ADMIN,
+    );
+    p.signal("-HUP");
+    p.await_log("reload refused", 3).await;
+    assert!(p.log().contains("cookie.same_site"), "{}", p.log());
+    let resp = conn.get("/", &[("x-test-incr", "n")]).await;
+    assert!(our_set_cookie(&resp).unwrap().contains("SameSite=Lax"));
+    reload(&p, dir.path(), app, "[cookie]\nsame_site = \"Strict\"", 1).await;
+    let resp = conn.get("/", &[("x-test-incr", "n")]).await;
+    assert!(our_set_cookie(&resp).unwrap().contains("SameSite=Strict"));
+    p.signal("-TERM");
+    let (status, _) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn log_level_changes_live_unless_rust_log_rules() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), app, "log_level = \"info,access=off\"", NO_ADMIN);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG");
+    let p = start_with(cmd);
+    let client = plain();
+    client.get(p.url("/first")).send().await.unwrap();
+    reload(&p, dir.path(), app, "log_level = \"info\"", 1).await;
+    client.get(p.url("/second")).send().await.unwrap();
+    p.await_log("path=\"/second\"", 1).await;
+    assert!(!p.log().contains("path=\"/first\""), "{}", p.log());
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+
+    // With RUST_LOG set, it keeps the filter and the reload says so.
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&write(dir.path(), app, "", NO_ADMIN));
+    reload(&p, dir.path(), app, "log_level = \"warn\"", 1).await;
+    client.get(p.url("/third")).send().await.unwrap();
+    p.await_log("path=\"/third\"", 1).await;
+    assert!(p.log().contains("RUST_LOG is set"), "{}", p.log());
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+}
