@@ -92,12 +92,9 @@ impl Sidecar {
 pub struct Pipeline {
     config: Arc<Config>,
     sessions: Sessions,
-    clock: Arc<dyn Clock>,
     cookie: Arc<SessionCookie>,
     upstream: Upstream,
     names: Names,
-    metrics: Arc<Metrics>,
-    tracker: Arc<Tracker>,
     /// `[limits] new_sessions_per_minute`, shared by every worker.
     creation_limit: Option<Arc<crate::limits::CreationLimit>>,
     fixed: Fixed,
@@ -129,10 +126,7 @@ impl Pipeline {
             )
             .with_subject_limit(config.max_sessions_per_subject),
             config,
-            clock: fixed.clock.clone(),
             names,
-            metrics: fixed.metrics.clone(),
-            tracker: fixed.tracker.clone(),
             creation_limit: settings.creation_limit.clone(),
             fixed,
         }
@@ -168,19 +162,22 @@ impl Pipeline {
         let mut resp = result.unwrap_or_else(|e| {
             if let ProxyError::BadHeader(b) = &e {
                 let header = b.header.clone();
-                self.metrics
+                self.fixed
+                    .metrics
                     .bad_upstream_headers
                     .get_or_create(&HeaderLabel { header })
                     .inc();
             }
             let status = e.status().as_u16().to_string();
-            self.metrics
+            self.fixed
+                .metrics
                 .refusals
                 .get_or_create(&Status { status })
                 .inc();
             e.into_response()
         });
-        self.metrics
+        self.fixed
+            .metrics
             .observe_request(resp.status().as_u16(), started.elapsed());
         if info.carried && !varies_on_cookie(resp.headers()) {
             resp.headers_mut()
@@ -279,7 +276,7 @@ impl Pipeline {
             .map_err(ProxyError::Forbidden)?;
         }
 
-        let now = self.clock.now();
+        let now = self.fixed.clock.now();
         let mut loaded = self
             .sessions
             .open(&presented.keys, presented.carried, now)
@@ -334,13 +331,17 @@ impl Pipeline {
                     "upstream answered 5xx: its session headers were ignored"
                 );
             }
-            self.sessions.activity(&loaded, self.clock.now()).await;
+            self.sessions
+                .activity(&loaded, self.fixed.clock.now())
+                .await;
             return Ok(self.finish(rparts, rbody, upgrades));
         }
         let (change, unknown) = match headers::parse_changes(&taken, prefix, loaded.data()) {
             Ok(parsed) => parsed,
             Err(bad) => {
-                self.sessions.activity(&loaded, self.clock.now()).await;
+                self.sessions
+                    .activity(&loaded, self.fixed.clock.now())
+                    .await;
                 return Err(bad.into());
             }
         };
@@ -353,7 +354,7 @@ impl Pipeline {
         }
         // The changes land against the store as it is now, not as it was when the request came
         // in: a session that expired meanwhile must not be revived.
-        let now = self.clock.now();
+        let now = self.fixed.clock.now();
         if let Some((limit, client)) = client {
             loaded.set_gate(Gate(Box::new(move || limit.admit(client))));
         }
@@ -398,7 +399,7 @@ impl Pipeline {
     }
 
     fn count(&self, outcome: &Outcome) {
-        let m = &self.metrics;
+        let m = &self.fixed.metrics;
         if outcome.created {
             m.sessions_created.inc();
         }
@@ -521,8 +522,8 @@ impl Pipeline {
         let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS && upgrades.is_some();
         headers::strip_hop_by_hop(&mut rparts.headers, switching);
         if let Some((client, upstream)) = upgrades.filter(|_| switching) {
-            let guard = self.tracker.splice();
-            let tracker = self.tracker.clone();
+            let guard = self.fixed.tracker.splice();
+            let tracker = self.fixed.tracker.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = splice(client, upstream) => {}
@@ -551,7 +552,7 @@ impl Pipeline {
         let started = std::time::Instant::now();
         let sent = self.upstream.send(req).await;
         let elapsed = started.elapsed().as_secs_f64();
-        self.metrics.upstream_duration.observe(elapsed);
+        self.fixed.metrics.upstream_duration.observe(elapsed);
         *upstream_ms = elapsed * 1000.0;
         let mut resp = sent?;
         let upgrades = match client_upgrade {
