@@ -72,6 +72,66 @@ impl Connection {
     }
 }
 
+/// Visitors counting through the sidecar without pause, each on its own keep-alive
+/// connections, each checking that every answer is a 200 and its count never starts over.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    visitors: Vec<tokio::task::JoinHandle<(i64, reqwest::Client)>>,
+}
+
+impl Traffic {
+    fn start(url: String, n: usize) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let visitors = (0..n)
+            .map(|_| {
+                let (url, stop, answered) = (url.clone(), stop.clone(), answered.clone());
+                tokio::spawn(async move {
+                    let client = browser();
+                    let mut count = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let resp = client.get(&url).header("x-test-incr", "n").send().await;
+                        let resp = resp.expect("an answer");
+                        assert_eq!(resp.status(), 200);
+                        assert_eq!(seen(resp).await.session()["n"].as_i64().unwrap_or(0), count);
+                        count += 1;
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    (count, client)
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            answered,
+            visitors,
+        }
+    }
+
+    /// Waits (polling the count, which moves by itself) for `n` more answers.
+    async fn answers(&self, n: usize) {
+        let target = self.answered.load(Ordering::SeqCst) + n;
+        while self.answered.load(Ordering::SeqCst) < target {
+            assert!(
+                self.visitors.iter().all(|v| !v.is_finished()),
+                "a visitor failed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Each visitor's count and its client (its cookies).
+    async fn stop(self) -> Vec<(i64, reqwest::Client)> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut out = Vec::new();
+        for v in self.visitors {
+            out.push(v.await.expect("a visitor failed"));
+        }
+        out
+    }
+}
+
 fn our_set_cookie(resp: &http::Response<Bytes>) -> Option<String> {
     resp.headers()
         .get_all("set-cookie")
@@ -102,41 +162,7 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
 
     // Visitors counting without pause, each checking that its count never starts over.
     const VISITORS: usize = 16;
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let mut visitors = Vec::new();
-    for _ in 0..VISITORS {
-        let (url, stop, answered) = (p.url("/"), stop.clone(), answered.clone());
-        visitors.push(tokio::spawn(async move {
-            let client = browser();
-            let mut count = 0;
-            while !stop.load(Ordering::SeqCst) {
-                let resp = client
-                    .get(&url)
-                    .header("x-test-incr", "n")
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status(), 200);
-                let seen = seen(resp).await;
-                assert_eq!(seen.session()["n"].as_i64().unwrap_or(0), count);
-                count += 1;
-                answered.fetch_add(1, Ordering::SeqCst);
-            }
-            (count, client)
-        }));
-    }
-    // Waits (polling the count, which moves by itself) for `n` more answers to the visitors.
-    let answers = async |n: usize| {
-        let target = answered.load(Ordering::SeqCst) + n;
-        while answered.load(Ordering::SeqCst) < target {
-            assert!(
-                visitors.iter().all(|v| !v.is_finished()),
-                "a visitor failed"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let traffic = Traffic::start(p.url("/"), VISITORS);
     // A request in flight while the secret changes: its change still lands.
     let slow = browser();
     let in_flight = tokio::spawn({
@@ -147,7 +173,7 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
         }
     });
     gate.wait_arrival().await;
-    answers(VISITORS * 10).await;
+    traffic.answers(VISITORS * 10).await;
     // The new secret from the secret file, the old one kept as a fallback.
     std::fs::write(&secret_file, NEW_SECRET).unwrap();
     let rotation = format!("{file}\nsecret_key_fallbacks = [{OLD_SECRET:?}]");
@@ -161,7 +187,7 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
         "the in-flight change landed"
     );
     // Every visitor is seen (and re-signed, re-sealed by its change) under the new secret.
-    answers(VISITORS * 20).await;
+    traffic.answers(VISITORS * 20).await;
     // The idle visitor's old cookie and record still open through the fallback.
     let resp = idle.get(p.url("/")).send().await.unwrap();
     assert_eq!(seen(resp).await.session()["n"], 1);
@@ -169,12 +195,8 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
     // Dropping the fallback: every visitor seen since the rotation holds a cookie signed, and a
     // record sealed, with the new secret alone.
     reload(&p, dir.path(), app, &file, 2).await;
-    answers(VISITORS * 10).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut seen_since = Vec::new();
-    for v in visitors {
-        seen_since.push(v.await.expect("a visitor's count started over"));
-    }
+    traffic.answers(VISITORS * 10).await;
+    let seen_since = traffic.stop().await;
     let total: i64 = seen_since.iter().map(|(count, _)| count).sum();
     assert!(total > (VISITORS * 30) as i64, "{total} requests");
     // The idle visitor, last seen before the rotation, is the only one the old secret held.
@@ -350,4 +372,25 @@ async fn log_level_changes_live_unless_rust_log_rules() {
     assert!(p.log().contains("RUST_LOG is set"), "{}", p.log());
     p.signal("-TERM");
     let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+}
+
+#[tokio::test]
+async fn reloads_in_a_row_under_traffic_drop_no_request_and_lose_no_change() {
+    let apps = [start_app(echo).await, start_app(echo).await];
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&write(dir.path(), apps[0], "", NO_ADMIN));
+    const VISITORS: usize = 8;
+    const RELOADS: usize = 20;
+    let traffic = Traffic::start(p.url("/"), VISITORS);
+    // The app moves between two addresses and the expiry policy changes, reload after reload.
+    for n in 1..=RELOADS {
+        let body = format!("[expiry]\ncookie_age = {}", 600 + n);
+        reload(&p, dir.path(), apps[n % 2], &body, n).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let total: i64 = traffic.stop().await.iter().map(|(count, _)| count).sum();
+    assert!(total >= (VISITORS * RELOADS) as i64, "{total} requests");
+    p.signal("-TERM");
+    let (status, _) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
+    assert!(status.success());
 }
