@@ -223,8 +223,14 @@ impl Live {
         for sidecar in &self.sidecars {
             sidecar.reload(&settings);
         }
-        self.sweep_interval
-            .send_replace(settings.config.expiry.sweep_interval);
+        // Only a new interval restarts the sweeper's clock: reloads more frequent than the
+        // interval must not keep postponing the sweep.
+        let every = settings.config.expiry.sweep_interval;
+        self.sweep_interval.send_if_modified(|current| {
+            let changed = *current != every;
+            *current = every;
+            changed
+        });
         self.settings.send_replace(settings.clone());
         tracing::info!(
             path = %reloads.path.display(),

@@ -394,3 +394,31 @@ async fn reloads_in_a_row_under_traffic_drop_no_request_and_lose_no_change() {
     let (status, _) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn a_new_sweep_interval_is_taken_live_and_frequent_reloads_do_not_postpone_the_sweep() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let expiry = |every: u64| format!("[expiry]\ncookie_age = 1\nsweep_interval = {every}");
+    let p = start(&write(dir.path(), app, &expiry(3600), NO_ADMIN));
+    let resp = browser()
+        .get(p.url("/"))
+        .header("x-test-incr", "n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set_cookies(&resp).len(), 1, "a session was stored");
+    // From an hour to two seconds; then the same file again and again, faster than that.
+    reload(&p, dir.path(), app, &expiry(2), 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut reloads = 1;
+    while !p.log().contains("swept expired records") {
+        assert!(std::time::Instant::now() < deadline, "{}", p.log());
+        reloads += 1;
+        reload(&p, dir.path(), app, &expiry(2), reloads).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(reloads >= 3, "{reloads} reloads while the sweep was due");
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+}
