@@ -337,6 +337,13 @@ async fn a_reload_that_changes_a_key_read_only_at_start_is_refused_naming_it_and
     assert!(p.log().contains("cookie.same_site"), "{}", p.log());
     let resp = conn.get("/", &[("x-test-incr", "n")]).await;
     assert!(our_set_cookie(&resp).unwrap().contains("SameSite=Lax"));
+    // A file gone (a config map being replaced): refused, naming the file.
+    std::fs::remove_file(&config).unwrap();
+    p.signal("-HUP");
+    p.await_log("reload refused", 4).await;
+    assert!(p.log().contains("cannot read config file"), "{}", p.log());
+    let resp = conn.get("/", &[("x-test-incr", "n")]).await;
+    assert_eq!(resp.status(), 200);
     reload(&p, dir.path(), app, "[cookie]\nsame_site = \"Strict\"", 1).await;
     let resp = conn.get("/", &[("x-test-incr", "n")]).await;
     assert!(our_set_cookie(&resp).unwrap().contains("SameSite=Strict"));
