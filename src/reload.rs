@@ -120,7 +120,7 @@ pub type LogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Where reloads come from and what they read.
 pub struct Reloads {
-    /// The config file, read again on each request.
+    /// The config file, read again on each reload.
     pub path: PathBuf,
     /// One message per reload asked for.
     pub asked: mpsc::Receiver<()>,
@@ -173,7 +173,7 @@ pub enum Refused {
 }
 
 impl Live {
-    /// Applies each reload asked for until the requests end.
+    /// Applies each reload asked for, one at a time, until no more can be asked.
     pub async fn serve(self, mut reloads: Reloads) {
         while reloads.asked.recv().await.is_some() {
             match self.reload(&reloads) {
