@@ -51,6 +51,16 @@ impl Proc {
     }
 }
 
+/// A test that fails before it stops its sidecar leaves no process behind.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub fn write_config(dir: &Path, app: std::net::SocketAddr, extra: &str) -> std::path::PathBuf {
     let path = dir.join("sidecar.toml");
     let text = format!(
