@@ -127,7 +127,11 @@ fn init_logs(path: &std::path::Path) -> Option<session_sidecar::reload::LogFilte
     let from_env = EnvFilter::try_from_default_env().ok();
     let ruled_by_env = from_env.is_some();
     let filter = from_env.unwrap_or_else(|| {
-        let level = config.as_ref().map_or("info", |c| c.log_level.as_str());
+        let level = config
+            .as_ref()
+            .map_or(session_sidecar::config::DEFAULT_LOG_LEVEL, |c| {
+                c.log_level.as_str()
+            });
         EnvFilter::builder().parse_lossy(level)
     });
     let (filter, handle) = reload::Layer::new(filter);

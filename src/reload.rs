@@ -42,7 +42,7 @@ impl Settings {
                 .map(|n| Arc::new(CreationLimit::new(n)))
         });
         Settings {
-            policy: Arc::new(config.expiry.policy(config.upstream_timeout)),
+            policy: Arc::new(crate::policy(&config)),
             cookie: Arc::new(SessionCookie::new(
                 config.cookie.clone(),
                 config.secret_key.as_deref(),
