@@ -297,9 +297,9 @@ fn flag(value: &HeaderValue) -> Result<bool, String> {
 }
 
 fn object(value: &HeaderValue) -> Result<Data, String> {
-    match serde_json::from_slice::<serde_json::Value>(value.as_bytes()) {
-        Ok(serde_json::Value::Object(map)) => Ok(map),
-        Ok(_) => Err("expected a JSON object".into()),
+    match crate::session::json::parse_object(value.as_bytes()) {
+        Ok(Some(map)) => Ok(map),
+        Ok(None) => Err("expected a JSON object".into()),
         Err(e) => Err(format!("malformed JSON ({e})")),
     }
 }

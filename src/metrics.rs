@@ -16,7 +16,9 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::session::changes::Change;
-use crate::session::store::{Liveness, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated};
+use crate::session::store::{
+    Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated,
+};
 use crate::session::{Millis, Record};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -158,6 +160,8 @@ pub struct Metrics {
     pub sessions_cycled: Counter,
     pub sessions_expired: Counter,
     pub merges: Counter,
+    /// Changes not stored because their request presented a key retired moments ago.
+    pub retired_key_changes_dropped: Counter,
     pub refusals: Family<Status, Counter>,
     pub bad_upstream_headers: Family<HeaderLabel, Counter>,
     pub store_operations: Family<StoreOp, Counter>,
@@ -184,6 +188,7 @@ impl Metrics {
             sessions_cycled: Counter::default(),
             sessions_expired: Counter::default(),
             merges: Counter::default(),
+            retired_key_changes_dropped: Counter::default(),
             refusals: Family::default(),
             bad_upstream_headers: Family::default(),
             store_operations: Family::default(),
@@ -231,6 +236,11 @@ impl Metrics {
             "merges",
             "Responses whose changes were merged into a stored session",
             m.merges.clone(),
+        );
+        r.register(
+            "retired_key_changes_dropped",
+            "Changes not stored: the request presented a key a cycle or a flush retired within retired_grace",
+            m.retired_key_changes_dropped.clone(),
         );
         r.register(
             "refusals",
@@ -321,12 +331,8 @@ impl Store for Metered {
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
         metered!(self, "load", self.inner.load(key, now))
     }
-    async fn load_versioned(
-        &self,
-        key: &str,
-        now: Millis,
-    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
-        metered!(self, "load", self.inner.load_versioned(key, now))
+    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
+        metered!(self, "load", self.inner.lookup(key, now))
     }
     async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
         metered!(self, "create", self.inner.create(key, record))
@@ -363,6 +369,9 @@ impl Store for Metered {
     }
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         metered!(self, "remove", self.inner.remove(key))
+    }
+    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
+        metered!(self, "remove", self.inner.retire(key, now))
     }
     async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
         metered!(self, "subject_keys", self.inner.subject_keys(subject, now))

@@ -412,6 +412,9 @@ impl Pipeline {
         if outcome.merged {
             m.merges.inc();
         }
+        if outcome.dropped {
+            m.retired_key_changes_dropped.inc();
+        }
     }
 
     /// The session cookie's name belongs to the sidecar: an upstream `Set-Cookie` for it would

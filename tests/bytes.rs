@@ -277,3 +277,96 @@ async fn random_bytes_over_real_http_never_lose_the_session() {
         }
     }
 }
+
+/// A JSON number token as an app may write one: any size of integer, fractions with trailing
+/// zeros, exponents in either case, with or without a sign.
+fn number_token(rng: &mut rand::rngs::StdRng) -> String {
+    let digits = |rng: &mut rand::rngs::StdRng, n: usize| -> String {
+        (0..n)
+            .map(|_| char::from(b'0' + rng.gen_range(0..10u8)))
+            .collect()
+    };
+    let mut t = String::new();
+    if rng.gen_bool(0.3) {
+        t.push('-');
+    }
+    if rng.gen_bool(0.2) {
+        t.push('0');
+    } else {
+        t.push(char::from(b'1' + rng.gen_range(0..9u8)));
+        let n = rng.gen_range(0..40);
+        t += &digits(rng, n);
+    }
+    if rng.gen_bool(0.4) {
+        t.push('.');
+        let n = rng.gen_range(1..20);
+        t += &digits(rng, n);
+    }
+    if rng.gen_bool(0.3) {
+        t.push(if rng.gen_bool(0.5) { 'e' } else { 'E' });
+        match rng.gen_range(0..3) {
+            0 => t.push('+'),
+            1 => t.push('-'),
+            _ => {}
+        }
+        let n = rng.gen_range(1..5);
+        t += &digits(rng, n);
+    }
+    t
+}
+
+/// docs/HEADERS.md §1: every number the app writes reaches it again textually identical —
+/// a 23-digit integer is not a float, `1.10` keeps its zero, `1E3` its spelling — through
+/// `X-Session-Set`, the full `X-Session` and the store, over real HTTP.
+#[tokio::test]
+async fn every_number_an_app_writes_comes_back_as_written() {
+    let s = sidecar("").await;
+    let b = browser();
+    let seed: u64 = std::env::var("BYTES_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut expected = String::from("{}");
+    for round in 0..120 {
+        let (a, c) = (number_token(&mut rng), number_token(&mut rng));
+        let list: Vec<String> = (0..rng.gen_range(0..4))
+            .map(|_| number_token(&mut rng))
+            .collect();
+        let (name, value) = if round % 2 == 0 {
+            (
+                "X-Session-Set",
+                format!(r#"{{"a":{a}, "b":[{}]}}"#, list.join(" , ")),
+            )
+        } else {
+            (
+                "X-Session",
+                format!(
+                    r#"{{ "a" : {a}, "b": [{}] , "c":{{"d":{c}}}}}"#,
+                    list.join(",")
+                ),
+            )
+        };
+        expected = if round % 2 == 0 && expected.contains(r#""c":"#) {
+            let c_part = &expected[expected.find(r#","c":"#).unwrap()..];
+            format!(r#"{{"a":{a},"b":[{}]{c_part}"#, list.join(","))
+        } else if round % 2 == 0 {
+            format!(r#"{{"a":{a},"b":[{}]}}"#, list.join(","))
+        } else {
+            format!(r#"{{"a":{a},"b":[{}],"c":{{"d":{c}}}}}"#, list.join(","))
+        };
+        let r = b
+            .get(s.url("/"))
+            .header("x-test-reply", reply(&[(name, &value)]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "round {round}: {value}");
+        let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+        assert_eq!(
+            seen.header("x-session"),
+            Some(expected.as_str()),
+            "round {round}: the app wrote {value}"
+        );
+    }
+}

@@ -300,7 +300,7 @@ fn tls_redis() -> Option<TlsRedis> {
             .map(|s| s.success())
     };
     if !matches!(run(&["version"]), Ok(true)) {
-        eprintln!("SKIPPED: openssl is not installed; it makes the test certificates");
+        skipped("openssl is not installed; it makes the test certificates");
         return None;
     }
     std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
@@ -388,7 +388,7 @@ fn tls_redis() -> Option<TlsRedis> {
     {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("SKIPPED: redis-server is not installed ({e})");
+            skipped(&format!("redis-server is not installed ({e})"));
             return None;
         }
     };

@@ -290,6 +290,17 @@ async fn cycle_keeps_the_data_under_a_new_key_and_kills_the_old_one() {
         .send()
         .await
         .unwrap();
+    // Within retired_grace the old key is new to the app and its answer leaves the browser's
+    // cookie alone (tests/retired.rs); after it, the stale cookie is deleted as any unknown one.
+    assert!(set_cookies(&stale).is_empty(), "retired: no cookie");
+    assert_eq!(seen(stale).await.status(), "new");
+    s.clock.advance(std::time::Duration::from_secs(61));
+    let stale = plain()
+        .get(s.url("/"))
+        .header("cookie", format!("sessionid={old}"))
+        .send()
+        .await
+        .unwrap();
     let stale_cookie = set_cookies(&stale);
     assert_eq!(seen(stale).await.status(), "new");
     assert!(

@@ -13,7 +13,7 @@ use session_sidecar::session::changes::{Change, Op};
 use session_sidecar::session::entry::Codec;
 use session_sidecar::session::redis_store::RedisStore;
 use session_sidecar::session::sled_store::SledStore;
-use session_sidecar::session::store::{Liveness, Seen, Store, UpdateError, Updated};
+use session_sidecar::session::store::{Liveness, Lookup, Seen, Store, UpdateError, Updated};
 use session_sidecar::session::{ExpiryMode, Millis, Policy, Record, id};
 
 /// The tests' "now": real time, because Redis expires keys by its own clock.
@@ -68,7 +68,9 @@ async fn suite(open: impl AsyncFn() -> Arc<dyn Store>, sweeps: bool) {
 async fn a_stale_version_costs_a_reread_not_a_change(s: Arc<dyn Store>) {
     let k = id::generate();
     s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
-    let (seen, version) = s.load_versioned(&k, t0() + 1).await.unwrap().unwrap();
+    let Lookup::Live(seen, version) = s.lookup(&k, t0() + 1).await.unwrap() else {
+        panic!("a live session")
+    };
     // Fresh: the version is current, the write lands.
     s.update(
         &k,
@@ -312,7 +314,9 @@ async fn liveness_distinguishes_live_forwarded_and_ended(s: Arc<dyn Store>) {
 /// What a request's load saw, for its liveness check (as `Sessions` takes it: the mark first).
 async fn load_seen(s: &Arc<dyn Store>, k: &str, now: Millis) -> Option<Seen> {
     let mark = s.mark();
-    let (r, _) = s.load_versioned(k, now).await.unwrap().unwrap();
+    let Lookup::Live(r, _) = s.lookup(k, now).await.unwrap() else {
+        panic!("a live session")
+    };
     mark.map(|mark| Seen {
         mark,
         deadline: r.deadline,

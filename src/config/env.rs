@@ -44,6 +44,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("expiry", "save_every_request", Kind::Bool),
     ("expiry", "idle_timeout", Kind::Int),
     ("expiry", "absolute_timeout", Kind::Int),
+    ("expiry", "retired_grace", Kind::Int),
     ("expiry", "sweep_interval", Kind::Int),
     ("store", "backend", Kind::Str),
     ("store", "path", Kind::Str),

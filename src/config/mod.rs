@@ -65,6 +65,8 @@ pub struct ExpiryConfig {
     pub save_every_request: bool,
     pub idle_timeout: Option<Duration>,
     pub absolute_timeout: Option<Duration>,
+    /// How long a key retired by a cycle or a flush stays known (zero: off).
+    pub retired_grace: Duration,
     pub sweep_interval: Duration,
 }
 
@@ -87,6 +89,7 @@ impl ExpiryConfig {
             absolute_timeout: self.absolute_timeout,
             touch_interval: self.touch_interval(),
             forward_ttl: upstream_timeout + Duration::from_secs(60),
+            retired_grace: self.retired_grace,
         }
     }
 }

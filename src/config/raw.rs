@@ -12,6 +12,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: u64 = 30;
 pub const DEFAULT_COOKIE_NAME: &str = "sessionid";
 pub const DEFAULT_COOKIE_AGE: u64 = 1_209_600;
 pub const DEFAULT_SWEEP_INTERVAL: u64 = 300;
+/// Seconds a key retired by a cycle or a flush stays known as retired.
+pub const DEFAULT_RETIRED_GRACE: u64 = 60;
 pub const DEFAULT_STORE_PATH: &str = "data/sessions";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_REDIS_PREFIX: &str = "session-sidecar:";
@@ -118,6 +120,8 @@ pub struct RawExpiry {
     pub save_every_request: bool,
     pub idle_timeout: u64,
     pub absolute_timeout: u64,
+    /// Seconds a key retired by a cycle or a flush stays known (0: off).
+    pub retired_grace: u64,
     pub sweep_interval: u64,
 }
 
@@ -244,6 +248,7 @@ impl Default for RawExpiry {
             save_every_request: false,
             idle_timeout: 0,
             absolute_timeout: 0,
+            retired_grace: DEFAULT_RETIRED_GRACE,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
         }
     }

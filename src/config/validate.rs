@@ -366,6 +366,7 @@ impl RawExpiry {
             save_every_request: self.save_every_request,
             idle_timeout: optional_secs("expiry.idle_timeout", self.idle_timeout)?,
             absolute_timeout: optional_secs("expiry.absolute_timeout", self.absolute_timeout)?,
+            retired_grace: secs("expiry.retired_grace", self.retired_grace, true)?,
             sweep_interval: secs("expiry.sweep_interval", self.sweep_interval, false)?,
         })
     }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use super::changes::{self, Change};
 use super::entry::{Codec, DecodeError, Entry, Head, MAX_HOPS, Moved};
-use super::store::{Liveness, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated};
+use super::store::{Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated};
 use super::{Millis, Policy, Record};
 
 #[async_trait]
@@ -125,7 +125,10 @@ impl<C: Cells> Engine<C> {
                         forwarded: hop > 0,
                     }));
                 }
-                Some((_, Entry::Moved(m))) if m.until > now => current = m.to,
+                Some((_, Entry::Moved(m))) => match m.successor(now) {
+                    Some(next) => current = next.to_string(),
+                    None => return Ok(None),
+                },
                 _ => return Ok(None),
             }
         }
@@ -133,26 +136,26 @@ impl<C: Cells> Engine<C> {
     }
 
     pub async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        Ok(self.load_versioned(key, now).await?.map(|(r, _)| r))
+        Ok(match self.lookup(key, now).await? {
+            Lookup::Live(r, _) => Some(r),
+            Lookup::Retired | Lookup::Absent => None,
+        })
     }
 
-    pub async fn load_versioned(
-        &self,
-        key: &str,
-        now: Millis,
-    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
+    pub async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
         let Some(raw) = self.cells.get(key).await? else {
-            return Ok(None);
+            return Ok(Lookup::Absent);
         };
         // Expired sessions and forwards are told from the head, without parsing.
         match Head::read(&raw).map_err(corrupt)? {
-            Head::Session { deadline } if deadline > now => {}
-            _ => return Ok(None),
+            Head::Session { deadline } | Head::Moved { until: deadline } if deadline > now => {}
+            _ => return Ok(Lookup::Absent),
         }
-        match self.decode(key, &raw)? {
-            Some(Entry::Session(r)) => Ok(Some((r, raw))),
-            Some(Entry::Moved(_)) | None => Ok(None),
-        }
+        Ok(match self.decode(key, &raw)? {
+            Some(Entry::Session(r)) => Lookup::Live(r, raw),
+            Some(Entry::Moved(m)) if m.retired > now => Lookup::Retired,
+            Some(Entry::Moved(_)) | None => Lookup::Absent,
+        })
     }
 
     pub async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
@@ -242,6 +245,7 @@ impl<C: Cells> Engine<C> {
             let forward = Entry::Moved(Moved {
                 to: next.to_string(),
                 until: now + policy.forward_ttl.as_millis() as Millis,
+                retired: policy.retired_until(now),
             });
             if swap(Some(forward)).await? {
                 return Ok(Updated::Saved {
@@ -286,7 +290,10 @@ impl<C: Cells> Engine<C> {
                     });
                 }
                 Head::Moved { until } if until > now => match self.decode(&current, &raw)? {
-                    Some(Entry::Moved(m)) => current = m.to,
+                    Some(Entry::Moved(m)) => match m.successor(now) {
+                        Some(next) => current = next.to_string(),
+                        None => return Ok(Liveness::Ended),
+                    },
                     Some(Entry::Session(_)) => {
                         return Err(corrupt("head and body disagree".into()));
                     }
@@ -325,20 +332,42 @@ impl<C: Cells> Engine<C> {
     }
 
     pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        self.end(key, Millis::MIN, None).await
+    }
+
+    /// Ends the session; with `retired`, its key stays known as retired until then.
+    async fn end(
+        &self,
+        key: &str,
+        now: Millis,
+        retired: Option<Millis>,
+    ) -> Result<bool, StoreError> {
+        let tombstone = retired.map(|retired| {
+            Entry::Moved(Moved {
+                to: String::new(),
+                until: 0,
+                retired,
+            })
+        });
         loop {
             // Follow a cycle's forward so a logout in flight during a login ends the new session.
-            let Some(cur) = self.resolve(key, Millis::MIN).await? else {
+            let Some(cur) = self.resolve(key, now).await? else {
                 return Ok(false);
             };
             let old = Entry::Session(cur.record);
             if self
                 .cells
-                .swap(&cur.key, Some(&cur.raw), Some(&old), None)
+                .swap(&cur.key, Some(&cur.raw), Some(&old), tombstone.as_ref())
                 .await?
             {
                 return Ok(true);
             }
         }
+    }
+
+    pub async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
+        let until = self.policy.load().retired_until(now);
+        self.end(key, now, (until > now).then_some(until)).await
     }
 }
 
@@ -353,12 +382,8 @@ impl<C: Cells> Store for Engine<C> {
         Engine::load(self, key, now).await
     }
 
-    async fn load_versioned(
-        &self,
-        key: &str,
-        now: Millis,
-    ) -> Result<Option<(Record, Vec<u8>)>, StoreError> {
-        Engine::load_versioned(self, key, now).await
+    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
+        Engine::lookup(self, key, now).await
     }
 
     async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
@@ -396,6 +421,10 @@ impl<C: Cells> Store for Engine<C> {
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
         Engine::remove(self, key).await
+    }
+
+    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
+        Engine::retire(self, key, now).await
     }
 
     async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {

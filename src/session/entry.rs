@@ -33,10 +33,23 @@ pub const FORMAT_VERSION: u8 = 2;
 pub const FORMAT_SEALED: u8 = 3;
 const NONCE_LEN: usize = 24;
 
+/// What a cycle or a flush leaves under the key it retired: where a request already in flight
+/// with that key follows to (a cycle's successor, until `until`), and until when a request that
+/// starts with it is told apart from a stranger's (`retired`, the grace of
+/// docs/HEADERS.md "Retired keys"). A flush leaves no successor (`to` is empty).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Moved {
     pub to: String,
     pub until: Millis,
+    #[serde(default)]
+    pub retired: Millis,
+}
+
+impl Moved {
+    /// The successor a request in flight follows to at `now`, if any.
+    pub fn successor(&self, now: Millis) -> Option<&str> {
+        (self.until > now && !self.to.is_empty()).then_some(self.to.as_str())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -101,7 +114,7 @@ impl Entry {
     pub fn deadline(&self) -> Millis {
         match self {
             Entry::Session(r) => r.deadline,
-            Entry::Moved(m) => m.until,
+            Entry::Moved(m) => m.until.max(m.retired),
         }
     }
 }
@@ -392,6 +405,7 @@ mod tests {
         let moved = Entry::Moved(Moved {
             to: "next".into(),
             until: 5,
+            retired: 0,
         });
         assert!(matches!(
             rotated.decode("k", &rotated.encode("k", &moved)).unwrap(),

@@ -87,6 +87,7 @@ pub enum ExpiryMode {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Record {
+    #[serde(deserialize_with = "json::deserialize_data")]
     pub data: Data,
     pub created: Millis,
     pub saved: Millis,
@@ -125,6 +126,10 @@ pub struct Policy {
     pub touch_interval: Option<Duration>,
     /// How long an old key keeps forwarding to its successor after a cycle.
     pub forward_ttl: Duration,
+    /// How long a key a cycle or a flush retired stays known as retired: a request that starts
+    /// with it gets no session cookie, so that it cannot replace the one the cycle or flush
+    /// gave the browser. Zero: off.
+    pub retired_grace: Duration,
 }
 
 fn ms(d: Duration) -> Millis {
@@ -181,6 +186,11 @@ impl Policy {
         .min()
         .unwrap_or(self.cookie_age)
         .as_secs()
+    }
+
+    /// Until when a key retired at `now` stays known as retired (`now` itself when off).
+    pub fn retired_until(&self, now: Millis) -> Millis {
+        now + ms(self.retired_grace)
     }
 
     /// Whether a read-only request should record its activity now.

@@ -1026,6 +1026,7 @@ mod tests {
         let moved = Entry::Moved(Moved {
             to: "new".into(),
             until: 20_000,
+            retired: 0,
         });
         assert!(!ends(None, Some(&long)), "a new session");
         assert!(!ends(Some(&short), Some(&long)), "extended");

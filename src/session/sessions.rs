@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::changes::{self, Change, TooLarge};
-use super::store::{Liveness, Mark, Seen, Store, StoreError, UpdateError, Updated};
+use super::store::{Liveness, Lookup, Mark, Seen, Store, StoreError, UpdateError, Updated};
 use super::{Data, Millis, Policy, Record, id, seconds_until};
 
 /// What a request found under the keys its cookie presented.
@@ -16,6 +16,9 @@ pub struct Loaded {
     live: Option<(String, Record, Vec<u8>)>,
     /// The request carried our cookie (live or not).
     carried: bool,
+    /// No key reached a live session, and one of them was retired by a cycle or a flush within
+    /// the retired grace: the answer must not touch the browser's cookie.
+    retired: bool,
     /// Where the store's end notices stood before the load (spares the liveness check a read).
     mark: Option<Mark>,
     /// The key a session created by this request's answer gets, chosen early when something
@@ -90,6 +93,8 @@ pub struct Outcome {
     pub cycled: bool,
     /// A change was merged into an existing session.
     pub merged: bool,
+    /// A change was not stored: the request presented a key retired moments ago.
+    pub dropped: bool,
 }
 
 impl Outcome {
@@ -100,6 +105,7 @@ impl Outcome {
             flushed: false,
             cycled: false,
             merged: false,
+            dropped: false,
         }
     }
 }
@@ -167,24 +173,26 @@ impl Sessions {
         // Taken before the load: a notice that arrives after it may concern a change made
         // before the load (a needless read later), never the reverse.
         let mark = self.store.mark();
-        for key in keys {
-            if let Some((record, raw)) = self.store.load_versioned(key, now).await? {
-                return Ok(Loaded {
-                    live: Some((key.clone(), record, raw)),
-                    carried,
-                    mark,
-                    next_key: None,
-                    gate: None,
-                });
-            }
-        }
-        Ok(Loaded {
+        let mut loaded = Loaded {
             live: None,
             carried,
+            retired: false,
             mark,
             next_key: None,
             gate: None,
-        })
+        };
+        for key in keys {
+            match self.store.lookup(key, now).await? {
+                Lookup::Live(record, raw) => {
+                    loaded.live = Some((key.clone(), record, raw));
+                    loaded.retired = false;
+                    break;
+                }
+                Lookup::Retired => loaded.retired = true,
+                Lookup::Absent => {}
+            }
+        }
+        Ok(loaded)
     }
 
     /// Whole seconds left (`X-Session-Expiry-Age`), counting this request as activity.
@@ -284,6 +292,9 @@ impl Sessions {
         let carried = loaded.carried;
         let seen = loaded.mark;
         let Some((key, snapshot, raw)) = loaded.live else {
+            if loaded.retired {
+                return self.retired(change, now);
+            }
             return self
                 .fresh(change, now, carried, loaded.next_key, loaded.gate)
                 .await;
@@ -298,7 +309,7 @@ impl Sessions {
                 self.max_bytes,
                 false,
             )?;
-            self.store.remove(&key).await?;
+            self.store.retire(&key, now).await?;
             tracing::info!("session flushed");
             let mut outcome = self.fresh(change, now, true, None, loaded.gate).await?;
             self.store.sync().await?;
@@ -367,6 +378,32 @@ impl Sessions {
         };
         self.store.sync().await?;
         Ok(outcome)
+    }
+
+    /// A request that began with a key a cycle or a flush retired moments ago: the browser may
+    /// already hold the key that cycle or flush gave it (the answers can arrive in either
+    /// order), so this answer leaves the cookie alone, and a change it asks for is not stored:
+    /// storing it would need a cookie.
+    fn retired(&self, change: &Change, now: Millis) -> Result<Outcome, Refused> {
+        let mut record = Record::new(now);
+        let effect = changes::apply(
+            &mut record,
+            change,
+            &self.policy,
+            now,
+            self.max_bytes,
+            self.policy.save_every_request,
+        )?;
+        let dropped = effect.save && record.deadline > now;
+        if dropped {
+            tracing::warn!(
+                "change not stored: the request presented a session key retired by a cycle or a flush moments ago (retired_grace); its answer sets no cookie"
+            );
+        }
+        Ok(Outcome {
+            dropped,
+            ..Outcome::cookie(CookieOp::Keep)
+        })
     }
 
     fn cookie_for(&self, key: String, record: &Record, now: Millis) -> CookieOp {

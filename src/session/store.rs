@@ -49,6 +49,18 @@ pub enum Updated {
     },
 }
 
+/// What a key a request presents reaches.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// A live session, with the stored bytes (handed back to `update`, they let the common
+    /// case write without reading again).
+    Live(Record, Vec<u8>),
+    /// No session: a cycle or a flush retired the key within the retired grace.
+    Retired,
+    /// No session.
+    Absent,
+}
+
 /// Whether a key still reaches a live session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {
@@ -94,13 +106,8 @@ pub trait Store: Send + Sync + 'static {
     /// The live record under `key`, or `None` when there is none or it has expired.
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError>;
 
-    /// As `load`, with the stored bytes: handed back to `update`, they let the common case (no
-    /// one changed the session meanwhile) write without reading it again.
-    async fn load_versioned(
-        &self,
-        key: &str,
-        now: Millis,
-    ) -> Result<Option<(Record, Vec<u8>)>, StoreError>;
+    /// What `key` reaches: as `load`, with the stored bytes, and telling a retired key apart.
+    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError>;
 
     /// Stores a brand-new session; `false` if the key is taken (then nothing is written).
     async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError>;
@@ -135,8 +142,12 @@ pub trait Store: Send + Sync + 'static {
     /// Records activity for the idle timeout, if the policy says it is due.
     async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError>;
 
-    /// Ends the session (flush); `false` if there was none.
+    /// Ends the session (an operator's delete, a limit); `false` if there was none.
     async fn remove(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Ends the session and keeps its key known as retired for the policy's `retired_grace`
+    /// (a flush); `false` if there was none.
+    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError>;
 
     /// The keys of the live sessions tagged with `subject`.
     async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError>;
