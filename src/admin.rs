@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::reload::Settings;
-use crate::session::store::{Store, StoreError};
+use crate::session::store::{Cell, Store, StoreError};
 use crate::session::{Clock, Millis, Record, id};
 
 pub struct Admin {
@@ -102,16 +102,17 @@ impl Admin {
         same_token(given.as_bytes(), token.as_bytes())
     }
 
-    /// The key a path names: a handle as `/subjects` lists it, a raw key, or a cookie value.
-    async fn key_of(&self, text: &str) -> Result<Option<String>, StoreError> {
+    /// The session a path names: a handle as `/subjects` lists it, a raw key, or a cookie
+    /// value.
+    async fn named(&self, text: &str) -> Result<Option<Named>, StoreError> {
         if id::is_handle(text) {
-            return self.store.find_handle(text).await;
+            return Ok(self.store.find_handle(text).await?.map(Named::Stored));
         }
         if id::is_well_formed(text) {
-            return Ok(Some(text.to_string()));
+            return Ok(Some(Named::Key(text.to_string())));
         }
         let cookie = self.settings.borrow().cookie.clone();
-        Ok(cookie.verify(text))
+        Ok(cookie.verify(text).map(Named::Key))
     }
 
     pub async fn handle(&self, req: Request<Incoming>) -> Resp {
@@ -169,21 +170,45 @@ impl Admin {
     }
 
     async fn session(&self, method: Method, raw: &str, now: Millis) -> Result<Resp, StoreError> {
-        let Some(key) = self.key_of(raw).await? else {
+        let Some(named) = self.named(raw).await? else {
             return Ok(text(StatusCode::NOT_FOUND, "no such session"));
         };
         match method {
-            Method::GET => Ok(match self.store.load(&key, now).await? {
-                Some(r) => {
-                    let mut body = metadata(&key, &r);
-                    body["data"] = serde_json::Value::Object(r.data);
-                    json(StatusCode::OK, body)
-                }
-                None => text(StatusCode::NOT_FOUND, "no such session"),
-            }),
+            Method::GET => {
+                // By handle, the store holds no subject in clear: whether there is one is all
+                // it can say (docs/ADMIN.md).
+                let found = match &named {
+                    Named::Key(key) => self.store.load(key, now).await?.map(|r| {
+                        let tagged = r.subject.is_some();
+                        (id::handle(key), r, tagged)
+                    }),
+                    Named::Stored(cell) => self
+                        .store
+                        .load_stored(cell, now)
+                        .await?
+                        .map(|(r, tagged)| (cell.handle(), r, tagged)),
+                };
+                Ok(match found {
+                    Some((handle, r, tagged)) => {
+                        let mut body = metadata(&handle, &r, r.subject.as_deref(), tagged);
+                        body["data"] = serde_json::Value::Object(r.data);
+                        json(StatusCode::OK, body)
+                    }
+                    None => text(StatusCode::NOT_FOUND, "no such session"),
+                })
+            }
             Method::DELETE => {
-                let live = self.store.load(&key, now).await?.is_some();
-                if live && self.store.remove(&key).await? {
+                let ended = match &named {
+                    Named::Key(key) => {
+                        self.store.load(key, now).await?.is_some()
+                            && self.store.remove(key).await?
+                    }
+                    Named::Stored(cell) => {
+                        self.store.load_stored(cell, now).await?.is_some()
+                            && self.store.remove_stored(cell).await?
+                    }
+                };
+                if ended {
                     self.store.sync().await?;
                     self.metrics.sessions_flushed.inc();
                     tracing::info!("session ended through the admin interface");
@@ -205,15 +230,13 @@ impl Admin {
         subject: &str,
         now: Millis,
     ) -> Result<Resp, StoreError> {
-        let keys = self.store.subject_keys(subject, now).await?;
+        let found = self.store.subject_sessions(subject, now).await?;
         match method {
             Method::GET => {
-                let mut sessions = Vec::with_capacity(keys.len());
-                for key in &keys {
-                    if let Some(r) = self.store.load(key, now).await? {
-                        sessions.push(metadata(key, &r));
-                    }
-                }
+                let sessions: Vec<_> = found
+                    .iter()
+                    .map(|(cell, r)| metadata(&cell.handle(), r, Some(subject), true))
+                    .collect();
                 Ok(json(
                     StatusCode::OK,
                     json!({"subject": subject, "sessions": sessions}),
@@ -221,8 +244,8 @@ impl Admin {
             }
             Method::DELETE => {
                 let mut ended = 0;
-                for key in &keys {
-                    if self.store.remove(key).await? {
+                for (cell, _) in &found {
+                    if self.store.remove_stored(cell).await? {
                         ended += 1;
                     }
                 }
@@ -239,15 +262,23 @@ impl Admin {
     }
 }
 
-/// A session's handle and metadata: never its key.
-fn metadata(key: &str, r: &Record) -> serde_json::Value {
+/// What a path names: a session by its key, or one the store holds under a handle.
+enum Named {
+    Key(String),
+    Stored(Cell),
+}
+
+/// A session's handle and metadata: never its key. `subject` where known (by key, or the
+/// subject asked for), and whether it has one.
+fn metadata(handle: &str, r: &Record, subject: Option<&str>, tagged: bool) -> serde_json::Value {
     json!({
-        "handle": id::handle(key),
+        "handle": handle,
         "created": rfc3339(r.created),
         "last_activity": rfc3339(r.accessed),
         "last_saved": rfc3339(r.saved),
         "expires": rfc3339(r.deadline),
-        "subject": r.subject,
+        "subject": subject,
+        "tagged": tagged,
     })
 }
 

@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 
 use crate::session::changes::Change;
 use crate::session::store::{
-    Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated,
+    Cell, Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated,
 };
 use crate::session::{Millis, Record};
 
@@ -373,11 +373,25 @@ impl Store for Metered {
     async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
         metered!(self, "remove", self.inner.retire(key, now))
     }
-    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
-        metered!(self, "subject_keys", self.inner.subject_keys(subject, now))
+    async fn subject_sessions(
+        &self,
+        subject: &str,
+        now: Millis,
+    ) -> Result<Vec<(Cell, Record)>, StoreError> {
+        metered!(self, "subject_keys", self.inner.subject_sessions(subject, now))
     }
-    async fn find_handle(&self, handle: &str) -> Result<Option<String>, StoreError> {
+    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError> {
         metered!(self, "find_handle", self.inner.find_handle(handle))
+    }
+    async fn load_stored(
+        &self,
+        cell: &Cell,
+        now: Millis,
+    ) -> Result<Option<(Record, bool)>, StoreError> {
+        metered!(self, "load", self.inner.load_stored(cell, now))
+    }
+    async fn remove_stored(&self, cell: &Cell) -> Result<bool, StoreError> {
+        metered!(self, "remove", self.inner.remove_stored(cell))
     }
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
         let swept = metered!(self, "sweep", self.inner.sweep(now));

@@ -55,12 +55,15 @@ impl Settings {
 }
 
 /// How the store writes and reads records under `config`: sealed with keys derived from the
-/// secret and its fallbacks when `store.encrypt` is on, plain JSON otherwise.
+/// secret and its fallbacks when `store.encrypt` is on, plain JSON otherwise; subjects digested
+/// with the secret when one is set.
 pub fn codec(config: &Config) -> Codec {
+    let fallbacks = &config.secret_key_fallbacks;
     match (&config.secret_key, config.store.encrypt) {
-        (Some(secret), true) => Codec::sealed(secret, &config.secret_key_fallbacks),
-        _ => Codec::plain(),
+        (Some(secret), true) => Codec::sealed(secret, fallbacks),
+        (secret, _) => Codec::unsealed(secret.as_deref(), fallbacks),
     }
+    .with_legacy_names(config.store.legacy_names)
 }
 
 /// The keys read only at start (a socket bound, a store opened, threads and limits sized)

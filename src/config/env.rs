@@ -50,6 +50,7 @@ const KEYS: &[(&str, &str, Kind)] = &[
     ("store", "path", Kind::Str),
     ("store", "durable", Kind::Bool),
     ("store", "encrypt", Kind::Bool),
+    ("store", "legacy_names", Kind::Bool),
     ("store", "sentinels", Kind::List),
     ("store", "master_name", Kind::Str),
     ("store", "cluster_nodes", Kind::List),

@@ -102,6 +102,9 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
     /// Seal records with a key derived from `secret_key` (on by default when one is set).
     pub encrypt: bool,
+    /// Write sessions under their keys in clear, as the release before did (a rolling upgrade
+    /// of a fleet on Redis).
+    pub legacy_names: bool,
 }
 
 impl StoreConfig {

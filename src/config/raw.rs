@@ -137,6 +137,10 @@ pub struct RawStore {
     /// Encrypt session records with a key derived from `security.secret_key`. Absent: on when a
     /// secret is configured.
     pub encrypt: Option<bool>,
+    /// Redis: write sessions as the release before did (under their keys in clear), while
+    /// sidecars of that release share the store (a rolling upgrade). Off: every session moves
+    /// to its key's digest.
+    pub legacy_names: bool,
     /// Redis: `redis://[user:password@]host:port/db` or `rediss://` (TLS).
     pub url: String,
     /// Redis: prefix of every key the sidecar writes.
@@ -262,6 +266,7 @@ impl Default for RawStore {
             durable: true,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             encrypt: None,
+            legacy_names: false,
             url: DEFAULT_REDIS_URL.into(),
             key_prefix: DEFAULT_REDIS_PREFIX.into(),
             connect_timeout: 5,

@@ -398,6 +398,12 @@ impl RawStore {
                 "Redis Sentinel applies only with store.backend = \"redis\"",
             ));
         }
+        if self.backend != "redis" && self.legacy_names {
+            return Err(invalid(
+                "store.legacy_names",
+                "applies only with store.backend = \"redis\": one process holds a sled store, so no older release shares it",
+            ));
+        }
         let backend = match self.backend.as_str() {
             "sled" => Backend::Sled,
             "redis" => {
@@ -507,6 +513,7 @@ impl RawStore {
             cache_capacity: self.cache_capacity,
             // Decided with the secret, in `RawConfig::validate`.
             encrypt: false,
+            legacy_names: self.legacy_names,
         })
     }
 }

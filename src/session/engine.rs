@@ -8,15 +8,34 @@
 //! then turns the old one into a forward with one swap, so no moment exists where neither key
 //! reaches the session.
 
+//!
+//! The store never learns a session key: a cell is named by the key's digest ([`Cell::of`]),
+//! and the engine, which has the key, encodes what only its holder may read ([`Codec`]). Cells
+//! the release before named by the key in clear ([`Cell::legacy`]) are still read, and leave
+//! that name at their next write or at the next [`Engine::migrate`].
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 
 use super::changes::{self, Change};
-use super::entry::{Codec, DecodeError, Entry, Head, MAX_HOPS, Moved};
-use super::store::{Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated};
+use super::entry::{Codec, DecodeError, Decoded, Entry, Head, MAX_HOPS, Moved, Reader};
+use super::id;
+use super::store::{
+    Cell, Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated,
+};
 use super::{Millis, Policy, Record};
+
+/// What a cell's indexes need to know of its entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Indexed {
+    pub deadline: Millis,
+    /// The subject set the session belongs to: its subject's digest (its subject in clear in a
+    /// legacy cell).
+    pub tag: Option<String>,
+    pub session: bool,
+}
 
 #[async_trait]
 pub trait Cells: Send + Sync + 'static {
@@ -24,19 +43,25 @@ pub trait Cells: Send + Sync + 'static {
     /// a reload swaps it.
     fn codec(&self) -> &ArcSwap<Codec>;
 
-    /// Session keys indexed under `subject` (may include stale ones; the engine checks each).
-    async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError>;
+    /// The cells indexed under the subject set `tag` (legacy: the clear subject's set; may
+    /// include stale ones; the engine checks each).
+    async fn subject_members(&self, tag: &str, legacy: bool) -> Result<Vec<Cell>, StoreError>;
 
-    /// Drops a stale member from a subject's index.
-    async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError>;
+    /// Drops a stale member from a subject set.
+    async fn forget_member(&self, tag: &str, cell: &Cell) -> Result<(), StoreError>;
 
-    /// The first stored key for which `wanted` holds (admin look-ups by handle; may scan).
-    async fn find_key(
+    /// The cell whose handle is `handle`, if any (admin look-ups).
+    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError>;
+
+    /// Up to a page of legacy cells from `cursor` on (`None`: the start), and where the next
+    /// page starts (`None`: no more).
+    async fn legacy_page(
         &self,
-        wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
-    ) -> Result<Option<String>, StoreError>;
+        cursor: Option<String>,
+    ) -> Result<(Vec<Cell>, Option<String>), StoreError>;
 
-    /// Removes expired entries, if the backend does not expire them by itself.
+    /// Removes expired entries, if the backend does not expire them by itself, and index
+    /// entries no cell needs.
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError>;
 
     /// Returns once every change acknowledged so far is durable.
@@ -50,30 +75,31 @@ pub trait Cells: Send + Sync + 'static {
         None
     }
 
-    /// Whether no end notice for `key` arrived since `mark` (and none could have been missed).
-    /// `false` sends the liveness check to the store.
-    fn unchanged_since(&self, _key: &str, _mark: Mark) -> bool {
+    /// Whether no end notice for the session `handle` names arrived since `mark` (and none
+    /// could have been missed). `false` sends the liveness check to the store.
+    fn unchanged_since(&self, _handle: &str, _mark: Mark) -> bool {
         false
     }
 
-    /// The raw entry under `key`.
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The raw entry in `cell`.
+    async fn get(&self, cell: &Cell) -> Result<Option<Vec<u8>>, StoreError>;
 
-    /// Puts `new` (or nothing) under `key` if it still holds `expected` (`None`: absent), and
-    /// keeps the backend's indexes right; `old` is `expected` decoded. `false` if someone else
+    /// Puts `new` (or nothing) in `cell` if it still holds `expected` (`None`: absent), and
+    /// keeps the backend's indexes right: `old` indexes `expected`. `false` if someone else
     /// changed the cell first.
     async fn swap(
         &self,
-        key: &str,
+        cell: &Cell,
         expected: Option<&[u8]>,
-        old: Option<&Entry>,
-        new: Option<&Entry>,
+        old: Option<&Indexed>,
+        new: Option<(&[u8], &Indexed)>,
     ) -> Result<bool, StoreError>;
 }
 
 /// A live session as read, with the bytes a swap must find unchanged.
 struct Current {
     key: String,
+    cell: Cell,
     raw: Vec<u8>,
     record: Record,
     forwarded: bool,
@@ -91,25 +117,91 @@ fn corrupt(e: String) -> StoreError {
 }
 
 impl<C: Cells> Engine<C> {
-    /// The entry stored as `raw` under `key`. A sealed record no configured key opens reads as
-    /// no record, as Django reads session data whose signature fails: the visitor is new, and
-    /// the log says why. A damaged record is an error.
-    fn decode(&self, key: &str, raw: &[u8]) -> Result<Option<Entry>, StoreError> {
-        match self.cells.codec().load().decode(key, raw) {
-            Ok(entry) => Ok(Some(entry)),
+    /// The entry stored as `raw`, as `reader` opens it. A sealed record no configured key opens
+    /// reads as no record, as Django reads session data whose signature fails: the visitor is
+    /// new, and the log says why. A damaged record is an error.
+    fn decode(&self, cell: &Cell, reader: Reader<'_>, raw: &[u8]) -> Result<Option<Decoded>, StoreError> {
+        match self.cells.codec().load().read(reader, raw) {
+            Ok(decoded) => Ok(Some(decoded)),
             Err(DecodeError::Unopened(why)) => {
-                tracing::warn!(handle = %super::id::handle(key), "session record ignored: {why}");
+                tracing::warn!(handle = %cell.handle(), "session record ignored: {why}");
                 Ok(None)
             }
             Err(DecodeError::Corrupt(e)) => Err(corrupt(e)),
         }
     }
 
-    async fn entry(&self, key: &str) -> Result<Option<(Vec<u8>, Entry)>, StoreError> {
-        let Some(raw) = self.cells.get(key).await? else {
-            return Ok(None);
-        };
-        Ok(self.decode(key, &raw)?.map(|entry| (raw, entry)))
+    /// What indexes `entry` needs in `cell`.
+    fn indexed(&self, cell: &Cell, entry: &Entry) -> Indexed {
+        let codec = self.cells.codec().load();
+        Indexed {
+            deadline: entry.deadline(),
+            tag: match entry {
+                Entry::Session(r) if cell.legacy => r.subject.clone(),
+                Entry::Session(r) => r.subject.as_deref().map(|s| codec.tag(s)),
+                Entry::Moved(_) => None,
+            },
+            session: matches!(entry, Entry::Session(_)),
+        }
+    }
+
+    /// Where `key`'s entry is, its bytes and the entry: the digest-named cell, else the one the
+    /// release before named by the key.
+    async fn entry(&self, key: &str) -> Result<Option<(Cell, Vec<u8>, Entry)>, StoreError> {
+        for cell in [Cell::of(key), Cell::legacy(key)] {
+            if let Some(raw) = self.cells.get(&cell).await? {
+                let entry = self.decode(&cell, Reader::Key(key), &raw)?;
+                return Ok(entry.map(|d| (cell, raw, d.entry)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The cell a new entry for `key` goes to: its digest's, or its own name while the fleet
+    /// shares the store with the release before.
+    fn cell_for(&self, key: &str) -> Cell {
+        if self.cells.codec().load().writes_legacy() {
+            Cell::legacy(key)
+        } else {
+            Cell::of(key)
+        }
+    }
+
+    /// Replaces what `cur` read with `new` (or nothing). A legacy cell's entry moves to its
+    /// digest's cell on the way (unless the fleet still writes legacy cells): the new cell is
+    /// written first, then the legacy one removed if unchanged, else the new one taken back.
+    async fn replace(&self, cur: &Current, new: Option<&Entry>) -> Result<bool, StoreError> {
+        let old = self.indexed(&cur.cell, &Entry::Session(cur.record.clone()));
+        self.replace_raw(&cur.key, &cur.cell, &cur.raw, &old, new).await
+    }
+
+    async fn replace_raw(
+        &self,
+        key: &str,
+        cell: &Cell,
+        raw: &[u8],
+        old: &Indexed,
+        new: Option<&Entry>,
+    ) -> Result<bool, StoreError> {
+        let codec = self.cells.codec().load();
+        let target = if cell.legacy { self.cell_for(key) } else { cell.clone() };
+        let encoded = new.map(|n| (codec.encode(key, n), self.indexed(&target, n)));
+        if target == *cell {
+            let new = encoded.as_ref().map(|(b, i)| (&b[..], i));
+            return self.cells.swap(cell, Some(raw), Some(old), new).await;
+        }
+        if let Some((bytes, index)) = &encoded
+            && !self.cells.swap(&target, None, None, Some((bytes, index))).await?
+        {
+            return Ok(false);
+        }
+        if self.cells.swap(cell, Some(raw), Some(old), None).await? {
+            return Ok(true);
+        }
+        if let Some((bytes, index)) = &encoded {
+            self.cells.swap(&target, Some(bytes), Some(index), None).await?;
+        }
+        Ok(false)
     }
 
     /// Follows forwards from `key` to the live session, if any.
@@ -117,15 +209,16 @@ impl<C: Cells> Engine<C> {
         let mut current = key.to_string();
         for hop in 0..=MAX_HOPS {
             match self.entry(&current).await? {
-                Some((raw, Entry::Session(record))) if record.deadline > now => {
+                Some((cell, raw, Entry::Session(record))) if record.deadline > now => {
                     return Ok(Some(Current {
                         key: current,
+                        cell,
                         raw,
                         record,
                         forwarded: hop > 0,
                     }));
                 }
-                Some((_, Entry::Moved(m))) => match m.successor(now) {
+                Some((_, _, Entry::Moved(m))) => match m.successor(now) {
                     Some(next) => current = next.to_string(),
                     None => return Ok(None),
                 },
@@ -143,24 +236,36 @@ impl<C: Cells> Engine<C> {
     }
 
     pub async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
-        let Some(raw) = self.cells.get(key).await? else {
-            return Ok(Lookup::Absent);
-        };
-        // Expired sessions and forwards are told from the head, without parsing.
-        match Head::read(&raw).map_err(corrupt)? {
-            Head::Session { deadline } | Head::Moved { until: deadline } if deadline > now => {}
-            _ => return Ok(Lookup::Absent),
+        for cell in [Cell::of(key), Cell::legacy(key)] {
+            let Some(raw) = self.cells.get(&cell).await? else {
+                continue;
+            };
+            // Expired sessions and forwards are told from the head, without parsing.
+            match Head::read(&raw).map_err(corrupt)? {
+                Head::Session { deadline } | Head::Moved { until: deadline } if deadline > now => {}
+                _ => return Ok(Lookup::Absent),
+            }
+            return Ok(match self.decode(&cell, Reader::Key(key), &raw)? {
+                Some(Decoded {
+                    entry: Entry::Session(r),
+                    ..
+                }) => Lookup::Live(r, raw),
+                Some(Decoded {
+                    entry: Entry::Moved(m),
+                    ..
+                }) if m.retired > now => Lookup::Retired,
+                _ => Lookup::Absent,
+            });
         }
-        Ok(match self.decode(key, &raw)? {
-            Some(Entry::Session(r)) => Lookup::Live(r, raw),
-            Some(Entry::Moved(m)) if m.retired > now => Lookup::Retired,
-            Some(Entry::Moved(_)) | None => Lookup::Absent,
-        })
+        Ok(Lookup::Absent)
     }
 
     pub async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
         let entry = Entry::Session(record.clone());
-        self.cells.swap(key, None, None, Some(&entry)).await
+        let cell = self.cell_for(key);
+        let bytes = self.cells.codec().load().encode(key, &entry);
+        let index = self.indexed(&cell, &entry);
+        self.cells.swap(&cell, None, None, Some((&bytes, &index))).await
     }
 
     pub async fn update(
@@ -180,6 +285,11 @@ impl<C: Cells> Engine<C> {
             .filter(|(r, _)| r.deadline > now)
             .map(|(record, raw)| Current {
                 key: key.to_string(),
+                cell: if super::entry::is_named(raw) {
+                    Cell::of(key)
+                } else {
+                    Cell::legacy(key)
+                },
                 raw: raw.to_vec(),
                 record: record.clone(),
                 forwarded: false,
@@ -193,20 +303,11 @@ impl<C: Cells> Engine<C> {
                 },
             };
             let forwarded = cur.forwarded;
-            let old = Entry::Session(cur.record.clone());
-            let mut record = cur.record;
+            let mut record = cur.record.clone();
             let effect =
                 changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)?;
-            let swap = |new: Option<Entry>| {
-                let (key, raw, old) = (&cur.key, &cur.raw, &old);
-                async move {
-                    self.cells
-                        .swap(key, Some(raw), Some(old), new.as_ref())
-                        .await
-                }
-            };
             if effect.empty || (effect.save && record.deadline <= now) {
-                if swap(None).await? {
+                if self.replace(&cur, None).await? {
                     return Ok(Updated::Removed { forwarded });
                 }
                 continue;
@@ -218,7 +319,7 @@ impl<C: Cells> Engine<C> {
                 }
                 record.accessed = now;
                 record.deadline = policy.deadline(&record);
-                if swap(Some(Entry::Session(record))).await? {
+                if self.replace(&cur, Some(&Entry::Session(record))).await? {
                     return Ok(Updated::Unchanged { forwarded });
                 }
                 continue;
@@ -227,7 +328,7 @@ impl<C: Cells> Engine<C> {
             // A session a concurrent cycle already renamed (a double-clicked login) is not renamed
             // again: this change lands in it like any in-flight request's.
             let Some(next) = new_key.filter(|_| !forwarded) else {
-                if swap(Some(new)).await? {
+                if self.replace(&cur, Some(&new)).await? {
                     return Ok(Updated::Saved {
                         key: cur.key,
                         record,
@@ -237,7 +338,7 @@ impl<C: Cells> Engine<C> {
                 continue;
             };
             // Cycle: the new record first, then the old one becomes its forward in one swap.
-            if !self.cells.swap(next, None, None, Some(&new)).await? {
+            if !self.create(next, &record).await? {
                 return Err(
                     StoreError::Backend("a fresh session key was already taken".into()).into(),
                 );
@@ -247,7 +348,7 @@ impl<C: Cells> Engine<C> {
                 until: now + policy.forward_ttl.as_millis() as Millis,
                 retired: policy.retired_until(now),
             });
-            if swap(Some(forward)).await? {
+            if self.replace(&cur, Some(&forward)).await? {
                 return Ok(Updated::Saved {
                     key: next.to_string(),
                     record,
@@ -255,8 +356,9 @@ impl<C: Cells> Engine<C> {
                 });
             }
             // Someone changed the old record meanwhile: undo and start over with their change.
-            if let Some((raw, e)) = self.entry(next).await? {
-                self.cells.swap(next, Some(&raw), Some(&e), None).await?;
+            if let Some((cell, raw, e)) = self.entry(next).await? {
+                let index = self.indexed(&cell, &e);
+                self.cells.swap(&cell, Some(&raw), Some(&index), None).await?;
             }
         }
     }
@@ -271,14 +373,21 @@ impl<C: Cells> Engine<C> {
         // since the load; the load's deadline answers for plain expiry.
         if let Some(seen) = seen
             && seen.deadline > now
-            && self.cells.unchanged_since(key, seen.mark)
+            && self.cells.unchanged_since(&id::handle(key), seen.mark)
         {
             return Ok(Liveness::Live);
         }
         // Read on every read-only request: the head answers the common case, no parsing.
         let mut current = key.to_string();
         for hop in 0..=MAX_HOPS {
-            let Some(raw) = self.cells.get(&current).await? else {
+            let mut found = None;
+            for cell in [Cell::of(&current), Cell::legacy(&current)] {
+                if let Some(raw) = self.cells.get(&cell).await? {
+                    found = Some((cell, raw));
+                    break;
+                }
+            }
+            let Some((cell, raw)) = found else {
                 return Ok(Liveness::Ended);
             };
             match Head::read(&raw).map_err(corrupt)? {
@@ -289,16 +398,19 @@ impl<C: Cells> Engine<C> {
                         Liveness::Forwarded
                     });
                 }
-                Head::Moved { until } if until > now => match self.decode(&current, &raw)? {
-                    Some(Entry::Moved(m)) => match m.successor(now) {
-                        Some(next) => current = next.to_string(),
+                Head::Moved { until } if until > now => {
+                    match self.decode(&cell, Reader::Key(&current), &raw)? {
+                        Some(Decoded {
+                            entry: Entry::Moved(m),
+                            ..
+                        }) => match m.successor(now) {
+                            Some(next) => current = next.to_string(),
+                            None => return Ok(Liveness::Ended),
+                        },
+                        Some(_) => return Err(corrupt("head and body disagree".into())),
                         None => return Ok(Liveness::Ended),
-                    },
-                    Some(Entry::Session(_)) => {
-                        return Err(corrupt("head and body disagree".into()));
                     }
-                    None => return Ok(Liveness::Ended),
-                },
+                }
                 _ => return Ok(Liveness::Ended),
             }
         }
@@ -307,25 +419,24 @@ impl<C: Cells> Engine<C> {
 
     pub async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
         loop {
-            let Some((raw, old)) = self.entry(key).await? else {
-                return Ok(());
-            };
-            let Entry::Session(r) = &old else {
+            let Some((cell, raw, Entry::Session(r))) = self.entry(key).await? else {
                 return Ok(());
             };
             let policy = self.policy.load();
-            if r.deadline <= now || !policy.touch_due(r, now) {
+            if r.deadline <= now || !policy.touch_due(&r, now) {
                 return Ok(());
             }
             let mut record = r.clone();
             record.accessed = now;
             record.deadline = policy.deadline(&record);
-            let new = Entry::Session(record);
-            if self
-                .cells
-                .swap(key, Some(&raw), Some(&old), Some(&new))
-                .await?
-            {
+            let cur = Current {
+                key: key.to_string(),
+                cell,
+                raw,
+                record: r,
+                forwarded: false,
+            };
+            if self.replace(&cur, Some(&Entry::Session(record))).await? {
                 return Ok(());
             }
         }
@@ -354,12 +465,7 @@ impl<C: Cells> Engine<C> {
             let Some(cur) = self.resolve(key, now).await? else {
                 return Ok(false);
             };
-            let old = Entry::Session(cur.record);
-            if self
-                .cells
-                .swap(&cur.key, Some(&cur.raw), Some(&old), tombstone.as_ref())
-                .await?
-            {
+            if self.replace(&cur, tombstone.as_ref()).await? {
                 return Ok(true);
             }
         }
@@ -368,6 +474,86 @@ impl<C: Cells> Engine<C> {
     pub async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
         let until = self.policy.load().retired_until(now);
         self.end(key, now, (until > now).then_some(until)).await
+    }
+
+    /// The session stored in `cell`, as a reader without its key sees it, and its subject's
+    /// digest.
+    async fn stored(&self, cell: &Cell, now: Millis) -> Result<Option<(Vec<u8>, Record, Option<String>)>, StoreError> {
+        let Some(raw) = self.cells.get(cell).await? else {
+            return Ok(None);
+        };
+        match self.decode(cell, cell.reader(), &raw)? {
+            Some(Decoded {
+                entry: Entry::Session(r),
+                tag,
+            }) if r.deadline > now => Ok(Some((raw, r, tag))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Moves every legacy cell to its digest's cell (or removes it when expired or already
+    /// moved), so that the store stops naming its visitors; the sweeper calls it. A cell that
+    /// cannot be read is left, with an error in the log.
+    pub async fn migrate(&self, now: Millis) -> Result<usize, StoreError> {
+        if self.cells.codec().load().writes_legacy() {
+            return Ok(0);
+        }
+        let mut moved = 0;
+        let mut cursor = None;
+        loop {
+            let (page, next) = self.cells.legacy_page(cursor).await?;
+            for cell in page {
+                match self.migrate_one(&cell, now).await {
+                    Ok(true) => moved += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(handle = %cell.handle(), error = %e, "a session stored under its key in clear could not be moved to its digest");
+                    }
+                }
+            }
+            tokio::task::yield_now().await;
+            match next {
+                Some(n) => cursor = Some(n),
+                None => return Ok(moved),
+            }
+        }
+    }
+
+    async fn migrate_one(&self, cell: &Cell, now: Millis) -> Result<bool, StoreError> {
+        for _ in 0..8 {
+            let Some(raw) = self.cells.get(cell).await? else {
+                return Ok(false);
+            };
+            let entry = match self.cells.codec().load().read(Reader::Key(&cell.name), &raw) {
+                Ok(d) => Some(d.entry),
+                Err(DecodeError::Unopened(_)) => None,
+                Err(DecodeError::Corrupt(e)) => return Err(corrupt(e)),
+            };
+            let keep = entry.filter(|e| e.deadline() > now);
+            let old = match &keep {
+                Some(e) => self.indexed(cell, e),
+                None => Indexed {
+                    deadline: Head::read(&raw).map_or(0, |h| match h {
+                        Head::Session { deadline } => deadline,
+                        Head::Moved { until } => until,
+                    }),
+                    tag: None,
+                    session: true,
+                },
+            };
+            // Already moved (a crash between the two steps): the digest's cell wins.
+            let keep = match self.cells.get(&Cell::of(&cell.name)).await? {
+                Some(_) => None,
+                None => keep,
+            };
+            if self
+                .replace_raw(&cell.name, cell, &raw, &old, keep.as_ref())
+                .await?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -427,26 +613,66 @@ impl<C: Cells> Store for Engine<C> {
         Engine::retire(self, key, now).await
     }
 
-    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
-        let mut keys = Vec::new();
-        for key in self.cells.subject_members(subject).await? {
-            match Engine::load(self, &key, now).await? {
-                Some(r) if r.subject.as_deref() == Some(subject) => keys.push(key),
-                Some(_) => {}
-                None => self.cells.forget_member(subject, &key).await?,
+    async fn subject_sessions(
+        &self,
+        subject: &str,
+        now: Millis,
+    ) -> Result<Vec<(Cell, Record)>, StoreError> {
+        let codec = self.cells.codec().load_full();
+        let tags = codec.tags(subject);
+        let mut sets: Vec<(String, bool)> = tags.iter().map(|t| (t.clone(), false)).collect();
+        sets.push((subject.to_string(), true));
+        let mut found = Vec::new();
+        for (set, legacy) in sets {
+            for cell in self.cells.subject_members(&set, legacy).await? {
+                match self.stored(&cell, now).await? {
+                    Some((_, r, Some(tag))) if tag == set => found.push((cell, r)),
+                    Some(_) => {}
+                    None => self.cells.forget_member(&set, &cell).await?,
+                }
             }
         }
-        Ok(keys)
+        Ok(found)
     }
 
-    async fn find_handle(&self, handle: &str) -> Result<Option<String>, StoreError> {
-        self.cells
-            .find_key(&|key| super::id::handle(key) == handle)
-            .await
+    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError> {
+        self.cells.find_handle(handle).await
+    }
+
+    async fn load_stored(
+        &self,
+        cell: &Cell,
+        now: Millis,
+    ) -> Result<Option<(Record, bool)>, StoreError> {
+        Ok(self
+            .stored(cell, now)
+            .await?
+            .map(|(_, r, tag)| (r, tag.is_some())))
+    }
+
+    async fn remove_stored(&self, cell: &Cell) -> Result<bool, StoreError> {
+        loop {
+            let Some((raw, record, tag)) = self.stored(cell, Millis::MIN).await? else {
+                return Ok(false);
+            };
+            let old = Indexed {
+                deadline: record.deadline,
+                tag,
+                session: true,
+            };
+            if self.cells.swap(cell, Some(&raw), Some(&old), None).await? {
+                return Ok(true);
+            }
+        }
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
-        self.cells.sweep(now).await
+        // Moved first: a cell of the release before that has expired is removed on the way,
+        // with its subject index entry (in clear) gone with it.
+        let renamed = self.migrate(now).await?;
+        let mut swept = self.cells.sweep(now).await?;
+        swept.renamed = renamed;
+        Ok(swept)
     }
 
     async fn sync(&self) -> Result<(), StoreError> {

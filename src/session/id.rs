@@ -25,12 +25,22 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Length of a handle in characters.
 pub const HANDLE_LEN: usize = 16;
 
-/// The one-way name of a session that the admin interface shows instead of its key: the first
-/// 16 hex digits of SHA-256 of the key. It names a session without being able to open it.
-pub fn handle(key: &str) -> String {
+/// The name the store knows a session by: SHA-256 of its key, in hex. One-way: whoever reads the
+/// store (or a backup of it) learns no key, so no working cookie. A key has 256 random bits, so
+/// an unkeyed digest cannot be turned back by guessing (Rack stores its session ids the same way
+/// since CVE-2019-16782).
+pub fn digest(key: &str) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(key.as_bytes());
-    hex(&digest[..HANDLE_LEN / 2])
+    hex(&sha2::Sha256::digest(key.as_bytes()))
+}
+
+/// The one-way name of a session that the admin interface shows instead of its key: the first
+/// 16 hex digits of SHA-256 of the key, so the start of its [`digest`]. It names a session
+/// without being able to open it.
+pub fn handle(key: &str) -> String {
+    let mut d = digest(key);
+    d.truncate(HANDLE_LEN);
+    d
 }
 
 /// Whether `text` has the shape of a handle.

@@ -33,9 +33,9 @@ use redis::{
     AsyncCommands, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value,
 };
 
-use super::engine::{Cells, Engine};
-use super::entry::{Codec, Entry};
-use super::store::{Mark, StoreError, Swept};
+use super::engine::{Cells, Engine, Indexed};
+use super::entry::Codec;
+use super::store::{Cell, Mark, StoreError, Swept};
 use super::{Millis, Policy};
 
 /// Where the shared store is and how long to wait for it.
@@ -96,6 +96,8 @@ pub struct RedisCells {
     swap: Script,
     codec: ArcSwap<Codec>,
     replicas: Replicas,
+    /// A sweep found none of the release before's cells or subject sets left.
+    legacy_gone: std::sync::atomic::AtomicBool,
 }
 
 /// How many replicas must have a change before it is acknowledged (`WAIT`), and for how long
@@ -508,21 +510,21 @@ impl Link {
 const RESTART_PAUSE: Duration = Duration::from_millis(500);
 
 impl RedisCells {
-    /// SCANs one server for the first cell whose key `wanted` accepts; `node` picks a cluster
-    /// node by address.
+    /// SCANs one server for every key matching `pattern`; `node` picks a cluster node by
+    /// address.
     async fn scan_node(
         &self,
         mut conn: Conn,
         node: Option<(String, u16)>,
-        wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
-    ) -> Result<Option<String>, StoreError> {
-        let cells = format!("{}r:", self.prefix);
+        pattern: &str,
+        found: &mut Vec<String>,
+    ) -> Result<(), StoreError> {
         let mut cursor: u64 = 0;
         loop {
             let mut scan = redis::cmd("SCAN");
             scan.arg(cursor)
                 .arg("MATCH")
-                .arg(format!("{cells}*"))
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(1000);
             let (next, keys): (u64, Vec<String>) = match (&mut conn, &node) {
@@ -536,43 +538,75 @@ impl RedisCells {
                 }
                 _ => self.link.run(scan.query_async(&mut conn)).await?,
             };
-            if let Some(k) = keys
-                .iter()
-                .filter_map(|k| k.strip_prefix(&cells))
-                .find(|k| wanted(k))
-            {
-                return Ok(Some(k.to_string()));
-            }
+            found.extend(keys);
             if next == 0 {
-                return Ok(None);
+                return Ok(());
             }
             cursor = next;
         }
     }
 
-    fn cell(&self, key: &str) -> String {
-        format!("{}r:{key}", self.prefix)
+    /// Every key matching `pattern`, on every master of a cluster (SCAN walks one node).
+    async fn scan_all(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.link.get();
+        let mut found = Vec::new();
+        let Conn::Cluster(mut cluster) = conn.clone() else {
+            self.scan_node(conn, None, pattern, &mut found).await?;
+            return Ok(found);
+        };
+        let nodes: String = self
+            .link
+            .run(cluster.route_command(
+                redis::cmd("CLUSTER").arg("NODES").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            ))
+            .await
+            .and_then(|v| redis::from_redis_value(v).map_err(|e| backend(e.into())))?;
+        for line in nodes
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+        {
+            let Some((host, port)) = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|a| a.split('@').next())
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+            else {
+                continue;
+            };
+            self.scan_node(conn.clone(), Some((host, port)), pattern, &mut found)
+                .await?;
+        }
+        Ok(found)
     }
 
-    fn subject_set(&self, entry: Option<&Entry>) -> String {
-        match entry {
-            Some(Entry::Session(r)) => r
-                .subject
-                .as_deref()
-                .map(|s| format!("{}u:{s}", self.prefix))
-                .unwrap_or_default(),
-            _ => String::new(),
-        }
+    /// The Redis key of a cell: `{prefix}s:{digest}`, or the release before's
+    /// `{prefix}r:{session key}`.
+    fn cell(&self, cell: &Cell) -> String {
+        let kind = if cell.legacy { "r" } else { "s" };
+        format!("{}{kind}:{}", self.prefix, cell.name)
+    }
+
+    /// The Redis key of a subject set: `{prefix}t:{subject digest}`, or the release before's
+    /// `{prefix}u:{subject}`.
+    fn subject_set(&self, legacy: bool, index: Option<&Indexed>) -> String {
+        let kind = if legacy { "u" } else { "t" };
+        index
+            .and_then(|i| i.tag.as_deref())
+            .map(|t| format!("{}{kind}:{t}", self.prefix))
+            .unwrap_or_default()
     }
 }
 
 /// Whether replacing `old` with `new` may end a session a request in flight has loaded: it is
 /// removed, cycled (moved), or its expiry brought forward.
-fn ends(old: Option<&Entry>, new: Option<&Entry>) -> bool {
+fn ends(old: Option<&Indexed>, new: Option<&Indexed>) -> bool {
     match (old, new) {
         (None, _) => false,
-        (Some(_), None | Some(Entry::Moved(_))) => true,
-        (Some(old), Some(new)) => new.deadline() < old.deadline(),
+        (Some(_), None) => true,
+        (Some(_), Some(new)) if !new.session => true,
+        (Some(old), Some(new)) => new.deadline < old.deadline,
     }
 }
 
@@ -586,24 +620,29 @@ impl Cells for RedisCells {
         self.link.notices.mark()
     }
 
-    fn unchanged_since(&self, key: &str, mark: Mark) -> bool {
-        self.link.notices.unchanged_since(key, mark)
+    fn unchanged_since(&self, handle: &str, mark: Mark) -> bool {
+        self.link.notices.unchanged_since(handle, mark)
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn get(&self, cell: &Cell) -> Result<Option<Vec<u8>>, StoreError> {
         let mut conn = self.link.get();
-        self.link.run(conn.get(self.cell(key))).await
+        self.link.run(conn.get(self.cell(cell))).await
     }
 
     async fn swap(
         &self,
-        key: &str,
+        cell: &Cell,
         expected: Option<&[u8]>,
-        old: Option<&Entry>,
-        new: Option<&Entry>,
+        old: Option<&Indexed>,
+        new: Option<(&[u8], &Indexed)>,
     ) -> Result<bool, StoreError> {
         let mut conn = self.link.get();
-        let (old_set, new_set) = (self.subject_set(old), self.subject_set(new));
+        let new_index = new.map(|(_, i)| i);
+        let (old_set, new_set) = (
+            self.subject_set(cell.legacy, old),
+            self.subject_set(cell.legacy, new_index),
+        );
+        let key = cell.name.as_str();
         // On a cluster a script may touch only the keys it is given, all in one slot, and a
         // subject's set is in another slot than the cell: the set changes go around the script
         // instead, added before the swap and removed after it (a crash leaves an extra member,
@@ -623,25 +662,22 @@ impl Cells for RedisCells {
                 self.replicas.confirmed(acked)?;
             }
         }
-        let mut invocation = self.swap.key(self.cell(key));
+        let mut invocation = self.swap.key(self.cell(cell));
         invocation
             .arg(if expected.is_some() { "1" } else { "0" })
             .arg(expected.unwrap_or_default())
-            .arg(
-                new.map(|n| self.codec.load().encode(key, n))
-                    .unwrap_or_default(),
-            )
-            .arg(new.map_or(0, Entry::deadline).max(0) + EXPIRY_GRACE_MS)
+            .arg(new.map(|(bytes, _)| bytes).unwrap_or_default())
+            .arg(new_index.map_or(0, |i| i.deadline).max(0) + EXPIRY_GRACE_MS)
             .arg(key);
         if cluster {
             invocation.arg("").arg("");
         } else {
             invocation.arg(&old_set).arg(&new_set);
         }
-        if ends(old, new) {
+        if ends(old, new_index) {
             invocation
                 .arg(self.link.notices.channel.as_str())
-                .arg(super::id::handle(key));
+                .arg(cell.handle());
         } else {
             invocation.arg("").arg("");
         }
@@ -685,64 +721,78 @@ impl Cells for RedisCells {
         unreachable!("the second attempt returns")
     }
 
-    async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError> {
+    async fn subject_members(&self, tag: &str, legacy: bool) -> Result<Vec<Cell>, StoreError> {
         let mut conn = self.link.get();
-        self.link
-            .run(conn.smembers(format!("{}u:{subject}", self.prefix)))
-            .await
-    }
-
-    async fn find_key(
-        &self,
-        wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
-    ) -> Result<Option<String>, StoreError> {
-        let conn = self.link.get();
-        let Conn::Cluster(mut cluster) = conn.clone() else {
-            return self.scan_node(conn, None, wanted).await;
-        };
-        // SCAN walks one node's keys: on a cluster, walk every master's.
-        let nodes: String = self
+        let kind = if legacy { "u" } else { "t" };
+        let names: Vec<String> = self
             .link
-            .run(cluster.route_command(
-                redis::cmd("CLUSTER").arg("NODES").clone(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            ))
-            .await
-            .and_then(|v| redis::from_redis_value(v).map_err(|e| backend(e.into())))?;
-        for line in nodes
-            .lines()
-            .filter(|l| l.contains("master") && !l.contains("fail"))
-        {
-            let Some((host, port)) = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|a| a.split('@').next())
-                .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-            else {
-                continue;
-            };
-            if let Some(k) = self
-                .scan_node(conn.clone(), Some((host, port)), wanted)
-                .await?
-            {
-                return Ok(Some(k));
-            }
-        }
-        Ok(None)
+            .run(conn.smembers(format!("{}{kind}:{tag}", self.prefix)))
+            .await?;
+        Ok(names
+            .into_iter()
+            .map(|name| Cell { name, legacy })
+            .collect())
     }
 
-    async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError> {
+    /// A SCAN for the cells whose digest starts with the handle (Redis has no ordered seek),
+    /// then, while any are left, for the release before's cells.
+    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError> {
+        let current = format!("{}s:", self.prefix);
+        let found = self.scan_all(&format!("{current}{handle}*")).await?;
+        if let Some(name) = found.iter().find_map(|k| k.strip_prefix(&current)) {
+            return Ok(Some(Cell {
+                name: name.to_string(),
+                legacy: false,
+            }));
+        }
+        let (legacy, _) = self.legacy_page(None).await?;
+        Ok(legacy.into_iter().find(|c| c.handle() == handle))
+    }
+
+    /// One page: the release before's cells are few and gone after one sweep of a new release.
+    async fn legacy_page(
+        &self,
+        _cursor: Option<String>,
+    ) -> Result<(Vec<Cell>, Option<String>), StoreError> {
+        if self.legacy_gone.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok((Vec::new(), None));
+        }
+        let prefix = format!("{}r:", self.prefix);
+        let names = self.scan_all(&format!("{prefix}*")).await?;
+        Ok((
+            names
+                .iter()
+                .filter_map(|k| k.strip_prefix(&prefix))
+                .map(Cell::legacy)
+                .collect(),
+            None,
+        ))
+    }
+
+    async fn forget_member(&self, tag: &str, cell: &Cell) -> Result<(), StoreError> {
         let mut conn = self.link.get();
+        let kind = if cell.legacy { "u" } else { "t" };
         let _: i64 = self
             .link
-            .run(conn.srem(format!("{}u:{subject}", self.prefix), key))
+            .run(conn.srem(format!("{}{kind}:{tag}", self.prefix), &cell.name))
             .await?;
         Ok(())
     }
 
+    /// Redis expires every cell at its deadline by itself. What is left to do is the release
+    /// before's subject sets (subjects in clear): once none of its cells is left, they go.
     async fn sweep(&self, _now: Millis) -> Result<Swept, StoreError> {
-        // Redis expires every cell at its deadline by itself.
+        use std::sync::atomic::Ordering;
+        if self.legacy_gone.load(Ordering::Relaxed) || self.codec.load().writes_legacy() {
+            return Ok(Swept::default());
+        }
+        if self.scan_all(&format!("{}r:*", self.prefix)).await?.is_empty() {
+            let mut conn = self.link.get();
+            for set in self.scan_all(&format!("{}u:*", self.prefix)).await? {
+                let _: i64 = self.link.run(conn.del(&set)).await?;
+            }
+            self.legacy_gone.store(true, Ordering::Relaxed);
+        }
         Ok(Swept::default())
     }
 
@@ -863,6 +913,7 @@ impl RedisStore {
                     wanted: cfg.wait_replicas,
                     timeout: cfg.wait_timeout,
                 },
+                legacy_gone: std::sync::atomic::AtomicBool::new(false),
             },
             policy: ArcSwap::new(policy),
             max_bytes,
@@ -1016,18 +1067,17 @@ mod tests {
 
     #[test]
     fn only_ends_cycles_and_shortened_expiries_are_announced() {
-        use crate::session::entry::Moved;
-        let record = |deadline| {
-            let mut r = crate::session::Record::new(0);
-            r.deadline = deadline;
-            Entry::Session(r)
+        let record = |deadline| Indexed {
+            deadline,
+            tag: None,
+            session: true,
         };
         let (long, short) = (record(10_000), record(5_000));
-        let moved = Entry::Moved(Moved {
-            to: "new".into(),
-            until: 20_000,
-            retired: 0,
-        });
+        let moved = Indexed {
+            deadline: 20_000,
+            tag: None,
+            session: false,
+        };
         assert!(!ends(None, Some(&long)), "a new session");
         assert!(!ends(Some(&short), Some(&long)), "extended");
         assert!(!ends(Some(&long), Some(&long)), "same deadline");

@@ -257,23 +257,23 @@ impl Sessions {
         limit: usize,
         now: Millis,
     ) -> Result<(), Refused> {
-        let keys = self.store.subject_keys(subject, now).await?;
-        if keys.len() <= limit {
+        let found = self.store.subject_sessions(subject, now).await?;
+        if found.len() <= limit {
             return Ok(());
         }
-        let mut others = Vec::new();
-        for key in keys.into_iter().filter(|k| Some(k.as_str()) != kept) {
-            if let Some(r) = self.store.load(&key, now).await? {
-                others.push((r.created, key));
-            }
-        }
+        let kept = kept.map(id::handle);
+        let mut others: Vec<_> = found
+            .into_iter()
+            .filter(|(cell, _)| Some(cell.handle()) != kept)
+            .map(|(cell, r)| (r.created, cell.handle(), cell))
+            .collect();
         // Newest first; the tagged session counts as one of the `limit`.
-        others.sort_by(|a, b| b.cmp(a));
+        others.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
         let room = limit.saturating_sub(usize::from(kept.is_some()));
-        for (_, key) in others.into_iter().skip(room) {
-            if self.store.remove(&key).await? {
+        for (_, handle, cell) in others.into_iter().skip(room) {
+            if self.store.remove_stored(&cell).await? {
                 tracing::info!(
-                    handle = %id::handle(&key),
+                    %handle,
                     "session ended: its subject is over max_sessions_per_subject"
                 );
             }

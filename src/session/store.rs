@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use std::sync::Arc;
 
 use super::changes::{Change, TooLarge};
-use super::entry::Codec;
+use super::entry::{Codec, Reader};
+use super::id;
 use super::{Millis, Policy, Record};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,50 @@ pub enum Updated {
         record: Record,
         forwarded: bool,
     },
+}
+
+/// Where one entry is stored: under the digest of its session key, or (`legacy`) under the key
+/// itself, as the release before stored it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Cell {
+    pub name: String,
+    pub legacy: bool,
+}
+
+impl Cell {
+    /// The cell of `key`'s session.
+    pub fn of(key: &str) -> Cell {
+        Cell {
+            name: id::digest(key),
+            legacy: false,
+        }
+    }
+
+    /// Where the release before kept `key`'s session.
+    pub fn legacy(key: &str) -> Cell {
+        Cell {
+            name: key.to_string(),
+            legacy: true,
+        }
+    }
+
+    /// The session's handle (the admin's one-way name): the start of its digest.
+    pub fn handle(&self) -> String {
+        if self.legacy {
+            id::handle(&self.name)
+        } else {
+            self.name[..id::HANDLE_LEN.min(self.name.len())].to_string()
+        }
+    }
+
+    /// How a reader without the key opens it (legacy cells are named by the key).
+    pub(crate) fn reader(&self) -> Reader<'_> {
+        if self.legacy {
+            Reader::Key(&self.name)
+        } else {
+            Reader::Digest(&self.name)
+        }
+    }
 }
 
 /// What a key a request presents reaches.
@@ -94,6 +139,8 @@ pub struct Seen {
 pub struct Swept {
     pub sessions: usize,
     pub forwards: usize,
+    /// Sessions moved from a name in clear (the release before's) to their digest's.
+    pub renamed: usize,
 }
 
 #[async_trait]
@@ -149,12 +196,24 @@ pub trait Store: Send + Sync + 'static {
     /// (a flush); `false` if there was none.
     async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError>;
 
-    /// The keys of the live sessions tagged with `subject`.
-    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError>;
+    /// The live sessions tagged with `subject`, as a reader without their keys sees them (their
+    /// `subject` is not shown: the caller named it).
+    async fn subject_sessions(
+        &self,
+        subject: &str,
+        now: Millis,
+    ) -> Result<Vec<(Cell, Record)>, StoreError>;
 
-    /// The key of the stored session whose [`handle`](super::id::handle) is `handle`, if any.
-    /// Admin-only: it may scan the store.
-    async fn find_handle(&self, handle: &str) -> Result<Option<String>, StoreError>;
+    /// The stored session whose [`handle`](super::id::handle) is `handle`, if any.
+    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError>;
+
+    /// The live session in `cell` as a reader without its key sees it (no subject), and
+    /// whether it is tagged with one.
+    async fn load_stored(&self, cell: &Cell, now: Millis)
+    -> Result<Option<(Record, bool)>, StoreError>;
+
+    /// Ends the session in `cell` (an operator's revoke); `false` if there was none.
+    async fn remove_stored(&self, cell: &Cell) -> Result<bool, StoreError>;
 
     /// Removes records whose deadline has passed.
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError>;

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use session_sidecar::session::changes::Change;
 use session_sidecar::session::store::{
-    Liveness, Lookup, Mark, Seen as Loaded, Store, StoreError, Swept, UpdateError, Updated,
+    Cell, Liveness, Lookup, Mark, Seen as Loaded, Store, StoreError, Swept, UpdateError, Updated,
 };
 use session_sidecar::session::{ManualClock, Millis, Record};
 use session_sidecar::{Config, Deps};
@@ -314,13 +314,29 @@ impl Store for Faulty {
         self.check()?;
         self.inner.retire(key, now).await
     }
-    async fn subject_keys(&self, subject: &str, now: Millis) -> Result<Vec<String>, StoreError> {
+    async fn subject_sessions(
+        &self,
+        subject: &str,
+        now: Millis,
+    ) -> Result<Vec<(Cell, Record)>, StoreError> {
         self.check()?;
-        self.inner.subject_keys(subject, now).await
+        self.inner.subject_sessions(subject, now).await
     }
-    async fn find_handle(&self, handle: &str) -> Result<Option<String>, StoreError> {
+    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError> {
         self.check()?;
         self.inner.find_handle(handle).await
+    }
+    async fn load_stored(
+        &self,
+        cell: &Cell,
+        now: Millis,
+    ) -> Result<Option<(Record, bool)>, StoreError> {
+        self.check()?;
+        self.inner.load_stored(cell, now).await
+    }
+    async fn remove_stored(&self, cell: &Cell) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.remove_stored(cell).await
     }
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
         self.check()?;
@@ -334,6 +350,19 @@ impl Store for Faulty {
         self.check()?;
         self.inner.ping().await
     }
+}
+
+/// The handles of `subject`'s live sessions, sorted (the store knows no keys to list).
+pub async fn subject_handles(store: &Arc<dyn Store>, subject: &str, now: Millis) -> Vec<String> {
+    let mut handles: Vec<String> = store
+        .subject_sessions(subject, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(cell, _)| cell.handle())
+        .collect();
+    handles.sort();
+    handles
 }
 
 /// A running sidecar in front of an app.

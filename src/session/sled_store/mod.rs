@@ -1,7 +1,11 @@
 //! The embedded store: sled, one process per directory.
 //!
-//! Sessions live in the `records` tree, one compare-and-swap cell per key; the shared
+//! Sessions live in the `sessions` tree, one compare-and-swap cell per key digest; the shared
 //! [`Engine`](super::engine::Engine) does the merge, cycle and no-resurrection logic on top.
+//! Its indexes are `deadlines` (expiry) and `tagged` (subject digest → cells). The release
+//! before kept sessions under their keys in clear in `records`, with `expiry` and `subjects`
+//! (subjects in clear): those trees are still read, and emptied by the sweeper as their cells
+//! move to their digests.
 //! (sled's multi-tree transactions take a process-wide write lock and, once used, put every
 //! other operation behind a read lock; single-key CAS keeps reads and writes concurrent.)
 //!
@@ -28,9 +32,9 @@ use commit::{Committer, spawn_committer};
 pub use index::BUCKET_MS;
 use index::{index_end, index_key, subject_key};
 
-use super::engine::{Cells, Engine};
-use super::entry::{Codec, Entry, Head};
-use super::store::{StoreError, Swept};
+use super::engine::{Cells, Engine, Indexed};
+use super::entry::{Codec, Head};
+use super::store::{Cell, StoreError, Swept};
 use super::{Millis, Policy};
 
 /// What the embedded store needs to open.
@@ -47,17 +51,22 @@ pub struct SledSettings {
 /// The embedded store: the shared [`Engine`] over sled's cells.
 pub type SledStore = Engine<SledCells>;
 
-/// The database, its three trees (the cells are the `records` tree's entries) and the
-/// group-commit thread.
+/// The database, its trees and the group-commit thread.
 pub struct SledCells {
     db: sled::Db,
-    records: sled::Tree,
-    index: sled::Tree,
-    subjects: sled::Tree,
+    current: Trees,
+    legacy: Trees,
     committer: Option<Committer>,
     /// Lock stripes, by key hash: one key's index writes and swap happen as one step.
     stripes: Box<[std::sync::Mutex<()>]>,
     codec: ArcSwap<Codec>,
+}
+
+/// A cell tree and its two indexes.
+struct Trees {
+    records: sled::Tree,
+    index: sled::Tree,
+    subjects: sled::Tree,
 }
 
 const STRIPES: usize = 64;
@@ -106,9 +115,16 @@ impl SledStore {
                 reason: format!("preparing durable commits: {e}"),
             })?;
         let cells = SledCells {
-            records: tree("records")?,
-            index: tree("expiry")?,
-            subjects: tree("subjects")?,
+            current: Trees {
+                records: tree("sessions")?,
+                index: tree("deadlines")?,
+                subjects: tree("tagged")?,
+            },
+            legacy: Trees {
+                records: tree("records")?,
+                index: tree("expiry")?,
+                subjects: tree("subjects")?,
+            },
             db,
             committer,
             stripes: (0..STRIPES).map(|_| std::sync::Mutex::new(())).collect(),
@@ -129,82 +145,80 @@ impl SledStore {
 
     /// Number of entries (sessions and forwards, live or not yet swept).
     pub fn len(&self) -> usize {
-        self.cells.records.len()
+        self.cells.current.records.len() + self.cells.legacy.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cells.records.is_empty()
+        self.len() == 0
     }
 }
 
 impl SledCells {
-    fn stripe(&self, key: &str) -> std::sync::MutexGuard<'_, ()> {
+    fn trees(&self, cell: &Cell) -> &Trees {
+        if cell.legacy { &self.legacy } else { &self.current }
+    }
+
+    fn stripe(&self, name: &str) -> std::sync::MutexGuard<'_, ()> {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(name);
         // A panic while holding a stripe leaves nothing half-done that the lock protects.
         self.stripes[h as usize % STRIPES]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The swap of [`Cells::swap`], synchronously, under the key's stripe.
+    /// The swap of [`Cells::swap`], synchronously, under the cell's stripe.
     fn swap_now(
         &self,
-        key: &str,
+        cell: &Cell,
         expected: Option<&[u8]>,
-        old: Option<&Entry>,
-        new: Option<&Entry>,
+        old: Option<&Indexed>,
+        new: Option<(&[u8], &Indexed)>,
     ) -> Result<bool, StoreError> {
-        let _stripe = self.stripe(key);
-        if let Some(n) = new {
-            self.index_new(key, old, n)?;
+        let _stripe = self.stripe(&cell.name);
+        let trees = self.trees(cell);
+        let key = cell.name.as_str();
+        if let Some((_, n)) = new {
+            trees.index_new(key, old, n)?;
         }
-        let swapped = self
+        let swapped = trees
             .records
-            .compare_and_swap(key, expected, new.map(|n| self.codec.load().encode(key, n)))
+            .compare_and_swap(key, expected, new.map(|(bytes, _)| bytes))
             .map_err(backend)?
             .is_ok();
         if swapped && let Some(o) = old {
-            self.unindex_old(key, o, new)?;
+            trees.unindex_old(key, o, new.map(|(_, n)| n))?;
         }
         Ok(swapped)
     }
+}
 
+impl Trees {
     /// Index entries the new state needs, written before the CAS that installs it.
-    fn index_new(&self, key: &str, old: Option<&Entry>, new: &Entry) -> Result<(), StoreError> {
-        if old.is_none_or(|o| index_key(o.deadline(), key) != index_key(new.deadline(), key)) {
+    fn index_new(&self, key: &str, old: Option<&Indexed>, new: &Indexed) -> Result<(), StoreError> {
+        if old.is_none_or(|o| index_key(o.deadline, key) != index_key(new.deadline, key)) {
             self.index
-                .insert(index_key(new.deadline(), key), &[])
+                .insert(index_key(new.deadline, key), &[])
                 .map_err(backend)?;
         }
-        if let Entry::Session(r) = new {
-            let old_subject = match old {
-                Some(Entry::Session(o)) => o.subject.as_deref(),
-                _ => None,
-            };
-            if let Some(s) = r.subject.as_deref().filter(|s| Some(*s) != old_subject) {
-                self.subjects
-                    .insert(subject_key(s, key), &[])
-                    .map_err(backend)?;
-            }
+        let old_tag = old.and_then(|o| o.tag.as_deref());
+        if let Some(t) = new.tag.as_deref().filter(|t| Some(*t) != old_tag) {
+            self.subjects
+                .insert(subject_key(t, key), &[])
+                .map_err(backend)?;
         }
         Ok(())
     }
 
     /// Index entries the old state no longer needs, removed after the CAS that replaced it.
-    fn unindex_old(&self, key: &str, old: &Entry, new: Option<&Entry>) -> Result<(), StoreError> {
-        let old_index = index_key(old.deadline(), key);
-        if new.is_none_or(|n| index_key(n.deadline(), key) != old_index) {
+    fn unindex_old(&self, key: &str, old: &Indexed, new: Option<&Indexed>) -> Result<(), StoreError> {
+        let old_index = index_key(old.deadline, key);
+        if new.is_none_or(|n| index_key(n.deadline, key) != old_index) {
             self.index.remove(old_index).map_err(backend)?;
         }
-        if let Entry::Session(o) = old {
-            let new_subject = match new {
-                Some(Entry::Session(n)) => n.subject.as_deref(),
-                _ => None,
-            };
-            if let Some(s) = o.subject.as_deref().filter(|s| Some(*s) != new_subject) {
-                self.subjects.remove(subject_key(s, key)).map_err(backend)?;
-            }
+        let new_tag = new.and_then(|n| n.tag.as_deref());
+        if let Some(t) = old.tag.as_deref().filter(|t| Some(*t) != new_tag) {
+            self.subjects.remove(subject_key(t, key)).map_err(backend)?;
         }
         Ok(())
     }
@@ -216,19 +230,22 @@ impl SledCells {
     /// skipped with an error in the log: one bad record must not stop the sweeper.
     fn sweep_one(
         &self,
+        legacy: bool,
         entry_key: &[u8],
         now: Millis,
         swept: &mut Swept,
     ) -> Result<(), StoreError> {
-        let key = String::from_utf8_lossy(&entry_key[8..]).into_owned();
-        let Some(raw) = self.records.get(&key).map_err(backend)? else {
-            return self.index.remove(entry_key).map(|_| ()).map_err(backend);
+        let name = String::from_utf8_lossy(&entry_key[8..]).into_owned();
+        let cell = Cell { name, legacy };
+        let trees = self.trees(&cell);
+        let Some(raw) = trees.records.get(&cell.name).map_err(backend)? else {
+            return trees.index.remove(entry_key).map(|_| ()).map_err(backend);
         };
         let head = match Head::read(&raw) {
             Ok(head) => head,
             Err(e) => {
-                tracing::error!(handle = %super::id::handle(&key), error = %e, "unreadable session record left in place; its index entry is dropped");
-                return self.index.remove(entry_key).map(|_| ()).map_err(backend);
+                tracing::error!(handle = %cell.handle(), error = %e, "unreadable session record left in place; its index entry is dropped");
+                return trees.index.remove(entry_key).map(|_| ()).map_err(backend);
             }
         };
         let deadline = match head {
@@ -236,26 +253,62 @@ impl SledCells {
             Head::Moved { until } => until,
         };
         if deadline <= now {
-            let entry = self.codec.load().decode(&key, &raw);
-            if let Err(e) = &entry {
-                tracing::error!(handle = %super::id::handle(&key), error = %e, "removing an expired session record that cannot be decoded");
-            }
-            if self.swap_now(&key, Some(&raw), entry.as_ref().ok(), None)? {
+            let tag = match self.codec.load().read(cell.reader(), &raw) {
+                Ok(d) => d.tag,
+                Err(e) => {
+                    tracing::error!(handle = %cell.handle(), error = %e, "removing an expired session record that cannot be decoded");
+                    None
+                }
+            };
+            let old = Indexed {
+                deadline,
+                tag,
+                session: matches!(head, Head::Session { .. }),
+            };
+            if self.swap_now(&cell, Some(&raw), Some(&old), None)? {
                 match head {
                     Head::Session { .. } => swept.sessions += 1,
                     Head::Moved { .. } => swept.forwards += 1,
                 }
             }
-            return self.index.remove(entry_key).map(|_| ()).map_err(backend);
+            return trees.index.remove(entry_key).map(|_| ()).map_err(backend);
         }
         // Not expired yet: keep the entry if it is the record's current one; otherwise it is
         // stale (the record moved on) and the current one must exist instead.
-        let current = index_key(deadline, &key);
+        let current = index_key(deadline, &cell.name);
         if current[..] != entry_key[..] {
-            self.index.insert(current, &[]).map_err(backend)?;
-            self.index.remove(entry_key).map_err(backend)?;
+            trees.index.insert(current, &[]).map_err(backend)?;
+            trees.index.remove(entry_key).map_err(backend)?;
         }
         Ok(())
+    }
+
+    /// Sweeps one expiry index (the current or the legacy one).
+    async fn sweep_index(&self, legacy: bool, now: Millis, swept: &mut Swept) -> Result<(), StoreError> {
+        let index = if legacy { &self.legacy.index } else { &self.current.index };
+        // Deadlines up to `now` sit in buckets up to one bucket past it; the exact deadline
+        // decides. Entries kept (not yet expired) are stepped over, not read again.
+        let end = index_end(now.saturating_add(BUCKET_MS));
+        let mut start: Vec<u8> = Vec::new();
+        loop {
+            let batch: Vec<sled::IVec> = index
+                .range(start.clone()..end.to_vec())
+                .keys()
+                .take(256)
+                .collect::<Result<_, _>>()
+                .map_err(backend)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for entry_key in batch {
+                self.sweep_one(legacy, &entry_key, now, swept)?;
+                start = entry_key.to_vec();
+                start.push(0);
+            }
+            // sled's calls block; a long sweep must leave the worker to the requests between
+            // batches.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -265,39 +318,54 @@ impl Cells for SledCells {
         &self.codec
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.records.get(key).map_err(backend)?.map(|v| v.to_vec()))
+    async fn get(&self, cell: &Cell) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .trees(cell)
+            .records
+            .get(&cell.name)
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
     }
 
     async fn swap(
         &self,
-        key: &str,
+        cell: &Cell,
         expected: Option<&[u8]>,
-        old: Option<&Entry>,
-        new: Option<&Entry>,
+        old: Option<&Indexed>,
+        new: Option<(&[u8], &Indexed)>,
     ) -> Result<bool, StoreError> {
-        self.swap_now(key, expected, old, new)
+        self.swap_now(cell, expected, old, new)
     }
 
-    async fn subject_members(&self, subject: &str) -> Result<Vec<String>, StoreError> {
-        let mut keys = Vec::new();
-        for item in self.subjects.scan_prefix(subject_key(subject, "")) {
+    async fn subject_members(&self, tag: &str, legacy: bool) -> Result<Vec<Cell>, StoreError> {
+        let trees = if legacy { &self.legacy } else { &self.current };
+        let mut cells = Vec::new();
+        for item in trees.subjects.scan_prefix(subject_key(tag, "")) {
             let (k, _) = item.map_err(backend)?;
-            keys.push(String::from_utf8_lossy(&k[subject.len() + 1..]).into_owned());
+            cells.push(Cell {
+                name: String::from_utf8_lossy(&k[tag.len() + 1..]).into_owned(),
+                legacy,
+            });
         }
-        Ok(keys)
+        Ok(cells)
     }
 
-    async fn find_key(
-        &self,
-        wanted: &(dyn for<'k> Fn(&'k str) -> bool + Sync),
-    ) -> Result<Option<String>, StoreError> {
-        for (i, key) in self.records.iter().keys().enumerate() {
+    /// A direct seek: a handle is the start of the digest the cell is named by. The release
+    /// before's cells are walked (the sweeper empties that tree).
+    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError> {
+        if let Some(item) = self.current.records.scan_prefix(handle).keys().next() {
+            let name = item.map_err(backend)?;
+            return Ok(Some(Cell {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                legacy: false,
+            }));
+        }
+        for (i, key) in self.legacy.records.iter().keys().enumerate() {
             let key = key.map_err(backend)?;
             if let Ok(key) = std::str::from_utf8(&key)
-                && wanted(key)
+                && super::id::handle(key) == handle
             {
-                return Ok(Some(key.to_string()));
+                return Ok(Some(Cell::legacy(key)));
             }
             if i % 1024 == 1023 {
                 tokio::task::yield_now().await;
@@ -306,39 +374,43 @@ impl Cells for SledCells {
         Ok(None)
     }
 
-    async fn forget_member(&self, subject: &str, key: &str) -> Result<(), StoreError> {
-        self.subjects
-            .remove(subject_key(subject, key))
+    async fn legacy_page(
+        &self,
+        cursor: Option<String>,
+    ) -> Result<(Vec<Cell>, Option<String>), StoreError> {
+        let start = cursor.unwrap_or_default();
+        let page: Vec<Cell> = self
+            .legacy
+            .records
+            .range(start.as_bytes()..)
+            .keys()
+            .take(256)
+            .map(|k| k.map(|k| Cell::legacy(&String::from_utf8_lossy(&k))))
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        let next = (page.len() == 256).then(|| format!("{}\0", page[255].name));
+        Ok((page, next))
+    }
+
+    async fn forget_member(&self, tag: &str, cell: &Cell) -> Result<(), StoreError> {
+        self.trees(cell)
+            .subjects
+            .remove(subject_key(tag, &cell.name))
             .map(|_| ())
             .map_err(backend)
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
         let mut swept = Swept::default();
-        // Deadlines up to `now` sit in buckets up to one bucket past it; the exact deadline
-        // decides. Entries kept (not yet expired) are stepped over, not read again.
-        let end = index_end(now.saturating_add(BUCKET_MS));
-        let mut start: Vec<u8> = Vec::new();
-        loop {
-            let batch: Vec<sled::IVec> = self
-                .index
-                .range(start.clone()..end.to_vec())
-                .keys()
-                .take(256)
-                .collect::<Result<_, _>>()
-                .map_err(backend)?;
-            if batch.is_empty() {
-                return Ok(swept);
-            }
-            for entry_key in batch {
-                self.sweep_one(&entry_key, now, &mut swept)?;
-                start = entry_key.to_vec();
-                start.push(0);
-            }
-            // sled's calls block; a long sweep must leave the worker to the requests between
-            // batches.
-            tokio::task::yield_now().await;
+        self.sweep_index(false, now, &mut swept).await?;
+        self.sweep_index(true, now, &mut swept).await?;
+        // Every cell of the release before is gone: whatever its indexes still hold (entries a
+        // crash left, subjects in clear) goes too.
+        if self.legacy.records.is_empty() {
+            self.legacy.index.clear().map_err(backend)?;
+            self.legacy.subjects.clear().map_err(backend)?;
         }
+        Ok(swept)
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
