@@ -200,8 +200,7 @@ impl Admin {
             Method::DELETE => {
                 let ended = match &named {
                     Named::Key(key) => {
-                        self.store.load(key, now).await?.is_some()
-                            && self.store.remove(key).await?
+                        self.store.load(key, now).await?.is_some() && self.store.remove(key).await?
                     }
                     Named::Stored(cell) => {
                         self.store.load_stored(cell, now).await?.is_some()

@@ -378,7 +378,11 @@ impl Store for Metered {
         subject: &str,
         now: Millis,
     ) -> Result<Vec<(Cell, Record)>, StoreError> {
-        metered!(self, "subject_keys", self.inner.subject_sessions(subject, now))
+        metered!(
+            self,
+            "subject_keys",
+            self.inner.subject_sessions(subject, now)
+        )
     }
     async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError> {
         metered!(self, "find_handle", self.inner.find_handle(handle))

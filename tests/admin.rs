@@ -152,7 +152,11 @@ async fn a_session_can_be_shown_and_ended_by_key_or_cookie_value() {
         assert_eq!(shown["data"], json!({"user": "ann"}));
         // By handle the store cannot name the subject (it keeps it only for the key's holder):
         // it says the session has one.
-        let subject = if id == &key { json!(null) } else { json!("ann") };
+        let subject = if id == &key {
+            json!(null)
+        } else {
+            json!("ann")
+        };
         assert_eq!(shown["subject"], subject, "{id}");
         assert_eq!(shown["tagged"], json!(true));
         for field in ["created", "last_activity", "expires"] {

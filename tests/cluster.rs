@@ -219,12 +219,22 @@ async fn with_wait_replicas_each_change_waits_for_its_masters_replica() {
         .await
         .unwrap();
     let key = cookie_value(&set_cookies(&resp)[0]);
-    let cell_master = cluster.master_of(&format!("cwait:r:{key}"));
+    // The store's names: the key's digest, the subject's digest (no secret here).
+    let cell_master = cluster.master_of(&format!(
+        "cwait:s:{}",
+        session_sidecar::session::id::digest(&key)
+    ));
+    let set_of = |s: &str| {
+        format!(
+            "cwait:t:{}",
+            session_sidecar::session::entry::Codec::plain().tag(s)
+        )
+    };
     let subject = (0..)
         .map(|i| format!("other{i}"))
-        .find(|s| cluster.master_of(&format!("cwait:u:{s}")) != cell_master)
+        .find(|s| cluster.master_of(&set_of(s)) != cell_master)
         .unwrap();
-    let set_replica = cluster.replicas_of(cluster.master_of(&format!("cwait:u:{subject}")));
+    let set_replica = cluster.replicas_of(cluster.master_of(&set_of(&subject)));
     assert_eq!(set_replica.len(), 1);
     let pid = set_replica[0].1.to_string();
     let as_visitor = async |reply_headers: &[(&str, &str)]| {

@@ -617,7 +617,7 @@ async fn on_redis_the_check_after_a_load_reads_only_when_a_notice_came() {
     // The cell deleted behind the sidecars' back (no notice): the check with the load's mark
     // does not read, so it still says live; without a mark it reads and finds it gone. (A
     // session only ends through a sidecar, or by its deadline, which the load read.)
-    let deleted = common::redis_cli(server.port, &["DEL", &format!("fast:r:{k}")]);
+    let deleted = common::redis_cli(server.port, &["DEL", &format!("fast:s:{}", id::digest(&k))]);
     assert_eq!(deleted, "1");
     assert_eq!(
         s.liveness(&k, t0() + 2, seen).await.unwrap(),

@@ -120,7 +120,12 @@ impl<C: Cells> Engine<C> {
     /// The entry stored as `raw`, as `reader` opens it. A sealed record no configured key opens
     /// reads as no record, as Django reads session data whose signature fails: the visitor is
     /// new, and the log says why. A damaged record is an error.
-    fn decode(&self, cell: &Cell, reader: Reader<'_>, raw: &[u8]) -> Result<Option<Decoded>, StoreError> {
+    fn decode(
+        &self,
+        cell: &Cell,
+        reader: Reader<'_>,
+        raw: &[u8],
+    ) -> Result<Option<Decoded>, StoreError> {
         match self.cells.codec().load().read(reader, raw) {
             Ok(decoded) => Ok(Some(decoded)),
             Err(DecodeError::Unopened(why)) => {
@@ -172,7 +177,8 @@ impl<C: Cells> Engine<C> {
     /// written first, then the legacy one removed if unchanged, else the new one taken back.
     async fn replace(&self, cur: &Current, new: Option<&Entry>) -> Result<bool, StoreError> {
         let old = self.indexed(&cur.cell, &Entry::Session(cur.record.clone()));
-        self.replace_raw(&cur.key, &cur.cell, &cur.raw, &old, new).await
+        self.replace_raw(&cur.key, &cur.cell, &cur.raw, &old, new)
+            .await
     }
 
     async fn replace_raw(
@@ -184,14 +190,21 @@ impl<C: Cells> Engine<C> {
         new: Option<&Entry>,
     ) -> Result<bool, StoreError> {
         let codec = self.cells.codec().load();
-        let target = if cell.legacy { self.cell_for(key) } else { cell.clone() };
+        let target = if cell.legacy {
+            self.cell_for(key)
+        } else {
+            cell.clone()
+        };
         let encoded = new.map(|n| (codec.encode(key, n), self.indexed(&target, n)));
         if target == *cell {
             let new = encoded.as_ref().map(|(b, i)| (&b[..], i));
             return self.cells.swap(cell, Some(raw), Some(old), new).await;
         }
         if let Some((bytes, index)) = &encoded
-            && !self.cells.swap(&target, None, None, Some((bytes, index))).await?
+            && !self
+                .cells
+                .swap(&target, None, None, Some((bytes, index)))
+                .await?
         {
             return Ok(false);
         }
@@ -199,7 +212,9 @@ impl<C: Cells> Engine<C> {
             return Ok(true);
         }
         if let Some((bytes, index)) = &encoded {
-            self.cells.swap(&target, Some(bytes), Some(index), None).await?;
+            self.cells
+                .swap(&target, Some(bytes), Some(index), None)
+                .await?;
         }
         Ok(false)
     }
@@ -265,7 +280,9 @@ impl<C: Cells> Engine<C> {
         let cell = self.cell_for(key);
         let bytes = self.cells.codec().load().encode(key, &entry);
         let index = self.indexed(&cell, &entry);
-        self.cells.swap(&cell, None, None, Some((&bytes, &index))).await
+        self.cells
+            .swap(&cell, None, None, Some((&bytes, &index)))
+            .await
     }
 
     pub async fn update(
@@ -358,7 +375,9 @@ impl<C: Cells> Engine<C> {
             // Someone changed the old record meanwhile: undo and start over with their change.
             if let Some((cell, raw, e)) = self.entry(next).await? {
                 let index = self.indexed(&cell, &e);
-                self.cells.swap(&cell, Some(&raw), Some(&index), None).await?;
+                self.cells
+                    .swap(&cell, Some(&raw), Some(&index), None)
+                    .await?;
             }
         }
     }
@@ -478,7 +497,11 @@ impl<C: Cells> Engine<C> {
 
     /// The session stored in `cell`, as a reader without its key sees it, and its subject's
     /// digest.
-    async fn stored(&self, cell: &Cell, now: Millis) -> Result<Option<(Vec<u8>, Record, Option<String>)>, StoreError> {
+    async fn stored(
+        &self,
+        cell: &Cell,
+        now: Millis,
+    ) -> Result<Option<(Vec<u8>, Record, Option<String>)>, StoreError> {
         let Some(raw) = self.cells.get(cell).await? else {
             return Ok(None);
         };
@@ -524,7 +547,12 @@ impl<C: Cells> Engine<C> {
             let Some(raw) = self.cells.get(cell).await? else {
                 return Ok(false);
             };
-            let entry = match self.cells.codec().load().read(Reader::Key(&cell.name), &raw) {
+            let entry = match self
+                .cells
+                .codec()
+                .load()
+                .read(Reader::Key(&cell.name), &raw)
+            {
                 Ok(d) => Some(d.entry),
                 Err(DecodeError::Unopened(_)) => None,
                 Err(DecodeError::Corrupt(e)) => return Err(corrupt(e)),

@@ -219,13 +219,21 @@ fn record_key(secret: &str) -> XChaCha20Poly1305 {
 }
 
 fn subject_mac(secret: &str) -> Mac {
-    let okm = derive(secret.as_bytes(), b"session-sidecar subjects", b"HMAC-SHA256 v1");
+    let okm = derive(
+        secret.as_bytes(),
+        b"session-sidecar subjects",
+        b"HMAC-SHA256 v1",
+    );
     <Mac as hmac::Mac>::new_from_slice(&okm).expect("HMAC takes a key of any length")
 }
 
 /// The cipher only a session key's holder has: what a record keeps for them alone.
 fn key_cipher(key: &str) -> XChaCha20Poly1305 {
-    let okm = derive(key.as_bytes(), b"session-sidecar session key", b"XChaCha20-Poly1305 v1");
+    let okm = derive(
+        key.as_bytes(),
+        b"session-sidecar session key",
+        b"XChaCha20-Poly1305 v1",
+    );
     XChaCha20Poly1305::new(&okm.into())
 }
 
@@ -249,7 +257,10 @@ fn open_for_key(key: &str, label: &[u8], hex: &str) -> Result<String, DecodeErro
     let bad = || DecodeError::Corrupt("a sealed field does not open with the session key".into());
     let bytes: Vec<u8> = (0..hex.len())
         .step_by(2)
-        .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
         .collect::<Option<_>>()
         .ok_or_else(bad)?;
     let (nonce, sealed) = bytes.split_at_checked(NONCE_LEN).ok_or_else(bad)?;
@@ -789,7 +800,10 @@ mod tests {
                 assert!(!contains(&raw, word), "{word} in {codec:?}");
             }
             // The key's holder reads everything back.
-            assert_eq!(session(codec.decode(&key, &raw).unwrap()), session(visitor()));
+            assert_eq!(
+                session(codec.decode(&key, &raw).unwrap()),
+                session(visitor())
+            );
             // A reader who knows only the digest: the metadata and the subject's digest.
             let digest = crate::session::id::digest(&key);
             let keyless = codec.read(Reader::Digest(&digest), &raw).unwrap();

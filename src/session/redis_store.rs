@@ -209,14 +209,13 @@ impl Notices {
         })
     }
 
-    /// Notices name sessions by their handle (one-way), so `key` is looked up by its handle.
-    fn unchanged_since(&self, key: &str, mark: Mark) -> bool {
-        let handle = super::id::handle(key);
+    /// Notices name sessions by their handle (one-way).
+    fn unchanged_since(&self, handle: &str, mark: Mark) -> bool {
         let h = self.heard();
         h.listening
             && h.epoch == mark.epoch
             && mark.seq >= h.floor
-            && h.last.get(&handle).is_none_or(|&seq| seq <= mark.seq)
+            && h.last.get(handle).is_none_or(|&seq| seq <= mark.seq)
     }
 
     /// A push sender for a new connection; its pushes count once [`Notices::adopt`] makes it
@@ -786,7 +785,11 @@ impl Cells for RedisCells {
         if self.legacy_gone.load(Ordering::Relaxed) || self.codec.load().writes_legacy() {
             return Ok(Swept::default());
         }
-        if self.scan_all(&format!("{}r:*", self.prefix)).await?.is_empty() {
+        if self
+            .scan_all(&format!("{}r:*", self.prefix))
+            .await?
+            .is_empty()
+        {
             let mut conn = self.link.get();
             for set in self.scan_all(&format!("{}u:*", self.prefix)).await? {
                 let _: i64 = self.link.run(conn.del(&set)).await?;
@@ -1004,6 +1007,10 @@ mod tests {
     use super::*;
 
     /// A notice about the session under `key` (it carries the key's handle).
+    fn handle(key: &str) -> String {
+        crate::session::id::handle(key)
+    }
+
     fn message(key: &str) -> PushInfo {
         PushInfo {
             kind: PushKind::Message,
@@ -1026,42 +1033,42 @@ mod tests {
         assert_eq!(n.mark(), None, "not subscribed yet: nothing to trust");
         n.push(first, kind(PushKind::Subscribe));
         let m1 = n.mark().expect("listening");
-        assert!(n.unchanged_since("k", m1) && n.unchanged_since("j", m1));
+        assert!(n.unchanged_since(&handle("k"), m1) && n.unchanged_since(&handle("j"), m1));
         // A notice about `k`: only `k`'s check reads, and a mark taken after it trusts it again.
         n.push(first, message("k"));
-        assert!(!n.unchanged_since("k", m1));
-        assert!(n.unchanged_since("j", m1));
+        assert!(!n.unchanged_since(&handle("k"), m1));
+        assert!(n.unchanged_since(&handle("j"), m1));
         let m2 = n.mark().unwrap();
-        assert!(n.unchanged_since("k", m2));
+        assert!(n.unchanged_since(&handle("k"), m2));
         // The connection dropped: every earlier mark is void, and nothing is trusted until the
         // subscription is confirmed again.
         n.push(first, kind(PushKind::Disconnection));
-        assert!(!n.unchanged_since("j", m2));
+        assert!(!n.unchanged_since(&handle("j"), m2));
         assert_eq!(n.mark(), None);
         n.push(first, kind(PushKind::Subscribe));
         let m3 = n.mark().unwrap();
-        assert!(n.unchanged_since("j", m3) && !n.unchanged_since("j", m2));
+        assert!(n.unchanged_since(&handle("j"), m3) && !n.unchanged_since(&handle("j"), m2));
         // The link started over: the old connection's late pushes count for nothing.
         let (second, _) = n.sender();
         n.adopt(second);
-        assert!(!n.unchanged_since("j", m3));
+        assert!(!n.unchanged_since(&handle("j"), m3));
         n.push(first, kind(PushKind::Subscribe));
         assert_eq!(n.mark(), None, "a replaced connection's confirmation");
         n.push(second, kind(PushKind::Subscribe));
         let m4 = n.mark().unwrap();
         n.push(first, message("j"));
         assert!(
-            n.unchanged_since("j", m4),
+            n.unchanged_since(&handle("j"), m4),
             "a replaced connection's notice is ignored"
         );
         // More notices since a mark than are kept: that mark can no longer be trusted.
         for i in 0..NOTICES_KEPT {
             n.push(second, message(&format!("other{i}")));
         }
-        assert!(n.unchanged_since("j", m4), "all kept");
+        assert!(n.unchanged_since(&handle("j"), m4), "all kept");
         n.push(second, message("one-more"));
-        assert!(!n.unchanged_since("j", m4), "the oldest forgotten");
-        assert!(n.unchanged_since("j", n.mark().unwrap()));
+        assert!(!n.unchanged_since(&handle("j"), m4), "the oldest forgotten");
+        assert!(n.unchanged_since(&handle("j"), n.mark().unwrap()));
         assert_eq!(n.heard().last.len(), NOTICES_KEPT);
     }
 

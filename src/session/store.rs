@@ -209,8 +209,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// The live session in `cell` as a reader without its key sees it (no subject), and
     /// whether it is tagged with one.
-    async fn load_stored(&self, cell: &Cell, now: Millis)
-    -> Result<Option<(Record, bool)>, StoreError>;
+    async fn load_stored(
+        &self,
+        cell: &Cell,
+        now: Millis,
+    ) -> Result<Option<(Record, bool)>, StoreError>;
 
     /// Ends the session in `cell` (an operator's revoke); `false` if there was none.
     async fn remove_stored(&self, cell: &Cell) -> Result<bool, StoreError>;

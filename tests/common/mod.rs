@@ -689,7 +689,24 @@ impl RedisServer {
 
     /// On a given port, e.g. to bring a stopped server back.
     pub fn start_on(port: u16) -> Option<RedisServer> {
+        RedisServer::start_with(port, None)
+    }
+
+    /// Holding what `dump` (an RDB file) holds, on a free port.
+    pub fn start_from_dump(dump: &std::path::Path) -> Option<RedisServer> {
+        RedisServer::start_with(free_port(), Some(dump))
+    }
+
+    /// The server's directory (its `dump.rdb` after a `SAVE`).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    fn start_with(port: u16, dump: Option<&std::path::Path>) -> Option<RedisServer> {
         let dir = tempfile::tempdir().unwrap();
+        if let Some(dump) = dump {
+            std::fs::copy(dump, dir.path().join("dump.rdb")).unwrap();
+        }
         let child = match std::process::Command::new("redis-server")
             .args([
                 "--port",

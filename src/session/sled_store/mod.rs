@@ -155,7 +155,11 @@ impl SledStore {
 
 impl SledCells {
     fn trees(&self, cell: &Cell) -> &Trees {
-        if cell.legacy { &self.legacy } else { &self.current }
+        if cell.legacy {
+            &self.legacy
+        } else {
+            &self.current
+        }
     }
 
     fn stripe(&self, name: &str) -> std::sync::MutexGuard<'_, ()> {
@@ -211,7 +215,12 @@ impl Trees {
     }
 
     /// Index entries the old state no longer needs, removed after the CAS that replaced it.
-    fn unindex_old(&self, key: &str, old: &Indexed, new: Option<&Indexed>) -> Result<(), StoreError> {
+    fn unindex_old(
+        &self,
+        key: &str,
+        old: &Indexed,
+        new: Option<&Indexed>,
+    ) -> Result<(), StoreError> {
         let old_index = index_key(old.deadline, key);
         if new.is_none_or(|n| index_key(n.deadline, key) != old_index) {
             self.index.remove(old_index).map_err(backend)?;
@@ -284,8 +293,17 @@ impl SledCells {
     }
 
     /// Sweeps one expiry index (the current or the legacy one).
-    async fn sweep_index(&self, legacy: bool, now: Millis, swept: &mut Swept) -> Result<(), StoreError> {
-        let index = if legacy { &self.legacy.index } else { &self.current.index };
+    async fn sweep_index(
+        &self,
+        legacy: bool,
+        now: Millis,
+        swept: &mut Swept,
+    ) -> Result<(), StoreError> {
+        let index = if legacy {
+            &self.legacy.index
+        } else {
+            &self.current.index
+        };
         // Deadlines up to `now` sit in buckets up to one bucket past it; the exact deadline
         // decides. Entries kept (not yet expired) are stepped over, not read again.
         let end = index_end(now.saturating_add(BUCKET_MS));
