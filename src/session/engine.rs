@@ -312,6 +312,7 @@ impl<C: Cells> Engine<C> {
                 forwarded: false,
             });
         loop {
+            let hinted = hint.is_some();
             let cur = match hint.take() {
                 Some(cur) => cur,
                 None => match self.resolve(key, now).await? {
@@ -330,6 +331,13 @@ impl<C: Cells> Engine<C> {
                 continue;
             }
             if !effect.save {
+                // Nothing to write against what the request loaded; but someone may have
+                // changed the session since (setting back a value another request changed, or
+                // deleting a key another request added, is a change then): decide against the
+                // latest state.
+                if hinted {
+                    continue;
+                }
                 // A change that changes nothing is still activity (idle timeout).
                 if !policy.touch_due(&record, now) {
                     return Ok(Updated::Unchanged { forwarded });
