@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
