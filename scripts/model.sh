@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The long form of the model-based test (tests/model.rs): many seeds, long random sequences,
 # real browsers through a real sidecar. Prints the figures (seeds, steps, browsers, requests,
-# disagreements); a disagreement fails with the seed and step that reproduce it. MODEL_STRICT=1
-# in the environment also fails on the sidecar's known departures from the contract (tests/model.rs).
+# disagreements); a disagreement fails with the seed and step that reproduce it.
 #   bash scripts/model.sh [SEEDS] [STEPS] [BROWSERS] [FIRST_SEED]
 set -euo pipefail
 cd "$(dirname "$0")/.."
