@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """A/B of two sidecar binaries on 127.0.0.1: rounds interleaved in alternating order, wrk -t1 -c32
-for 6 s on a pass-through path and a session read; prints median req/s and the sidecar's CPU
-time per request (user + system, from /proc), the steadier figure on a shared machine.
+for 6 s on a pass-through path, a session read and the visit counter (returning visitors: 200
+sessions made on each sidecar first); prints median req/s and the sidecar's CPU time per request
+(user + system, from /proc), the steadier figure on a shared machine.
 
-    python3 bench/ab.py BEFORE_BINARY AFTER_BINARY [ROUNDS]
+    python3 bench/ab.py BEFORE_BINARY AFTER_BINARY [ROUNDS] [EXTRA_TOML]
+
+EXTRA_TOML is added to both configs (e.g. '[security]\nsecret_key = "..."').
 
 Build the bench upstream first: cargo build --release --example bench_upstream. Builds nothing
 else; everything it starts listens on 127.0.0.1 and is stopped at the end.
 """
-import os, socket, subprocess, tempfile, time, statistics, sys
+import os, socket, subprocess, tempfile, time, statistics, sys, urllib.request
 
 
 def free_port():
@@ -32,18 +35,29 @@ procs = {}
 for who, port, binary in (("before", free_port(), A), ("after", free_port(), B)):
     conf = f"{T}/{who}.toml"
     open(conf, "w").write(f'listen = "127.0.0.1:{port}"\nupstream = "http://127.0.0.1:{UP_PORT}"\n'
-                          f'skip_paths = ["/static/"]\n[store]\npath = "{T}/{who}"\n[admin]\nlisten = ""\n')
+                          f'skip_paths = ["/static/"]\n[store]\npath = "{T}/{who}"\n[admin]\nlisten = ""\n'
+                          + (sys.argv[4].replace("\\n", "\n") if len(sys.argv) > 4 else ""))
     procs[who] = (port, subprocess.Popen([binary, "--config", conf], env={**os.environ, "RUST_LOG": "warn"}))
 time.sleep(1)
+cookies = {}
+for who, (port, _) in procs.items():
+    cookies[who] = f"{T}/cookies-{who}.txt"
+    with open(cookies[who], "w") as f:
+        for _ in range(200):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/count") as r:
+                f.write(r.headers.get("Set-Cookie").split(";", 1)[0].split("=", 1)[1] + "\n")
+LUA = os.path.join(ROOT, "bench", "sessions.lua")
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 res = {}
 for r in range(rounds):
     order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
-    for path in ("/static/x", "/read"):
+    for path in ("/static/x", "/read", "/count"):
         for who in order:
             port, p = procs[who]
             c0 = cpu(p.pid)
-            out = subprocess.run(["wrk", "-t1", "-c32", "-d6s", f"http://127.0.0.1:{port}{path}"],
+            url = f"http://127.0.0.1:{port}{path}"
+            visitors = [] if path.startswith("/static") else ["-s", LUA, url, "--", cookies[who], path]
+            out = subprocess.run(["wrk", "-t1", "-c32", "-d6s"] + (visitors or [url]),
                                  capture_output=True, text=True).stdout
             c1 = cpu(p.pid)
             rps = float([l for l in out.splitlines() if "Requests/sec" in l][0].split()[1])

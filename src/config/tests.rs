@@ -391,3 +391,32 @@ fn cookie_prefixes_and_partitioned_are_refused_where_browsers_would_drop_the_coo
             .unwrap_or_else(|e| panic!("{cookie}: {e}"));
     }
 }
+
+#[test]
+fn retired_grace_defaults_to_a_minute_takes_zero_and_the_environment() {
+    let c = Config::from_toml("").unwrap();
+    assert_eq!(c.expiry.retired_grace, Duration::from_secs(60));
+    let off = Config::from_toml("[expiry]\nretired_grace = 0").unwrap();
+    assert_eq!(off.expiry.retired_grace, Duration::ZERO);
+    let var = vec![(
+        "SESSION_SIDECAR_EXPIRY__RETIRED_GRACE".to_string(),
+        "5".to_string(),
+    )];
+    let env = Config::from_toml_with_env("", var).unwrap();
+    assert_eq!(env.expiry.retired_grace, Duration::from_secs(5));
+    assert!(err("[expiry]\nretired_grace = -1").contains("retired_grace"));
+}
+
+#[test]
+fn legacy_names_apply_only_to_redis() {
+    let e = err("[store]\nlegacy_names = true");
+    assert!(
+        e.contains("store.legacy_names") && e.contains("redis"),
+        "{e}"
+    );
+    let c = Config::from_toml(
+        "[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:6379/0\"\nlegacy_names = true",
+    )
+    .unwrap();
+    assert!(c.store.legacy_names);
+}
