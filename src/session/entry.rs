@@ -14,6 +14,13 @@
 //!   stay readable (the sweeper and the liveness check need them, and they say nothing about
 //!   the visitor); they and the session key are the authenticated data, so a record moved to
 //!   another key or given another deadline does not open.
+//! - 4 (this release): as 2, but written under the digest of the session key, never the key: the
+//!   subject is kept as its digest (`subject_tag`) and, encrypted under a key derived from the
+//!   session key, as `subject_sealed`; a forward names its successor by digest (`to`) and keeps
+//!   the successor's key encrypted the same way (`next`), for the requests in flight with the
+//!   old key. A forward's `retired` is until when its key is a retired one.
+//! - 5 (this release): 4, sealed as 3; the authenticated name is the key's digest, so whoever
+//!   holds the secret but not the key (the operator's look-ups by handle) can open it.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -401,20 +408,6 @@ impl Codec {
                 h.update(subject.as_bytes());
                 super::id::hex(&h.finalize())
             }
-        }
-    }
-
-    /// The digest of the subject `entry` is indexed under (none for a forward).
-    pub fn tag_of(&self, entry: &Entry) -> Option<String> {
-        match entry {
-            Entry::Session(r) => r.subject.as_deref().map(|s| {
-                if self.legacy {
-                    s.to_string()
-                } else {
-                    self.tag(s)
-                }
-            }),
-            Entry::Moved(_) => None,
         }
     }
 
