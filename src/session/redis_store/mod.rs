@@ -17,21 +17,23 @@
 //! response then asks Redis only when a notice for its key arrived since the load, or when a
 //! notice may have been missed (see [`Notices`]).
 
-use std::collections::{HashMap, VecDeque};
+mod link;
+mod notices;
+
+pub use link::redact;
+use link::{Conn, Link, Source, fixed_client, redact_all, sentinel_client};
+use notices::{Notices, listen};
+
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::cluster::{ClusterClient, ClusterConfig};
-use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{
-    AsyncCommands, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value,
-};
+use redis::{AsyncCommands, ProtocolVersion, Script};
 
 use super::engine::{Cells, Engine, Indexed};
 use super::entry::Codec;
@@ -40,6 +42,7 @@ use super::{Millis, Policy};
 
 /// Where the shared store is and how long to wait for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+
 pub struct RedisSettings {
     pub url: String,
     /// Sentinel addresses; when given, the master is found through them (`url` then gives the
@@ -126,387 +129,6 @@ impl Replicas {
             .arg(self.timeout.as_millis() as u64);
     }
 }
-
-/// The connection to Redis, replaced after a command times out.
-///
-/// redis' manager reconnects when the connection drops, but a half-open TCP connection (the
-/// network cut off and back, a peer gone without a reset, a container given a new address)
-/// never drops: every command on it times out until the kernel gives up, minutes later. So a
-/// timeout makes the link start over with a fresh manager (at most once per command timeout);
-/// it connects on its next command.
-///
-/// Behind Sentinel the master can move: the old one gone (connections refused or dropped), cut
-/// off (timeouts), or back as a replica (writes answer `READONLY`). Any of those makes the link
-/// ask the sentinels for the master again before it starts over, so the requests after a
-/// failover go to the promoted replica.
-struct Link {
-    source: Source,
-    config: ConnectionManagerConfig,
-    current: std::sync::RwLock<Conn>,
-    /// When the link last started over, and the shortest time between two starts.
-    replaced: std::sync::Mutex<std::time::Instant>,
-    pause: Duration,
-    connect_timeout: Duration,
-    notices: Arc<Notices>,
-}
-
-/// What this sidecar heard on the end-notice channel: for each session handle, the sequence
-/// number of the last notice about it.
-///
-/// A mark (epoch, sequence) is taken before a request's load; its liveness check needs no read
-/// when the epoch is unchanged and no notice about its key came after the mark. Only pushes of
-/// the current connection count. Whatever may lose a notice ends the epoch or stops the
-/// listening until the subscription is confirmed again: the connection dropping (redis'
-/// `Disconnection` push), the link starting over on a new connection, the subscription not
-/// (yet) confirmed, or more notices than are kept since the mark. A notice arrives a moment
-/// after its change; a session ended within that moment before a response goes out is found
-/// ended by the next request instead, which then deletes the cookie.
-pub struct Notices {
-    channel: String,
-    heard: std::sync::Mutex<Heard>,
-    /// Wakes the task that subscribes (again).
-    wake: tokio::sync::Notify,
-}
-
-#[derive(Default)]
-struct Heard {
-    /// The connection whose pushes count; a replaced one's late pushes are ignored.
-    conn: u64,
-    /// Connections handed out so far (the ids).
-    made: u64,
-    epoch: u64,
-    listening: bool,
-    seq: u64,
-    last: HashMap<String, u64>,
-    order: VecDeque<(u64, String)>,
-    /// Notices up to this sequence number were forgotten.
-    floor: u64,
-}
-
-/// How many notices are kept: more during one request's flight and its check reads instead.
-const NOTICES_KEPT: usize = 16_384;
-
-impl Notices {
-    fn new(channel: String) -> Notices {
-        Notices {
-            channel,
-            heard: std::sync::Mutex::new(Heard::default()),
-            wake: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
-        self.heard
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn mark(&self) -> Option<Mark> {
-        let h = self.heard();
-        h.listening.then_some(Mark {
-            epoch: h.epoch,
-            seq: h.seq,
-        })
-    }
-
-    /// Notices name sessions by their handle (one-way).
-    fn unchanged_since(&self, handle: &str, mark: Mark) -> bool {
-        let h = self.heard();
-        h.listening
-            && h.epoch == mark.epoch
-            && mark.seq >= h.floor
-            && h.last.get(handle).is_none_or(|&seq| seq <= mark.seq)
-    }
-
-    /// A push sender for a new connection; its pushes count once [`Notices::adopt`] makes it
-    /// the current one.
-    fn sender(self: &Arc<Self>) -> (u64, impl redis::aio::AsyncPushSender + Clone) {
-        let id = {
-            let mut h = self.heard();
-            h.made += 1;
-            h.made
-        };
-        let notices = Arc::downgrade(self);
-        let sender = move |push: PushInfo| -> Result<(), redis::aio::SendError> {
-            if let Some(notices) = notices.upgrade() {
-                notices.push(id, push);
-            }
-            Ok(())
-        };
-        (id, sender)
-    }
-
-    /// Connection `id` is now the link's: nothing is trusted until it has subscribed.
-    fn adopt(&self, id: u64) {
-        {
-            let mut h = self.heard();
-            h.conn = id;
-            h.epoch += 1;
-            h.listening = false;
-        }
-        self.wake.notify_one();
-    }
-
-    fn push(&self, id: u64, push: PushInfo) {
-        let mut h = self.heard();
-        if h.conn != id {
-            return;
-        }
-        match push.kind {
-            PushKind::Message => {
-                // [channel, handle]
-                let key = match push.data.get(1) {
-                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                    _ => return,
-                };
-                h.seq += 1;
-                let seq = h.seq;
-                h.last.insert(key.clone(), seq);
-                h.order.push_back((seq, key));
-                if h.order.len() > NOTICES_KEPT
-                    && let Some((old, key)) = h.order.pop_front()
-                {
-                    if h.last.get(&key) == Some(&old) {
-                        h.last.remove(&key);
-                    }
-                    h.floor = old;
-                }
-            }
-            PushKind::Subscribe => h.listening = true,
-            PushKind::Disconnection => {
-                h.epoch += 1;
-                h.listening = false;
-                drop(h);
-                self.wake.notify_one();
-            }
-            _ => {}
-        }
-    }
-
-    fn listening(&self) -> bool {
-        self.heard().listening
-    }
-}
-
-/// Keeps the link's current connection subscribed to the notice channel: at start, after a
-/// disconnection and after the link starts over. Ends when the store is dropped.
-async fn listen(link: Weak<Link>, notices: Arc<Notices>, within: Duration) {
-    let mut failing = false;
-    loop {
-        let Some(strong) = link.upgrade() else {
-            return;
-        };
-        if !notices.listening() {
-            let mut conn = strong.get();
-            let subscribed = match &mut conn {
-                Conn::Single(c) => {
-                    tokio::time::timeout(within, c.subscribe(&notices.channel)).await
-                }
-                Conn::Cluster(c) => {
-                    tokio::time::timeout(within, c.subscribe(&notices.channel)).await
-                }
-            };
-            match subscribed {
-                Ok(Ok(())) => failing = false,
-                Ok(Err(e)) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %e, channel = %notices.channel, "redis: cannot subscribe to the end notices; read-only requests check liveness with a read");
-                }
-                Err(_) if !failing => {
-                    failing = true;
-                    tracing::warn!(channel = %notices.channel, "redis: no answer to the end-notice subscription; read-only requests check liveness with a read");
-                }
-                _ => {}
-            }
-        }
-        drop(strong);
-        // Woken by a disconnection or a new connection; a second's nap otherwise, so a failed
-        // subscription is tried again and a dropped store ends the task.
-        let nap = if notices.listening() {
-            Duration::from_secs(1)
-        } else {
-            RESTART_PAUSE
-        };
-        let _ = tokio::time::timeout(nap, notices.wake.notified()).await;
-    }
-}
-
-/// Where the link's connections go.
-enum Source {
-    /// One server, by its URL.
-    Fixed(redis::Client),
-    /// Whichever server the sentinels name as the master now.
-    Sentinel(tokio::sync::Mutex<SentinelClient>),
-    /// The nodes of a Redis Cluster, each key on the node that serves its slot (the cluster
-    /// connection follows `MOVED`/`ASK` and slot changes itself).
-    Cluster(ClusterClient, ClusterConfig),
-}
-
-/// A connection of either kind, used through the same commands.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl redis::aio::ConnectionLike for Conn {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-impl Source {
-    /// A fresh connection: lazy for one server (it connects on its first command), connected
-    /// for a cluster (whose client learns the slot map first).
-    async fn connect(
-        &self,
-        config: &ConnectionManagerConfig,
-        within: Duration,
-        push: impl redis::aio::AsyncPushSender + Clone,
-    ) -> Result<Conn, String> {
-        let client = match self {
-            Source::Fixed(client) => client.clone(),
-            Source::Sentinel(sentinel) => {
-                let mut sentinel = sentinel.lock().await;
-                match tokio::time::timeout(within, sentinel.async_get_client()).await {
-                    Ok(Ok(client)) => client,
-                    Ok(Err(e)) => return Err(format!("no master from the sentinels: {e}")),
-                    Err(_) => {
-                        return Err(format!("no master from the sentinels within {within:?}"));
-                    }
-                }
-            }
-            Source::Cluster(cluster, config) => {
-                let config = config.clone().set_push_sender(push);
-                let connect = cluster.get_async_connection_with_config(config);
-                return match tokio::time::timeout(within, connect).await {
-                    Ok(Ok(conn)) => Ok(Conn::Cluster(conn)),
-                    Ok(Err(e)) => Err(format!("cluster: {e}")),
-                    Err(_) => Err(format!("cluster: no connection within {within:?}")),
-                };
-            }
-        };
-        ConnectionManager::new_lazy_with_config(client, config.clone().set_push_sender(push))
-            .map(Conn::Single)
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// Whether an error says the connection no longer reaches a usable master.
-fn lost_master(e: &redis::RedisError) -> bool {
-    e.is_timeout()
-        || e.is_io_error()
-        || e.is_connection_refusal()
-        || e.is_connection_dropped()
-        || matches!(
-            e.kind(),
-            redis::ErrorKind::Server(
-                redis::ServerErrorKind::ReadOnly | redis::ServerErrorKind::MasterDown
-            )
-        )
-}
-
-impl Link {
-    fn get(&self) -> Conn {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Runs one command (or script) within the command timeout: redis' own response timeout
-    /// does not cover connecting, which a fresh connection may be doing. A timeout, either
-    /// one, makes the link start over; behind Sentinel, so does any sign that the master moved.
-    async fn run<T>(
-        self: &Arc<Self>,
-        command: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.pause, command).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                let sentinel = matches!(self.source, Source::Sentinel(_));
-                if e.is_timeout() || (sentinel && lost_master(&e)) {
-                    self.start_over();
-                }
-                Err(backend(e))
-            }
-            Err(_) => {
-                self.start_over();
-                Err(StoreError::Backend(format!(
-                    "redis: no answer within {:?}",
-                    self.pause
-                )))
-            }
-        }
-    }
-
-    /// Replaces the connection in the background: the request that found it broken gets its
-    /// 503 within the command timeout, not after a connection attempt (a cluster connects to
-    /// its nodes first, Sentinel asks the sentinels, each up to `connect_timeout`).
-    fn start_over(self: &Arc<Self>) {
-        {
-            let mut last = self
-                .replaced
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.elapsed() < self.pause.min(RESTART_PAUSE) {
-                return;
-            }
-            *last = std::time::Instant::now();
-        }
-        tokio::spawn(self.clone().reconnect());
-    }
-
-    async fn reconnect(self: Arc<Self>) {
-        let (id, push) = self.notices.sender();
-        match self
-            .source
-            .connect(&self.config, self.connect_timeout, push)
-            .await
-        {
-            Ok(fresh) => {
-                *self
-                    .current
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
-                self.notices.adopt(id);
-                tracing::warn!("redis: the connection is lost; connecting afresh");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "redis: the connection is lost; cannot connect afresh")
-            }
-        }
-    }
-}
-
-/// The shortest time between two fresh starts of the link (shorter than the command timeout
-/// when that is long: a failover should be followed within a second of its end).
-const RESTART_PAUSE: Duration = Duration::from_millis(500);
 
 impl RedisCells {
     /// SCANs one server for every key matching `pattern`; `node` picks a cluster node by
@@ -924,54 +546,6 @@ impl RedisStore {
     }
 }
 
-/// The client of a single server named by `url`.
-fn fixed_client(cfg: &RedisSettings) -> Result<redis::Client, String> {
-    let info = resp3(&cfg.url)?;
-    match &cfg.tls_ca_file {
-        Some(ca) => {
-            let pem = std::fs::read(ca)
-                .map_err(|e| format!("store.tls_ca_file {}: {e}", ca.display()))?;
-            let certs = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem),
-            };
-            redis::Client::build_with_tls(info, certs)
-        }
-        None => redis::Client::open(info),
-    }
-    .map_err(|e| e.to_string())
-}
-
-/// `url`'s connection settings, speaking RESP3 (replies and end notices on one connection).
-fn resp3(url: &str) -> Result<redis::ConnectionInfo, String> {
-    let info = url
-        .into_connection_info()
-        .map_err(|e| format!("store.url: {e}"))?;
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    Ok(info.set_redis_settings(settings))
-}
-
-/// The client that asks the sentinels for the master named `name`; the data nodes are reached
-/// with `url`'s user, password and database (and TLS when it is `rediss://`).
-fn sentinel_client(cfg: &RedisSettings, name: &str) -> Result<SentinelClient, String> {
-    let data = resp3(&cfg.url)?;
-    let mut nodes = SentinelNodeConnectionInfo::default()
-        .set_redis_connection_info(data.redis_settings().clone());
-    if cfg.url.starts_with("rediss://") {
-        nodes = nodes.set_tls_mode(redis::TlsMode::Secure);
-    }
-    SentinelClient::build(
-        cfg.sentinels.clone(),
-        name,
-        Some(nodes),
-        SentinelServerType::Master,
-    )
-    .map_err(|e| format!("store.sentinels: {e}"))
-}
-
 impl RedisStore {
     /// Records written from now on are sealed with `codec` (unsealed ones still read): whoever
     /// reads the Redis keys sees no session data.
@@ -981,96 +555,9 @@ impl RedisStore {
     }
 }
 
-/// Several URLs, each without its user and password, for messages.
-fn redact_all(urls: &[String]) -> String {
-    urls.iter()
-        .map(|u| redact(u))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The URL without its user and password, for messages: the userinfo ends at the authority's
-/// last `@` (a password may hold `@` itself).
-pub fn redact(url: &str) -> String {
-    let Some(s) = url.find("://").map(|s| s + 3) else {
-        return url.to_string();
-    };
-    let authority_end = url[s..].find(['/', '?', '#']).map_or(url.len(), |e| s + e);
-    match url[s..authority_end].rfind('@') {
-        Some(at) => format!("{}********{}", &url[..s], &url[s + at..]),
-        None => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A notice about the session under `key` (it carries the key's handle).
-    fn handle(key: &str) -> String {
-        crate::session::id::handle(key)
-    }
-
-    fn message(key: &str) -> PushInfo {
-        PushInfo {
-            kind: PushKind::Message,
-            data: vec![
-                Value::BulkString(b"p:ended".to_vec()),
-                Value::BulkString(crate::session::id::handle(key).into_bytes()),
-            ],
-        }
-    }
-
-    fn kind(kind: PushKind) -> PushInfo {
-        PushInfo { kind, data: vec![] }
-    }
-
-    #[test]
-    fn a_notice_or_anything_that_may_have_lost_one_sends_the_check_to_redis() {
-        let n = Arc::new(Notices::new("p:ended".into()));
-        let (first, _) = n.sender();
-        n.adopt(first);
-        assert_eq!(n.mark(), None, "not subscribed yet: nothing to trust");
-        n.push(first, kind(PushKind::Subscribe));
-        let m1 = n.mark().expect("listening");
-        assert!(n.unchanged_since(&handle("k"), m1) && n.unchanged_since(&handle("j"), m1));
-        // A notice about `k`: only `k`'s check reads, and a mark taken after it trusts it again.
-        n.push(first, message("k"));
-        assert!(!n.unchanged_since(&handle("k"), m1));
-        assert!(n.unchanged_since(&handle("j"), m1));
-        let m2 = n.mark().unwrap();
-        assert!(n.unchanged_since(&handle("k"), m2));
-        // The connection dropped: every earlier mark is void, and nothing is trusted until the
-        // subscription is confirmed again.
-        n.push(first, kind(PushKind::Disconnection));
-        assert!(!n.unchanged_since(&handle("j"), m2));
-        assert_eq!(n.mark(), None);
-        n.push(first, kind(PushKind::Subscribe));
-        let m3 = n.mark().unwrap();
-        assert!(n.unchanged_since(&handle("j"), m3) && !n.unchanged_since(&handle("j"), m2));
-        // The link started over: the old connection's late pushes count for nothing.
-        let (second, _) = n.sender();
-        n.adopt(second);
-        assert!(!n.unchanged_since(&handle("j"), m3));
-        n.push(first, kind(PushKind::Subscribe));
-        assert_eq!(n.mark(), None, "a replaced connection's confirmation");
-        n.push(second, kind(PushKind::Subscribe));
-        let m4 = n.mark().unwrap();
-        n.push(first, message("j"));
-        assert!(
-            n.unchanged_since(&handle("j"), m4),
-            "a replaced connection's notice is ignored"
-        );
-        // More notices since a mark than are kept: that mark can no longer be trusted.
-        for i in 0..NOTICES_KEPT {
-            n.push(second, message(&format!("other{i}")));
-        }
-        assert!(n.unchanged_since(&handle("j"), m4), "all kept");
-        n.push(second, message("one-more"));
-        assert!(!n.unchanged_since(&handle("j"), m4), "the oldest forgotten");
-        assert!(n.unchanged_since(&handle("j"), n.mark().unwrap()));
-        assert_eq!(n.heard().last.len(), NOTICES_KEPT);
-    }
 
     #[test]
     fn only_ends_cycles_and_shortened_expiries_are_announced() {
@@ -1091,12 +578,5 @@ mod tests {
         assert!(ends(Some(&long), Some(&short)), "brought forward");
         assert!(ends(Some(&long), None), "flushed");
         assert!(ends(Some(&long), Some(&moved)), "cycled");
-    }
-    #[test]
-    fn redact_hides_a_password_holding_at_signs() {
-        let r = super::redact("redis://user:p@ss@w0rd@redis.internal:6379/0");
-        assert_eq!(r, "redis://********@redis.internal:6379/0");
-        assert_eq!(super::redact("redis://h:1/0?x=a@b"), "redis://h:1/0?x=a@b");
-        assert_eq!(super::redact("not a url"), "not a url");
     }
 }
