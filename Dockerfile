@@ -22,7 +22,7 @@ RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin side
  && chown sidecar:sidecar /data
 COPY --from=build /src/target/release/session-sidecar /usr/local/bin/session-sidecar
 COPY config/sidecar.toml /etc/session-sidecar/sidecar.toml
-# Container defaults; every key of the file can be overridden the same way (README, "Configuration").
+# Container defaults; every key of the file can be overridden the same way (docs/CONFIGURATION.md).
 # The admin listener stays on the container's loopback, where the health check reaches it; to
 # scrape /metrics from outside, set SESSION_SIDECAR_ADMIN__LISTEN=0.0.0.0:9091 together with
 # SESSION_SIDECAR_ADMIN__TOKEN_FILE (a secret): a non-loopback admin listener without a token is

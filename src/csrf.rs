@@ -1,5 +1,5 @@
-//! Cross-site request forgery defences for the app behind the sidecar (`[csrf]`, README
-//! "Protecting the app"). The sidecar owns the session cookie, so it can refuse a forged request
+//! Cross-site request forgery defences for the app behind the sidecar (`[csrf]`,
+//! docs/PROTECTING.md). The sidecar owns the session cookie, so it can refuse a forged request
 //! before the app sees it:
 //!
 //! - the origin check, as Go 1.25's `CrossOriginProtection` does it: an unsafe request is

@@ -4,18 +4,7 @@
 //! store; the app reads it from the `X-Session` request header and changes it with response
 //! headers that the sidecar applies atomically and strips. `docs/HEADERS.md` is the contract.
 //!
-//! # Layout
-//! - [`config`]: the TOML file and `SESSION_SIDECAR_*` overrides, validated into [`Config`].
-//! - [`server`]: worker threads (an event loop each), accept loop (HTTP/1.1 + h2c), graceful drain.
-//! - [`proxy`]: the per-request pipeline, top to bottom.
-//! - [`upstream`]: each worker's keep-alive connections to the app, timeouts, 502/504.
-//! - [`headers`]: hop-by-hop, `X-Forwarded-*`, our header names, parsing the change headers.
-//! - [`cookie`]: taking, verifying, signing and setting the session cookie.
-//! - [`session`]: keys, records, the per-key merge, the store trait, sled, the sweeper.
-//! - [`error`]: the responses the sidecar makes itself and their status codes.
-//! - [`reload`]: SIGHUP: the config read again, what may change taken live.
-//! - [`csrf`], [`limits`]: the defences the sidecar adds for the app.
-//! - [`admin`]: the operator's listener; [`metrics`]: the Prometheus series.
+//! The parts, the direction of their dependencies and the file layout: `docs/ARCHITECTURE.md`.
 
 #![forbid(unsafe_code)]
 
@@ -86,10 +75,11 @@ pub enum RunError {
     Flush(StoreError),
     #[error("starting the worker threads: {0}")]
     Workers(std::io::Error),
-    #[error("config key `admin.listen`: cannot bind {addr}: {source}")]
+    // The reason is in the message, not a `source`: a chain would print it twice.
+    #[error("config key `admin.listen`: cannot bind {addr}: {reason}")]
     AdminBind {
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 }
 
@@ -99,7 +89,7 @@ pub async fn bind_admin(config: &Config) -> Result<Option<TcpListener>, RunError
         Some(addr) => TcpListener::bind(addr)
             .await
             .map(Some)
-            .map_err(|source| RunError::AdminBind { addr, source }),
+            .map_err(|reason| RunError::AdminBind { addr, reason }),
         None => Ok(None),
     }
 }

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use session_sidecar::{Config, Deps};
 
 /// mimalloc: the request path allocates many short-lived small buffers (headers, JSON, sled
-/// nodes); measured with bench/run.py it beats glibc's malloc here (see README, Performance).
+/// nodes); measured with bench/run.py it beats glibc's malloc here (docs/PERFORMANCE.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -175,13 +175,14 @@ fn serve(
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("config key `listen`: cannot bind {}", config.listen))?;
+        // Bound before the sidecar says it serves: a taken admin port ends it first.
+        let admin = session_sidecar::bind_admin(&config).await?;
         tracing::info!(
             listen = %listener.local_addr()?,
             upstream = %config.upstream,
             store = %config.store.path.display(),
             "session-sidecar serving"
         );
-        let admin = session_sidecar::bind_admin(&config).await?;
         session_sidecar::run_with_admin(
             config,
             listener,

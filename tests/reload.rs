@@ -1,6 +1,6 @@
 //! Live reload, on the real binary with a real SIGHUP: what may change does, on connections
 //! that stay open and for requests in flight; what may not is refused, named in the log, and
-//! the running configuration stays (README, "Reloading the configuration").
+//! the running configuration stays (docs/CONFIGURATION.md, "Reloading the configuration").
 
 mod common;
 

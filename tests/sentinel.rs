@@ -331,7 +331,7 @@ async fn a_master_cut_off_from_the_sentinels_loses_what_it_acknowledged_meanwhil
 /// With every replica required: the promoted one left the old master first, so nothing the old
 /// master took alone is acknowledged. (With `wait_replicas = 1` of two replicas, the other one
 /// confirmed changes until Sentinel moved it to the new master, and those were lost: 599
-/// acknowledged increments in one run. README's durability table says so.)
+/// acknowledged increments in one run. docs/SCALING.md's durability table says so.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_wait_replicas_a_master_cut_off_from_the_sentinels_acknowledges_nothing_it_loses() {
     let Some((refused, lost)) =

@@ -72,7 +72,7 @@ pub struct ExpiryConfig {
 
 impl ExpiryConfig {
     /// How stale the recorded last activity may get before a request writes it again.
-    /// Idle expiry can therefore fire early by at most this much (documented in the README).
+    /// Idle expiry can therefore fire early by at most this much (docs/HEADERS.md §5).
     pub fn touch_interval(&self) -> Option<Duration> {
         self.idle_timeout
             .map(|idle| (idle / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)))

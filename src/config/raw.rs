@@ -66,7 +66,7 @@ pub struct RawConfig {
     pub limits: RawLimits,
 }
 
-/// Per-user and per-client limits (README, "Protecting the app").
+/// Per-user and per-client limits (docs/PROTECTING.md).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
@@ -77,7 +77,7 @@ pub struct RawLimits {
     pub new_sessions_per_minute: u32,
 }
 
-/// Cross-site request forgery defences for the app (README, "Protecting the app").
+/// Cross-site request forgery defences for the app (docs/PROTECTING.md).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawCsrf {

@@ -7,7 +7,7 @@
 //! step on the Redis side. Subjects are sets `{prefix}u:{subject}`; members whose session has
 //! gone are dropped when the set is read.
 //!
-//! Durability follows the Redis server's persistence settings (README, "More than one
+//! Durability follows the Redis server's persistence settings (docs/SCALING.md, "More than one
 //! machine"); `sync` has nothing to wait for here.
 //!
 //! End notices spare a read-only request its second round trip: every swap that ends a
@@ -15,7 +15,7 @@
 //! name, [`super::id::handle`]) on `{prefix}ended` from inside the script, and each sidecar listens on its own data connection
 //! (RESP3 carries replies and pushes on one connection). The liveness check after a read-only
 //! response then asks Redis only when a notice for its key arrived since the load, or when a
-//! notice may have been missed (see [`Notices`]).
+//! notice may have been missed (see `notices::Notices`).
 
 mod link;
 mod notices;

@@ -1,7 +1,7 @@
 //! The embedded store: sled, one process per directory.
 //!
 //! Sessions live in the `sessions` tree, one compare-and-swap cell per key digest; the shared
-//! [`Engine`](super::engine::Engine) does the merge, cycle and no-resurrection logic on top.
+//! [`Engine`] does the merge, cycle and no-resurrection logic on top.
 //! Its indexes are `deadlines` (expiry) and `tagged` (subject digest → cells). The release
 //! before kept sessions under their keys in clear in `records`, with `expiry` and `subjects`
 //! (subjects in clear): those trees are still read, and emptied by the sweeper as their cells
@@ -15,7 +15,7 @@
 //! key's lock stripe: otherwise a swap's clean-up could remove the entry a later swap of the same
 //! key had just written (untag racing a tag: a session "log out everywhere" would miss).
 //!
-//! Durability: [`Store::sync`] hands the caller to a committer thread that runs one flush for
+//! Durability: `Store::sync` hands the caller to a committer thread that runs one flush for
 //! every caller queued meanwhile (group commit): sled's flush, then `fdatasync` of its files,
 //! which sled's own flush does not do (see `commit`).
 
