@@ -21,7 +21,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let config = Config::from_toml(&format!("[store]\npath = {path:?}\ndurable = false")).unwrap();
-    let policy = Arc::new(session_sidecar::policy(&config));
+    let policy = Arc::new(session_sidecar::settings::policy(&config));
     let store = session_sidecar::session::sled_store::SledStore::open(
         &config.store.sled(),
         policy.clone(),

@@ -21,9 +21,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::reload::Settings;
 use crate::session::store::{Cell, Store, StoreError};
 use crate::session::{Clock, Millis, Record, id};
+use crate::settings::Settings;
 
 pub struct Admin {
     pub store: Arc<dyn Store>,

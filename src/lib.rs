@@ -12,6 +12,7 @@ pub mod admin;
 pub mod config;
 pub mod cookie;
 pub mod csrf;
+pub mod drain;
 pub mod error;
 pub mod headers;
 pub mod limits;
@@ -20,6 +21,7 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod upstream;
 
 use std::future::Future;
@@ -30,7 +32,7 @@ use tokio::net::TcpListener;
 pub use config::Config;
 use session::sled_store::SledStore;
 use session::store::{Store, StoreError};
-use session::{Clock, Policy, SystemClock};
+use session::{Clock, SystemClock};
 
 /// The parts of a running sidecar that tests may swap: where sessions live and what time it is.
 #[derive(Clone)]
@@ -42,8 +44,8 @@ pub struct Deps {
 impl Deps {
     /// The production wiring: the configured store and the system clock.
     pub async fn open(config: &Config) -> Result<Deps, StoreError> {
-        let policy = Arc::new(policy(config));
-        let codec = reload::codec(config);
+        let policy = Arc::new(settings::policy(config));
+        let codec = settings::codec(config);
         let store: Arc<dyn Store> = match &config.store.backend {
             config::Backend::Sled => Arc::new(
                 SledStore::open(&config.store.sled(), policy, config.max_session_bytes)?
@@ -60,11 +62,6 @@ impl Deps {
             clock: Arc::new(SystemClock),
         })
     }
-}
-
-/// The expiry policy the config describes.
-pub fn policy(config: &Config) -> Policy {
-    config.expiry.policy(config.upstream_timeout)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,18 +112,18 @@ pub async fn run_with_admin(
     deps: Deps,
     reloads: Option<reload::Reloads>,
 ) -> Result<(), RunError> {
-    let settings = Arc::new(reload::Settings::new(config, None));
-    let config = settings.config.clone();
-    let (settings_tx, settings_rx) = tokio::sync::watch::channel(settings.clone());
-    let (sweep_tx, sweep_rx) = tokio::sync::watch::channel(config.expiry.sweep_interval);
     let metrics = Arc::new(metrics::Metrics::new());
     let store: Arc<dyn Store> = Arc::new(metrics::Metered {
         inner: deps.store.clone(),
         metrics: metrics.clone(),
     });
+    let settings = Arc::new(settings::Settings::new(config, None, store.clone()));
+    let config = settings.config.clone();
+    let (settings_tx, settings_rx) = tokio::sync::watch::channel(settings.clone());
+    let (sweep_tx, sweep_rx) = tokio::sync::watch::channel(config.expiry.sweep_interval);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let tracker = server::Tracker::new(draining.clone());
+    let tracker = drain::Tracker::new(draining.clone());
     let sweeper = tokio::spawn(session::sweeper::run(
         store.clone(),
         deps.clock.clone(),
@@ -154,7 +151,6 @@ pub async fn run_with_admin(
     }
     workers.push(listener);
     let fixed = proxy::Fixed {
-        store: store.clone(),
         clock: deps.clock.clone(),
         metrics: metrics.clone(),
         tracker: tracker.clone(),

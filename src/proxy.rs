@@ -15,14 +15,13 @@ use hyper::upgrade::OnUpgrade;
 use crate::config::Config;
 use crate::cookie::{Presented, SessionCookie};
 use crate::csrf;
+use crate::drain::Tracker;
 use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
-use crate::reload::Settings;
-use crate::server::Tracker;
 use crate::session::sessions::{CookieOp, Gate, Outcome, Refused, Sessions};
-use crate::session::store::Store;
 use crate::session::{Clock, json};
+use crate::settings::Settings;
 use crate::upstream::{RequestBody, ResponseBody, Upstream};
 
 /// What the access log says about a request, gathered on the way.
@@ -56,7 +55,6 @@ pub struct Sidecar {
 /// The parts of a worker a reload does not replace.
 #[derive(Clone)]
 pub struct Fixed {
-    pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<Tracker>,
@@ -91,7 +89,7 @@ impl Sidecar {
 /// The request pipeline under one configuration.
 pub struct Pipeline {
     config: Arc<Config>,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
     cookie: Arc<SessionCookie>,
     upstream: Upstream,
     names: Names,
@@ -119,12 +117,7 @@ impl Pipeline {
         Pipeline {
             cookie: settings.cookie.clone(),
             upstream,
-            sessions: Sessions::new(
-                fixed.store.clone(),
-                settings.policy.clone(),
-                config.max_session_bytes,
-            )
-            .with_subject_limit(config.max_sessions_per_subject),
+            sessions: settings.sessions.clone(),
             config,
             names,
             creation_limit: settings.creation_limit.clone(),

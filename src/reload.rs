@@ -12,59 +12,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Backend, Config};
-use crate::cookie::SessionCookie;
-use crate::limits::CreationLimit;
 use crate::proxy::Sidecar;
-use crate::session::Policy;
-use crate::session::entry::Codec;
 use crate::session::store::Store;
-
-/// What one configuration gives every worker, derived once per load.
-pub struct Settings {
-    pub config: Arc<Config>,
-    pub policy: Arc<Policy>,
-    pub cookie: Arc<SessionCookie>,
-    /// `[limits] new_sessions_per_minute`, shared by every worker.
-    pub creation_limit: Option<Arc<CreationLimit>>,
-}
-
-impl Settings {
-    /// `previous`, when given, lends what has not changed and carries state: the creation
-    /// limit's counts survive a reload that keeps its rate.
-    pub fn new(config: Config, previous: Option<&Settings>) -> Settings {
-        let kept_limit = previous.and_then(|p| {
-            (p.config.new_sessions_per_minute == config.new_sessions_per_minute)
-                .then(|| p.creation_limit.clone())
-        });
-        let creation_limit = kept_limit.unwrap_or_else(|| {
-            config
-                .new_sessions_per_minute
-                .map(|n| Arc::new(CreationLimit::new(n)))
-        });
-        Settings {
-            policy: Arc::new(crate::policy(&config)),
-            cookie: Arc::new(SessionCookie::new(
-                config.cookie.clone(),
-                config.secret_key.as_deref(),
-                &config.secret_key_fallbacks,
-            )),
-            creation_limit,
-            config: Arc::new(config),
-        }
-    }
-}
-
-/// How the store writes and reads records under `config`: sealed with keys derived from the
-/// secret and its fallbacks when `store.encrypt` is on, plain JSON otherwise; subjects digested
-/// with the secret when one is set.
-pub fn codec(config: &Config) -> Codec {
-    let fallbacks = &config.secret_key_fallbacks;
-    match (&config.secret_key, config.store.encrypt) {
-        (Some(secret), true) => Codec::sealed(secret, fallbacks),
-        (secret, _) => Codec::unsealed(secret.as_deref(), fallbacks),
-    }
-    .with_legacy_names(config.store.legacy_names)
-}
+use crate::settings::Settings;
 
 /// The keys read only at start (a socket bound, a store opened, threads and limits sized)
 /// whose values differ between `old` and `new`.
@@ -218,11 +168,11 @@ impl Live {
         }
         let rotated = new.secret_key != old.config.secret_key
             || new.secret_key_fallbacks != old.config.secret_key_fallbacks;
-        let settings = Arc::new(Settings::new(new, Some(&old)));
+        let settings = Arc::new(Settings::new(new, Some(&old), self.store.clone()));
         // The store first: a request that already runs under the new settings writes records
         // sealed with the new secret.
         self.store
-            .reconfigure(settings.policy.clone(), codec(&settings.config));
+            .reconfigure(settings.policy.clone(), settings.codec());
         for sidecar in &self.sidecars {
             sidecar.reload(&settings);
         }
@@ -289,20 +239,5 @@ mod tests {
             fixed_changes(&redis, &other),
             vec!["store (the Redis connection settings)"]
         );
-    }
-
-    #[test]
-    fn a_reload_keeps_the_creation_limit_and_its_counts_unless_the_rate_changes() {
-        let old = Settings::new(config("[limits]\nnew_sessions_per_minute = 5"), None);
-        let same = Settings::new(config("[limits]\nnew_sessions_per_minute = 5"), Some(&old));
-        let (a, b) = (old.creation_limit.as_ref(), same.creation_limit.as_ref());
-        assert!(Arc::ptr_eq(a.unwrap(), b.unwrap()));
-        let faster = Settings::new(config("[limits]\nnew_sessions_per_minute = 9"), Some(&old));
-        assert!(!Arc::ptr_eq(
-            a.unwrap(),
-            faster.creation_limit.as_ref().unwrap()
-        ));
-        let off = Settings::new(config(""), Some(&old));
-        assert!(off.creation_limit.is_none());
     }
 }

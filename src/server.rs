@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -11,95 +11,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 
 use crate::config::Config;
+use crate::drain::{Guard, Tracker};
 use crate::error::Body;
 use crate::metrics::Metrics;
 use crate::proxy::Sidecar;
-
-/// What is still running: requests whose response is not fully sent, connections, and spliced
-/// (upgraded) connections. The drain waits for all of them; when its grace runs out, the
-/// splices are told to close.
-pub struct Tracker {
-    requests: AtomicUsize,
-    connections: AtomicUsize,
-    splices: AtomicUsize,
-    changed: Notify,
-    draining: Arc<AtomicBool>,
-    drain: watch::Sender<bool>,
-    cut: watch::Sender<bool>,
-}
-
-impl Tracker {
-    /// `draining` is shared with whoever reports readiness (the admin listener).
-    pub fn new(draining: Arc<AtomicBool>) -> Arc<Tracker> {
-        Arc::new(Tracker {
-            requests: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-            splices: AtomicUsize::new(0),
-            changed: Notify::new(),
-            draining,
-            drain: watch::channel(false).0,
-            cut: watch::channel(false).0,
-        })
-    }
-
-    fn all_done(&self) -> bool {
-        self.requests.load(Ordering::SeqCst) == 0
-            && self.connections.load(Ordering::SeqCst) == 0
-            && self.splices.load(Ordering::SeqCst) == 0
-    }
-
-    async fn wait_all_done(&self) {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.all_done() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// Resolves when the grace has run out: an upgraded connection should close then.
-    pub async fn cut(&self) {
-        let mut rx = self.cut.subscribe();
-        let _ = rx.wait_for(|c| *c).await;
-    }
-
-    /// Counts a spliced connection for as long as the guard lives.
-    pub fn splice(self: &Arc<Tracker>) -> Guard {
-        Guard::enter(self, |t| &t.splices)
-    }
-}
-
-/// Decrements one of the [`Tracker`]'s counts when dropped.
-pub struct Guard {
-    tracker: Arc<Tracker>,
-    count: fn(&Tracker) -> &AtomicUsize,
-}
-
-impl Guard {
-    fn enter(tracker: &Arc<Tracker>, count: fn(&Tracker) -> &AtomicUsize) -> Guard {
-        count(tracker).fetch_add(1, Ordering::SeqCst);
-        Guard {
-            tracker: tracker.clone(),
-            count,
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        (self.count)(&self.tracker).fetch_sub(1, Ordering::SeqCst);
-        // Only the drain waits; before it starts, its first check sees the count anyway.
-        if self.tracker.draining.load(Ordering::SeqCst) {
-            self.tracker.changed.notify_waiters();
-        }
-    }
-}
 
 /// One connection's requests in flight and the time its last one finished, for the idle
 /// timeout.
@@ -299,7 +217,7 @@ pub async fn serve(
     }
     shutdown.await;
     let _ = stop.send(true);
-    let cut = drain(&tracker, grace).await;
+    let cut = crate::drain::drain(&tracker, grace).await;
     let _ = finished.send(true);
     for worker in exited {
         let _ = worker.await;
@@ -345,7 +263,7 @@ async fn accept(
                 let sidecar = sidecar.clone();
                 activity.busy.fetch_add(1, Ordering::SeqCst);
                 let guard = InFlight {
-                    _global: Guard::enter(&tracker, |t| &t.requests),
+                    _global: tracker.request(),
                     activity: activity.clone(),
                 };
                 async move {
@@ -357,10 +275,10 @@ async fn accept(
                 }
             })
         };
-        let connection = Guard::enter(tracker, |t| &t.connections);
+        let connection = tracker.connection();
         let open = shared.metrics.open_connections.clone();
         let shared = shared.clone();
-        let mut drain = tracker.drain.subscribe();
+        let mut drain = tracker.draining();
         open.inc();
         tokio::spawn(async move {
             let conn = shared
@@ -410,30 +328,4 @@ async fn accept(
             drop(connection);
         });
     }
-}
-
-/// Marks the sidecar as draining, asks every connection to close, and waits up to `grace` for
-/// what is in flight. Returns the requests still in flight when the grace ran out.
-async fn drain(tracker: &Arc<Tracker>, grace: Duration) -> usize {
-    tracker.draining.store(true, Ordering::SeqCst);
-    let _ = tracker.drain.send(true);
-    tracing::info!(
-        grace_s = grace.as_secs(),
-        "shutting down: listener closed, draining requests"
-    );
-    let drained = tokio::time::timeout(grace, tracker.wait_all_done())
-        .await
-        .is_ok();
-    if drained {
-        return 0;
-    }
-    let splices = tracker.splices.load(Ordering::SeqCst);
-    if splices > 0 {
-        tracing::warn!(
-            splices,
-            "closing upgraded connections still open at the end of the grace"
-        );
-        let _ = tracker.cut.send(true);
-    }
-    tracker.requests.load(Ordering::SeqCst)
 }

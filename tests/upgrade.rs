@@ -102,7 +102,7 @@ async fn a_sled_store_of_the_release_before_reads_and_leaves_the_clear_names() {
     let path = dir.path().join("sessions");
     let cfg =
         Config::from_toml(&format!("[store]\npath = {:?}", path.display().to_string())).unwrap();
-    let policy = Arc::new(session_sidecar::policy(&cfg));
+    let policy = Arc::new(session_sidecar::settings::policy(&cfg));
     // A minute after the release before wrote it: its cycle's forward still leads on.
     let now = prev.made_at + 60_000;
     let legacy_cells = sled::open(&path)
