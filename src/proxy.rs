@@ -469,7 +469,7 @@ impl Pipeline {
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return Err(ProxyError::FormTooLarge(limit));
             }
-            Ok(Err(e)) => return Err(ProxyError::ClientBody(e.to_string())),
+            Ok(Err(e)) => return Err(ProxyError::ClientBody(e)),
             Ok(Ok(collected)) => collected.to_bytes(),
         };
         match csrf::form_field(&form, field) {

@@ -28,7 +28,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 
 use crate::config::UpstreamAddr;
-use crate::error::ProxyError;
+use crate::error::{ConnectFailure, ProxyError};
 
 /// An idle connection is closed after this long unused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -75,7 +75,7 @@ impl Pool {
 /// Why no response came.
 enum Failure {
     /// No connection could be made.
-    Connect(String),
+    Connect(ConnectFailure),
     /// The exchange on a connection failed.
     Http(hyper::Error),
 }
@@ -311,15 +311,13 @@ impl Upstream {
         &self,
         connect: impl std::future::Future<Output = std::io::Result<S>>,
     ) -> Result<S, Failure> {
-        let why = match tokio::time::timeout(self.timeout, connect).await {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {} s", self.timeout.as_secs()),
-        };
-        Err(Failure::Connect(format!(
-            "connecting to {}: {why}",
-            self.addr
-        )))
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(Failure::Connect(e.into())),
+            Err(_) => Err(Failure::Connect(ConnectFailure::TimedOut(
+                self.timeout.as_secs(),
+            ))),
+        }
     }
 
     /// Sends `req` on an idle connection if one is ready, else on a new one; a request an idle
@@ -403,7 +401,7 @@ impl Upstream {
             }
             let quiet = self.timeout.saturating_sub(progress.quiet_for());
             tokio::select! {
-                r = &mut response => return answer(r),
+                r = &mut response => return answer(r, &self.addr),
                 _ = finished => {}
                 _ = tokio::time::sleep(quiet) => {
                     if progress.quiet_for() >= self.timeout {
@@ -425,7 +423,7 @@ impl Upstream {
         response: impl std::future::Future<Output = Result<Response<ResponseBody>, Failure>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         match tokio::time::timeout(self.timeout, response).await {
-            Ok(r) => answer(r),
+            Ok(r) => answer(r, &self.addr),
             Err(_) => Err(ProxyError::UpstreamTimeout(self.timeout.as_secs())),
         }
     }
@@ -433,20 +431,14 @@ impl Upstream {
 
 fn answer(
     r: Result<Response<ResponseBody>, Failure>,
+    addr: &impl std::fmt::Display,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     match r {
         Ok(resp) => Ok(resp),
-        Err(Failure::Connect(text)) => Err(ProxyError::UpstreamDown(text)),
-        Err(Failure::Http(e)) => {
-            // The whole chain goes to the log; the client's body says only what happened.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            Err(ProxyError::UpstreamBroken(text))
-        }
+        Err(Failure::Connect(source)) => Err(ProxyError::UpstreamDown {
+            addr: addr.to_string(),
+            source,
+        }),
+        Err(Failure::Http(e)) => Err(ProxyError::UpstreamBroken(e)),
     }
 }
