@@ -1,12 +1,13 @@
-//! The per-request pipeline, top to bottom: take our cookie → load the session → strip and
-//! inject headers → forward → take the change headers → apply them atomically → set or delete
-//! the cookie → stream the body back.
+//! The per-request pipeline, as named phases over one request: admit (head limits, skip paths,
+//! the scrub, the CSRF origin check) → present (open the session, add our headers) → forward
+//! (and take our headers out of the answer) → absorb (parse and commit the change) → render (the
+//! cookie, `Vary`) → the access log.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::header::{HOST, HeaderName, HeaderValue, SET_COOKIE, UPGRADE, VARY};
+use http::header::{HeaderName, HeaderValue, SET_COOKIE, UPGRADE, VARY};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -19,10 +20,15 @@ use crate::drain::Tracker;
 use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
-use crate::session::sessions::{CookieOp, Gate, Outcome, Refused, Sessions};
-use crate::session::{Clock, json};
+use crate::session::sessions::{CookieOp, Gate, Loaded, Outcome, Refused, Sessions};
+use crate::session::{Clock, Millis, json};
 use crate::settings::Settings;
 use crate::upstream::{RequestBody, ResponseBody, Upstream};
+
+mod scrub;
+
+use scrub::own_host;
+pub use scrub::{Scrub, scrub_request_head};
 
 /// What the access log says about a request, gathered on the way.
 #[derive(Default)]
@@ -34,6 +40,32 @@ struct Access {
     /// Data operations the upstream asked for.
     ops: usize,
     upstream_ms: f64,
+}
+
+/// A creation limit and the client address it counts.
+type Client = (Arc<crate::limits::CreationLimit>, IpAddr);
+
+/// What the admit phase hands on: the scrubbed request and what was learned about it.
+struct Admitted {
+    parts: http::request::Parts,
+    body: Incoming,
+    /// A skip path: proxied with no session work.
+    skip: bool,
+    /// The client's side of an upgrade the sidecar vouches for.
+    upgrade: Option<OnUpgrade>,
+    /// Asked before this request's answer may create a session (`[limits]`).
+    client: Option<Client>,
+    presented: Presented,
+    /// An unsafe method carrying our cookie on a path `[csrf]` guards.
+    guarded: bool,
+}
+
+/// The app's answer, our headers taken out of it.
+struct Answered {
+    parts: http::response::Parts,
+    body: ResponseBody,
+    upgrades: Option<(OnUpgrade, OnUpgrade)>,
+    taken: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// The request headers the sidecar adds, named with the configured prefix.
@@ -194,12 +226,46 @@ impl Pipeline {
         resp
     }
 
+    /// One request, as named phases over one context: admit → present → forward → absorb →
+    /// render (the access log is written by [`Pipeline::handle`]).
     async fn proxy(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
         info: &mut Access,
     ) -> Result<Response<Body>, ProxyError> {
+        let mut admitted = self.admit(req, peer, info)?;
+        let upgrade = admitted.upgrade.take();
+        if admitted.skip {
+            let request = Request::from_parts(admitted.parts, RequestBody::Streamed(admitted.body));
+            let answer = self.forward_and_take(request, upgrade, info).await?;
+            if !answer.taken.is_empty() {
+                tracing::warn!(
+                    status = answer.parts.status.as_u16(),
+                    "ignored session headers from the upstream on a skip path"
+                );
+            }
+            return Ok(self.finish(answer.parts, answer.body, answer.upgrades));
+        }
+        let (request, loaded, client) = self.present(admitted, info).await?;
+        let answer = self.forward_and_take(request, upgrade, info).await?;
+        let (outcome, now) = match self.absorb(&answer, loaded, client, info).await? {
+            Some(committed) => committed,
+            None => return Ok(self.finish(answer.parts, answer.body, answer.upgrades)),
+        };
+        let resp = self.finish(answer.parts, answer.body, answer.upgrades);
+        Ok(self.render(resp, outcome, now, info))
+    }
+
+    /// Admit: skip paths, head limits, the upgrades vouched for, the scrubbed head (our headers
+    /// and cookie out, `X-Forwarded-*` in), and the CSRF origin check — before anything is
+    /// loaded or forwarded.
+    fn admit(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        info: &mut Access,
+    ) -> Result<Admitted, ProxyError> {
         let skip = self
             .config
             .skip_paths
@@ -210,11 +276,11 @@ impl Pipeline {
         info.carried = !skip && self.cookie.carried(req.headers());
         self.check_head(&req)?;
         let mut req = req;
-        let upgrade = headers::vouched_upgrade(req.headers(), &self.config.upgrades);
-        if req.headers().contains_key(UPGRADE) && !upgrade {
+        let vouched = headers::vouched_upgrade(req.headers(), &self.config.upgrades);
+        if req.headers().contains_key(UPGRADE) && !vouched {
             tracing::debug!("an upgrade the sidecar does not vouch for goes up as a plain request");
         }
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let upgrade = vouched.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         // Read before the scrub appends the peer to X-Forwarded-For; only a creation limit needs it.
         let client = self.creation_limit.as_ref().map(|limit| {
@@ -222,42 +288,20 @@ impl Pipeline {
                 crate::limits::client_addr(&parts.headers, peer.ip(), self.config.trust_forwarded);
             (limit.clone(), addr)
         });
-        let prefix = self.config.header_prefix.as_str();
         let presented = scrub_request_head(
             &mut parts.headers,
             parts.uri.authority(),
             &self.cookie,
             &Scrub {
-                prefix,
+                prefix: &self.config.header_prefix,
                 peer: peer.ip(),
                 trust_forwarded: self.config.trust_forwarded,
-                upgrade,
+                upgrade: vouched,
             },
         );
         self.warn_if_insecure(&parts.headers);
-
-        let body = RequestBody::Streamed(body);
-        if skip {
-            let (mut rparts, rbody, upgrades) = self
-                .forward(
-                    Request::from_parts(parts, body),
-                    client_upgrade,
-                    &mut info.upstream_ms,
-                )
-                .await?;
-            let taken = headers::take_ours(&mut rparts.headers, prefix);
-            if !taken.is_empty() {
-                tracing::warn!(
-                    status = rparts.status.as_u16(),
-                    "ignored session headers from the upstream on a skip path"
-                );
-            }
-            self.drop_our_set_cookie(&mut rparts.headers);
-            return Ok(self.finish(rparts, rbody, upgrades));
-        }
-
-        // A forged request is refused before anything is loaded or forwarded.
-        let guarded = presented.carried
+        let guarded = !skip
+            && presented.carried
             && !csrf::is_safe(&parts.method)
             && self.config.csrf.guards(parts.uri.path());
         if guarded && self.config.csrf.check_origin {
@@ -268,13 +312,37 @@ impl Pipeline {
             )
             .map_err(ProxyError::Forbidden)?;
         }
+        Ok(Admitted {
+            parts,
+            body,
+            skip,
+            upgrade,
+            client,
+            presented,
+            guarded,
+        })
+    }
 
+    /// Present: open the request's session, check the CSRF token, and hand the app our headers.
+    async fn present(
+        &self,
+        admitted: Admitted,
+        info: &mut Access,
+    ) -> Result<(Request<RequestBody>, Loaded, Option<Client>), ProxyError> {
+        let Admitted {
+            mut parts,
+            body,
+            client,
+            presented,
+            guarded,
+            ..
+        } = admitted;
         let now = self.fixed.clock.now();
         let mut loaded = self
             .sessions
             .open(&presented.keys, presented.carried, now)
             .await?;
-        let mut body = body;
+        let mut body = RequestBody::Streamed(body);
         if let Some(token) = &self.config.csrf.token {
             if guarded && let Some(key) = loaded.key() {
                 body = self.check_token(token, key, &parts.headers, body).await?;
@@ -285,7 +353,12 @@ impl Pipeline {
                 .headers
                 .insert(&self.names.csrf, HeaderValue::from_str(&t).expect("hex"));
         }
-        let h = &mut parts.headers;
+        self.inject(&mut parts.headers, &loaded, now, info);
+        Ok((Request::from_parts(parts, body), loaded, client))
+    }
+
+    /// The session headers the app receives (docs/HEADERS.md §1).
+    fn inject(&self, h: &mut http::HeaderMap, loaded: &Loaded, now: Millis, info: &mut Access) {
         h.insert(
             &self.names.data,
             HeaderValue::from_str(&json::encode_ascii(loaded.data()))
@@ -300,36 +373,59 @@ impl Pipeline {
         h.insert(&self.names.status, HeaderValue::from_static(status));
         h.insert(
             &self.names.expiry_age,
-            HeaderValue::from(self.sessions.expiry_age(&loaded, now)),
+            HeaderValue::from(self.sessions.expiry_age(loaded, now)),
         );
         if self.config.expose_id
             && let Some(key) = loaded.key()
         {
             h.insert(&self.names.id, HeaderValue::from_str(key).expect("hex key"));
         }
+    }
 
-        let (mut rparts, rbody, upgrades) = self
-            .forward(
-                Request::from_parts(parts, body),
-                client_upgrade,
-                &mut info.upstream_ms,
-            )
+    /// Forward: the request to the app, and our headers taken out of its answer (and any
+    /// `Set-Cookie` of the app's for our cookie dropped) before anything else looks at it.
+    async fn forward_and_take(
+        &self,
+        request: Request<RequestBody>,
+        upgrade: Option<OnUpgrade>,
+        info: &mut Access,
+    ) -> Result<Answered, ProxyError> {
+        let (mut parts, body, upgrades) = self
+            .forward(request, upgrade, &mut info.upstream_ms)
             .await?;
-        let taken = headers::take_ours(&mut rparts.headers, prefix);
-        self.drop_our_set_cookie(&mut rparts.headers);
-        if rparts.status.is_server_error() {
-            if !taken.is_empty() {
+        let taken = headers::take_ours(&mut parts.headers, &self.config.header_prefix);
+        self.drop_our_set_cookie(&mut parts.headers);
+        Ok(Answered {
+            parts,
+            body,
+            upgrades,
+            taken,
+        })
+    }
+
+    /// Absorb: the app's change headers parsed and committed against the store as it is now.
+    /// `None` when nothing is to be committed (the app answered 5xx).
+    async fn absorb(
+        &self,
+        answer: &Answered,
+        mut loaded: Loaded,
+        client: Option<Client>,
+        info: &mut Access,
+    ) -> Result<Option<(Outcome, Millis)>, ProxyError> {
+        let prefix = self.config.header_prefix.as_str();
+        if answer.parts.status.is_server_error() {
+            if !answer.taken.is_empty() {
                 tracing::warn!(
-                    status = rparts.status.as_u16(),
+                    status = answer.parts.status.as_u16(),
                     "upstream answered 5xx: its session headers were ignored"
                 );
             }
             self.sessions
                 .activity(&loaded, self.fixed.clock.now())
                 .await;
-            return Ok(self.finish(rparts, rbody, upgrades));
+            return Ok(None);
         }
-        let (change, unknown) = match headers::parse_changes(&taken, prefix, loaded.data()) {
+        let (change, unknown) = match headers::parse_changes(&answer.taken, prefix, loaded.data()) {
             Ok(parsed) => parsed,
             Err(bad) => {
                 self.sessions
@@ -351,14 +447,15 @@ impl Pipeline {
         if let Some((limit, client)) = client {
             loaded.set_gate(Gate(Box::new(move || limit.admit(client))));
         }
-        let outcome = match self.sessions.commit(loaded, &change, now).await {
-            Ok(outcome) => outcome,
-            Err(Refused::Ended) => return Err(ProxyError::SessionEnded),
-            Err(Refused::TooMany(secs)) => return Err(ProxyError::TooManySessions(secs)),
-            Err(Refused::Store(e)) => return Err(e.into()),
+        match self.sessions.commit(loaded, &change, now).await {
+            Ok(outcome) => Ok(Some((outcome, now))),
+            Err(Refused::Ended) => Err(ProxyError::SessionEnded),
+            Err(Refused::TooMany(secs)) => Err(ProxyError::TooManySessions(secs)),
+            Err(Refused::Store(e)) => Err(e.into()),
             // Name the headers that carried the oversized data, as for any bad change header.
             Err(Refused::TooLarge(t)) => {
-                let names: std::collections::BTreeSet<String> = taken
+                let names: std::collections::BTreeSet<String> = answer
+                    .taken
                     .iter()
                     .map(|(n, _)| n.as_str())
                     .filter(|n| {
@@ -369,17 +466,26 @@ impl Pipeline {
                     })
                     .map(headers::display_name)
                     .collect();
-                return Err(ProxyError::BadHeader(headers::BadHeader {
+                Err(ProxyError::BadHeader(headers::BadHeader {
                     header: names.into_iter().collect::<Vec<_>>().join(", "),
                     problem: t.to_string(),
-                }));
+                }))
             }
-        };
+        }
+    }
+
+    /// Render: what the commit decided for the browser's cookie, and the metrics it moves.
+    fn render(
+        &self,
+        mut resp: Response<Body>,
+        outcome: Outcome,
+        now: Millis,
+        info: &mut Access,
+    ) -> Response<Body> {
         self.count(&outcome);
-        let mut resp = self.finish(rparts, rbody, upgrades);
         let h = resp.headers_mut();
         match outcome.cookie {
-            CookieOp::Keep => return Ok(resp),
+            CookieOp::Keep => return resp,
             CookieOp::Set { key, max_age } => {
                 h.append(SET_COOKIE, self.cookie.set(&key, max_age, now));
             }
@@ -388,7 +494,7 @@ impl Pipeline {
             }
         }
         info.carried = true; // sets or deletes the cookie: Vary either way
-        Ok(resp)
+        resp
     }
 
     fn count(&self, outcome: &Outcome) {
@@ -560,51 +666,6 @@ impl Pipeline {
         let (parts, body) = resp.into_parts();
         Ok((parts, body, upgrades))
     }
-}
-
-/// What [`scrub_request_head`] needs to know besides the headers.
-pub struct Scrub<'a> {
-    pub prefix: &'a str,
-    pub peer: IpAddr,
-    pub trust_forwarded: bool,
-    /// The request is an upgrade the sidecar vouches for: keep `Upgrade`/`Connection`.
-    pub upgrade: bool,
-}
-
-/// The whole request-head path before the session is looked at, as one function (so that it
-/// can be fuzzed as one): take our cookie out, remove every header of ours in any spelling,
-/// drop hop-by-hop headers, set `X-Forwarded-*`, keep `Host`.
-pub fn scrub_request_head(
-    headers: &mut http::HeaderMap,
-    authority: Option<&http::uri::Authority>,
-    cookie: &SessionCookie,
-    how: &Scrub<'_>,
-) -> Presented {
-    let presented = cookie.take(headers);
-    headers::take_ours(headers, how.prefix);
-    let host = headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| authority.map(|a| a.to_string()));
-    headers::strip_hop_by_hop(headers, how.upgrade);
-    headers::set_forwarded(headers, how.peer, host.as_deref(), how.trust_forwarded);
-    if !headers.contains_key(HOST)
-        && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
-    {
-        headers.insert(HOST, v);
-    }
-    presented
-}
-
-/// The host the client addressed, as the scrub left it in `X-Forwarded-Host` (a trusted proxy's
-/// value, or the request's own `Host`).
-fn own_host(headers: &http::HeaderMap) -> Option<&str> {
-    headers
-        .get(&headers::X_FORWARDED_HOST)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(str::trim)
 }
 
 /// Whether a `Vary` header already names `Cookie` (or `*`).
