@@ -385,16 +385,7 @@ impl Sessions {
     /// order), so this answer leaves the cookie alone, and a change it asks for is not stored:
     /// storing it would need a cookie.
     fn retired(&self, change: &Change, now: Millis) -> Result<Outcome, Refused> {
-        let mut record = Record::new(now);
-        let effect = changes::apply(
-            &mut record,
-            change,
-            &self.policy,
-            now,
-            self.max_bytes,
-            self.policy.save_every_request,
-        )?;
-        let dropped = effect.save && record.deadline > now;
+        let dropped = self.new_record(change, now)?.is_some();
         if dropped {
             tracing::warn!(
                 "change not stored: the request presented a session key retired by a cycle or a flush moments ago (retired_grace); its answer sets no cookie"
@@ -404,6 +395,21 @@ impl Sessions {
             dropped,
             ..Outcome::cookie(CookieOp::Keep)
         })
+    }
+
+    /// The session `change` would create for a visitor without one, if it leaves anything to
+    /// keep (the size limit checked).
+    fn new_record(&self, change: &Change, now: Millis) -> Result<Option<Record>, Refused> {
+        let mut record = Record::new(now);
+        let effect = changes::apply(
+            &mut record,
+            change,
+            &self.policy,
+            now,
+            self.max_bytes,
+            self.policy.save_every_request,
+        )?;
+        Ok((effect.save && record.deadline > now).then_some(record))
     }
 
     fn cookie_for(&self, key: String, record: &Record, now: Millis) -> CookieOp {
@@ -422,22 +428,13 @@ impl Sessions {
         mut key: Option<String>,
         gate: Option<Gate>,
     ) -> Result<Outcome, Refused> {
-        let mut record = Record::new(now);
-        let effect = changes::apply(
-            &mut record,
-            change,
-            &self.policy,
-            now,
-            self.max_bytes,
-            self.policy.save_every_request,
-        )?;
-        if !effect.save || record.deadline <= now {
+        let Some(record) = self.new_record(change, now)? else {
             return Ok(Outcome::cookie(if stale {
                 CookieOp::Remove
             } else {
                 CookieOp::Keep
             }));
-        }
+        };
         if let Some(gate) = gate {
             (gate.0)().map_err(Refused::TooMany)?;
         }
