@@ -31,10 +31,7 @@ struct Used(Vec<String>);
 
 impl Used {
     fn in_bytes(&self, bytes: &[u8]) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
-            .map(String::as_str)
+        common::named_in(bytes, &self.0)
     }
 }
 
@@ -166,23 +163,6 @@ async fn no_byte_of_a_sled_store_names_a_visitor() {
     }
 }
 
-/// Key names and values under `prefix` on each of `ports`.
-fn redis_bytes(ports: &[u16], prefix: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for &port in ports {
-        let names = common::redis_cli(port, &["--scan", "--pattern", &format!("{prefix}*")]);
-        for name in names.lines().filter(|n| !n.is_empty()) {
-            let value = match common::redis_cli(port, &["TYPE", name]).as_str() {
-                "set" => common::redis_cli(port, &["SMEMBERS", name]),
-                "none" => continue,
-                _ => common::redis_cli(port, &["GET", name]),
-            };
-            out.push((name.to_string(), value));
-        }
-    }
-    out
-}
-
 async fn redis_run(store_toml: &str, ports: &[u16], prefix: &str, seed: u64, sealed: bool) -> Used {
     let security = if sealed {
         format!("[security]\nsecret_key = {SECRET:?}\n")
@@ -192,7 +172,7 @@ async fn redis_run(store_toml: &str, ports: &[u16], prefix: &str, seed: u64, sea
     let config = Config::from_toml(&format!("{store_toml}{security}")).unwrap();
     let store = session_sidecar::Deps::open(&config).await.unwrap().store;
     let used = run(&store, seed).await;
-    let held = redis_bytes(ports, prefix);
+    let held = common::redis_contents(ports, prefix);
     assert!(!held.is_empty(), "the run left sessions");
     for (name, value) in held {
         assert_eq!(used.in_bytes(name.as_bytes()), None, "{name}");

@@ -79,14 +79,6 @@ async fn reads_everything(store: &Arc<dyn Store>, prev: &Previous, now: Millis) 
     }
 }
 
-/// Whether any of `names` appears in `bytes`.
-fn named<'a>(bytes: &[u8], names: &'a [String]) -> Option<&'a str> {
-    names
-        .iter()
-        .find(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
-        .map(String::as_str)
-}
-
 #[tokio::test]
 async fn a_sled_store_of_the_release_before_reads_and_leaves_the_clear_names() {
     let prev = previous("sled");
@@ -173,7 +165,7 @@ async fn a_sled_store_of_the_release_before_reads_and_leaves_the_clear_names() {
                 let (k, v) = item.unwrap();
                 for bytes in [&k[..], &v[..]] {
                     assert_eq!(
-                        named(bytes, &names),
+                        common::named_in(bytes, &names),
                         None,
                         "tree {:?}",
                         String::from_utf8_lossy(&tree)
@@ -200,23 +192,6 @@ async fn a_sled_store_of_the_release_before_reads_and_leaves_the_clear_names() {
     reads_everything(&store, &after, now).await;
 }
 
-/// Every key name and value under `prefix` on the server, as text (sets as their members).
-fn redis_contents(port: u16, prefix: &str) -> Vec<(String, String)> {
-    let names = common::redis_cli(port, &["--scan", "--pattern", &format!("{prefix}*")]);
-    names
-        .lines()
-        .filter(|n| !n.is_empty())
-        .map(|name| {
-            let kind = common::redis_cli(port, &["TYPE", name]);
-            let value = match kind.as_str() {
-                "set" => common::redis_cli(port, &["SMEMBERS", name]),
-                _ => common::redis_cli(port, &["GET", name]),
-            };
-            (name.to_string(), value)
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_redis_dump_of_the_release_before_reads_and_leaves_the_clear_names() {
     let prev = previous("redis");
@@ -224,12 +199,12 @@ async fn a_redis_dump_of_the_release_before_reads_and_leaves_the_clear_names() {
         return;
     };
     let names = prev.names();
-    let before = redis_contents(server.port, "upgrade:");
+    let before = common::redis_contents(&[server.port], "upgrade:");
     assert!(
         before
             .iter()
-            .any(|(k, v)| named(k.as_bytes(), &names).is_some()
-                || named(v.as_bytes(), &names).is_some()),
+            .any(|(k, v)| common::named_in(k.as_bytes(), &names).is_some()
+                || common::named_in(v.as_bytes(), &names).is_some()),
         "the dump names its visitors, as the release before wrote it"
     );
     let legacy_cells = before
@@ -252,9 +227,13 @@ async fn a_redis_dump_of_the_release_before_reads_and_leaves_the_clear_names() {
     assert_eq!(swept.renamed, legacy_cells - 1, "{swept:?}");
     // One more sweep drops the subject sets of the release before.
     store.sweep(now).await.unwrap();
-    for (k, v) in redis_contents(server.port, "upgrade:") {
-        assert_eq!(named(k.as_bytes(), &names), None, "{k}");
-        assert_eq!(named(v.as_bytes(), &names), None, "{k} holds {v}");
+    for (k, v) in common::redis_contents(&[server.port], "upgrade:") {
+        assert_eq!(common::named_in(k.as_bytes(), &names), None, "{k}");
+        assert_eq!(
+            common::named_in(v.as_bytes(), &names),
+            None,
+            "{k} holds {v}"
+        );
         assert!(
             k.starts_with("upgrade:s:") || k.starts_with("upgrade:t:"),
             "{k} left"
@@ -263,7 +242,7 @@ async fn a_redis_dump_of_the_release_before_reads_and_leaves_the_clear_names() {
     // The server's own dump now names no visitor either.
     assert_eq!(common::redis_cli(server.port, &["SAVE"]), "OK");
     let dump = std::fs::read(server.dir().join("dump.rdb")).unwrap();
-    assert_eq!(named(&dump, &names), None);
+    assert_eq!(common::named_in(&dump, &names), None);
     let mut after = prev;
     after.sessions[0]["data"]["visits"] = json!(4);
     reads_everything(&store, &after, now).await;

@@ -153,10 +153,19 @@ impl<C: Cells> Engine<C> {
     /// Where `key`'s entry is, its bytes and the entry: the digest-named cell, else the one the
     /// release before named by the key.
     async fn entry(&self, key: &str) -> Result<Option<(Cell, Vec<u8>, Entry)>, StoreError> {
+        let Some((cell, raw)) = self.find(key).await? else {
+            return Ok(None);
+        };
+        let entry = self.decode(&cell, Reader::Key(key), &raw)?;
+        Ok(entry.map(|d| (cell, raw, d.entry)))
+    }
+
+    /// The cell holding `key`'s entry and its bytes: the digest-named cell, else the one the
+    /// release before named by the key (read only when the first is missing).
+    async fn find(&self, key: &str) -> Result<Option<(Cell, Vec<u8>)>, StoreError> {
         for cell in [Cell::of(key), Cell::legacy(key)] {
             if let Some(raw) = self.cells.get(&cell).await? {
-                let entry = self.decode(&cell, Reader::Key(key), &raw)?;
-                return Ok(entry.map(|d| (cell, raw, d.entry)));
+                return Ok(Some((cell, raw)));
             }
         }
         Ok(None)
@@ -251,28 +260,25 @@ impl<C: Cells> Engine<C> {
     }
 
     pub async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
-        for cell in [Cell::of(key), Cell::legacy(key)] {
-            let Some(raw) = self.cells.get(&cell).await? else {
-                continue;
-            };
-            // Expired sessions and forwards are told from the head, without parsing.
-            match Head::read(&raw).map_err(corrupt)? {
-                Head::Session { deadline } | Head::Moved { until: deadline } if deadline > now => {}
-                _ => return Ok(Lookup::Absent),
-            }
-            return Ok(match self.decode(&cell, Reader::Key(key), &raw)? {
-                Some(Decoded {
-                    entry: Entry::Session(r),
-                    ..
-                }) => Lookup::Live(r, raw),
-                Some(Decoded {
-                    entry: Entry::Moved(m),
-                    ..
-                }) if m.retired > now => Lookup::Retired,
-                _ => Lookup::Absent,
-            });
+        let Some((cell, raw)) = self.find(key).await? else {
+            return Ok(Lookup::Absent);
+        };
+        // Expired sessions and forwards are told from the head, without parsing.
+        match Head::read(&raw).map_err(corrupt)? {
+            Head::Session { deadline } | Head::Moved { until: deadline } if deadline > now => {}
+            _ => return Ok(Lookup::Absent),
         }
-        Ok(Lookup::Absent)
+        Ok(match self.decode(&cell, Reader::Key(key), &raw)? {
+            Some(Decoded {
+                entry: Entry::Session(r),
+                ..
+            }) => Lookup::Live(r, raw),
+            Some(Decoded {
+                entry: Entry::Moved(m),
+                ..
+            }) if m.retired > now => Lookup::Retired,
+            _ => Lookup::Absent,
+        })
     }
 
     pub async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
@@ -407,14 +413,7 @@ impl<C: Cells> Engine<C> {
         // Read on every read-only request: the head answers the common case, no parsing.
         let mut current = key.to_string();
         for hop in 0..=MAX_HOPS {
-            let mut found = None;
-            for cell in [Cell::of(&current), Cell::legacy(&current)] {
-                if let Some(raw) = self.cells.get(&cell).await? {
-                    found = Some((cell, raw));
-                    break;
-                }
-            }
-            let Some((cell, raw)) = found else {
+            let Some((cell, raw)) = self.find(&current).await? else {
                 return Ok(Liveness::Ended);
             };
             match Head::read(&raw).map_err(corrupt)? {

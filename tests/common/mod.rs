@@ -353,6 +353,33 @@ impl Store for Faulty {
     }
 }
 
+/// Which of `names` (session keys, subjects) appears in `bytes`, if any: what a reader of the
+/// store or a backup would learn.
+pub fn named_in<'a>(bytes: &[u8], names: &'a [String]) -> Option<&'a str> {
+    names
+        .iter()
+        .find(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
+        .map(String::as_str)
+}
+
+/// Every key name under `prefix` on each of `ports`, with its value as text (a set as its
+/// members), as `redis-cli` shows them.
+pub fn redis_contents(ports: &[u16], prefix: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for &port in ports {
+        let names = redis_cli(port, &["--scan", "--pattern", &format!("{prefix}*")]);
+        for name in names.lines().filter(|n| !n.is_empty()) {
+            let value = match redis_cli(port, &["TYPE", name]).as_str() {
+                "set" => redis_cli(port, &["SMEMBERS", name]),
+                "none" => continue,
+                _ => redis_cli(port, &["GET", name]),
+            };
+            out.push((name.to_string(), value));
+        }
+    }
+    out
+}
+
 /// The handles of `subject`'s live sessions, sorted (the store knows no keys to list).
 pub async fn subject_handles(store: &Arc<dyn Store>, subject: &str, now: Millis) -> Vec<String> {
     let mut handles: Vec<String> = store
