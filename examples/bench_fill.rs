@@ -1,5 +1,6 @@
 //! Fills a sled session store with N live sessions, as the benchmark's large-store scenario
-//! needs (`bench/run.py --big`). Writes through the real store type, then syncs.
+//! needs (`bench/run.py --big`). Writes through the real store type, then syncs. It uses the
+//! store's own API (`session::testing`), which examples get as the tests do.
 //!
 //! ```text
 //! cargo run --release --example bench_fill -- /tmp/store 1000000
@@ -9,8 +10,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 use session_sidecar::Config;
-use session_sidecar::session::store::Store;
-use session_sidecar::session::{Clock, Record, SystemClock, id};
+use session_sidecar::session::testing::{SledStore, Store};
+use session_sidecar::session::{Clock, Record, SystemClock, Upkeep, id};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -21,13 +22,8 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let config = Config::from_toml(&format!("[store]\npath = {path:?}\ndurable = false")).unwrap();
-    let policy = Arc::new(session_sidecar::settings::policy(&config));
-    let store = session_sidecar::session::sled_store::SledStore::open(
-        &config.store.sled(),
-        policy.clone(),
-        8192,
-    )
-    .unwrap();
+    let policy = Arc::new(config.expiry.policy(config.upstream_timeout));
+    let store = SledStore::open(&config.store.sled(), policy.clone(), 8192).unwrap();
     let now = SystemClock.now();
     for i in 0..n {
         let mut r = Record::new(now);

@@ -20,13 +20,13 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::error::chain;
 use crate::metrics::Metrics;
-use crate::session::store::{Cell, Store, StoreError};
-use crate::session::{Clock, Millis, Record, id};
+use crate::session::{Cell, Clock, Millis, Record, Storage, StoreError, id};
 use crate::settings::Settings;
 
 pub struct Admin {
-    pub store: Arc<dyn Store>,
+    pub store: Storage,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     /// The cookie (to read a cookie value) and the token, as the latest reload left them.
@@ -127,7 +127,7 @@ impl Admin {
                 return match self.store.ping().await {
                     Ok(()) => text(StatusCode::OK, "ready"),
                     Err(e) => {
-                        tracing::warn!(error = %e, "readiness: the store does not answer");
+                        tracing::warn!(error = %chain(&e), "readiness: the store does not answer");
                         text(
                             StatusCode::SERVICE_UNAVAILABLE,
                             "the session store does not answer",
@@ -161,7 +161,7 @@ impl Admin {
             _ => Ok(text(StatusCode::NOT_FOUND, "no such endpoint")),
         };
         result.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "admin request failed");
+            tracing::error!(error = %chain(&e), "admin request failed");
             text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the session store is unavailable",

@@ -8,7 +8,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
 use crate::headers::BadHeader;
-use crate::session::store::StoreError;
+use crate::session::Unavailable;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response the sidecar sends: the upstream's, streamed, or its own text.
@@ -56,8 +56,8 @@ pub enum ProxyError {
     /// `[limits] new_sessions_per_minute`: retry after this many seconds.
     #[error("too many new sessions from this address; retry in {0} s")]
     TooManySessions(u64),
-    #[error("the session store is unavailable")]
-    Store(#[from] StoreError),
+    #[error(transparent)]
+    Store(#[from] Unavailable),
 }
 
 /// Whose fault an error is: the client's is logged at warn level, the others at error level.
@@ -118,7 +118,8 @@ impl ProxyError {
         self.answer().status
     }
 
-    pub fn fault(&self) -> Fault {
+    #[cfg(test)]
+    fn fault(&self) -> Fault {
         self.answer().fault
     }
 
@@ -202,7 +203,9 @@ mod tests {
         );
         let body = body_text(e.into_response()).await;
         assert_eq!(body, "the application is unreachable\n");
-        let store = ProxyError::Store(StoreError::Backend("redis: 10.0.0.7:6379 timed out".into()));
+        let timed_out: crate::session::BoxError = "10.0.0.7:6379 timed out".into();
+        let store =
+            ProxyError::Store(crate::session::StoreError::Backend("redis", timed_out).into());
         assert_eq!(
             (store.status(), store.fault()),
             (StatusCode::SERVICE_UNAVAILABLE, Fault::Store)

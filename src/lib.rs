@@ -8,21 +8,24 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
+// The crate's public API is what the binary, the tests and the fuzz targets use: the
+// configuration, the cookie and header parsers, the session core, and the wiring below.
 pub mod config;
 pub mod cookie;
-pub mod csrf;
-pub mod drain;
-pub mod error;
 pub mod headers;
-pub mod limits;
-pub mod metrics;
-pub mod proxy;
-pub mod reload;
-pub mod server;
 pub mod session;
-pub mod settings;
-pub mod upstream;
+
+mod admin;
+mod csrf;
+mod drain;
+mod error;
+mod limits;
+mod metrics;
+mod proxy;
+mod reload;
+mod server;
+mod settings;
+mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,33 +33,27 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use config::Config;
-use session::sled_store::SledStore;
-use session::store::{Store, StoreError};
-use session::{Clock, SystemClock};
+pub use proxy::{Scrub, scrub_request_head};
+pub use reload::{LogFilter, Reloads};
+use session::{Backend, Clock, Storage, StoreError, SystemClock};
 
 /// The parts of a running sidecar that tests may swap: where sessions live and what time it is.
 #[derive(Clone)]
 pub struct Deps {
-    pub store: Arc<dyn Store>,
+    pub store: Storage,
     pub clock: Arc<dyn Clock>,
 }
 
 impl Deps {
     /// The production wiring: the configured store and the system clock.
     pub async fn open(config: &Config) -> Result<Deps, StoreError> {
+        let backend = match &config.store.backend {
+            config::Backend::Sled => Backend::Sled(config.store.sled()),
+            config::Backend::Redis(redis) => Backend::Redis(redis),
+        };
         let policy = Arc::new(settings::policy(config));
         let codec = settings::codec(config);
-        let store: Arc<dyn Store> = match &config.store.backend {
-            config::Backend::Sled => Arc::new(
-                SledStore::open(&config.store.sled(), policy, config.max_session_bytes)?
-                    .sealed(codec),
-            ),
-            config::Backend::Redis(redis) => Arc::new(
-                session::redis_store::RedisStore::connect(redis, policy, config.max_session_bytes)
-                    .await?
-                    .sealed(codec),
-            ),
-        };
+        let store = Storage::open(backend, policy, codec, config.max_session_bytes).await?;
         Ok(Deps {
             store,
             clock: Arc::new(SystemClock),
@@ -68,8 +65,8 @@ impl Deps {
 pub enum RunError {
     #[error("shutdown grace period ran out with {0} request(s) still in flight; they were cut")]
     GraceExceeded(usize),
-    #[error("flushing the session store on shutdown failed: {0}")]
-    Flush(StoreError),
+    #[error("flushing the session store on shutdown failed")]
+    Flush(#[source] StoreError),
     #[error("starting the worker threads: {0}")]
     Workers(std::io::Error),
     // The reason is in the message, not a `source`: a chain would print it twice.
@@ -113,18 +110,15 @@ pub async fn run_with_admin(
     reloads: Option<reload::Reloads>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let store: Arc<dyn Store> = Arc::new(metrics::Metered {
-        inner: deps.store.clone(),
-        metrics: metrics.clone(),
-    });
-    let settings = Arc::new(settings::Settings::new(config, None, store.clone()));
+    let store = deps.store.watched(metrics.clone());
+    let settings = Arc::new(settings::Settings::new(config, None, &store));
     let config = settings.config.clone();
     let (settings_tx, settings_rx) = tokio::sync::watch::channel(settings.clone());
     let (sweep_tx, sweep_rx) = tokio::sync::watch::channel(config.expiry.sweep_interval);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tracker = drain::Tracker::new(draining.clone());
-    let sweeper = tokio::spawn(session::sweeper::run(
+    let sweeper = tokio::spawn(session::sweep_every(
         store.clone(),
         deps.clock.clone(),
         sweep_rx,
@@ -150,7 +144,7 @@ pub async fn run_with_admin(
         workers.push(listener.try_clone().map_err(RunError::Workers)?);
     }
     workers.push(listener);
-    let fixed = proxy::Fixed {
+    let shared = proxy::Shared {
         clock: deps.clock.clone(),
         metrics: metrics.clone(),
         tracker: tracker.clone(),
@@ -158,18 +152,18 @@ pub async fn run_with_admin(
     let workers: Vec<_> = workers
         .into_iter()
         .map(|listener| {
-            let sidecar = Arc::new(proxy::Sidecar::new(&settings, fixed.clone()));
-            (listener, sidecar)
+            let worker = Arc::new(proxy::Worker::new(&settings, shared.clone()));
+            (listener, worker)
         })
         .collect();
     let reloader = reloads.map(|reloads| {
-        let live = reload::Live {
+        let reloader = reload::Reloader {
             settings: settings_tx,
             sweep_interval: sweep_tx,
-            sidecars: workers.iter().map(|(_, s)| s.clone()).collect(),
+            workers: workers.iter().map(|(_, w)| w.clone()).collect(),
             store: store.clone(),
         };
-        tokio::spawn(live.serve(reloads))
+        tokio::spawn(reloader.serve(reloads))
     });
     let served = server::serve(workers, shutdown, &config, metrics, tracker).await;
     if let Some(reloader) = reloader {

@@ -117,7 +117,7 @@ fn segment(text: &str) -> String {
 /// Logs to stderr in the config's format, filtered by `RUST_LOG` when it is set, else by the
 /// config's `log_level`. Returns how a reload sets the filter (`None` while `RUST_LOG` rules).
 /// Errors reading the config are reported by the command itself.
-fn init_logs(path: &std::path::Path) -> Option<session_sidecar::reload::LogFilter> {
+fn init_logs(path: &std::path::Path) -> Option<session_sidecar::LogFilter> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, reload};
@@ -151,7 +151,7 @@ fn init_logs(path: &std::path::Path) -> Option<session_sidecar::reload::LogFilte
                 .parse(level)
                 .map_err(|e| e.to_string())?;
             handle.reload(filter).map_err(|e| e.to_string())
-        }) as session_sidecar::reload::LogFilter
+        }) as session_sidecar::LogFilter
     })
 }
 
@@ -164,12 +164,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(
     path: &std::path::Path,
-    log_filter: Option<session_sidecar::reload::LogFilter>,
+    log_filter: Option<session_sidecar::LogFilter>,
 ) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     runtime()?.block_on(async move {
         // Before anything says it serves: an early SIGHUP must not end the process (its default).
-        let reloads = session_sidecar::reload::Reloads::on_hangup(path.to_path_buf(), log_filter)
+        let reloads = session_sidecar::Reloads::on_hangup(path.to_path_buf(), log_filter)
             .context("listening for SIGHUP")?;
         let deps = Deps::open(&config).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -4,9 +4,8 @@
 //! buckets start at 100 µs: the sidecar's own work is sub-millisecond, the upstream's is not.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_trait::async_trait;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,11 +14,7 @@ use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
-use crate::session::changes::Change;
-use crate::session::store::{
-    Cell, Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated,
-};
-use crate::session::{Millis, Record};
+use crate::session::{Swept, Watch};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Class {
@@ -291,124 +286,18 @@ impl Metrics {
     }
 }
 
-/// A store that counts and times every operation of the store it wraps.
-pub struct Metered {
-    pub inner: Arc<dyn Store>,
-    pub metrics: Arc<Metrics>,
-}
-
-impl Metered {
-    fn record<T, E>(&self, op: &'static str, started: Instant, result: &Result<T, E>) {
-        self.metrics
-            .store_duration
-            .observe(started.elapsed().as_secs_f64());
-        let result = if result.is_ok() { "ok" } else { "error" };
-        self.metrics
-            .store_operations
+/// Counts and times every store operation.
+impl Watch for Metrics {
+    fn after(&self, op: &'static str, took: Duration, ok: bool) {
+        self.store_duration.observe(took.as_secs_f64());
+        let result = if ok { "ok" } else { "error" };
+        self.store_operations
             .get_or_create(&StoreOp { op, result })
             .inc();
     }
-}
 
-macro_rules! metered {
-    ($self:ident, $op:literal, $call:expr) => {{
-        let started = Instant::now();
-        let result = $call.await;
-        $self.record($op, started, &result);
-        result
-    }};
-}
-
-#[async_trait]
-impl Store for Metered {
-    fn reconfigure(
-        &self,
-        policy: Arc<crate::session::Policy>,
-        codec: crate::session::entry::Codec,
-    ) {
-        self.inner.reconfigure(policy, codec)
-    }
-    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        metered!(self, "load", self.inner.load(key, now))
-    }
-    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
-        metered!(self, "load", self.inner.lookup(key, now))
-    }
-    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
-        metered!(self, "create", self.inner.create(key, record))
-    }
-    async fn update(
-        &self,
-        key: &str,
-        seen: Option<(&Record, &[u8])>,
-        change: &Change,
-        new_key: Option<&str>,
-        now: Millis,
-        force_save: bool,
-    ) -> Result<Updated, UpdateError> {
-        metered!(
-            self,
-            "update",
-            self.inner
-                .update(key, seen, change, new_key, now, force_save)
-        )
-    }
-    fn mark(&self) -> Option<Mark> {
-        self.inner.mark()
-    }
-    async fn liveness(
-        &self,
-        key: &str,
-        now: Millis,
-        seen: Option<Seen>,
-    ) -> Result<Liveness, StoreError> {
-        metered!(self, "liveness", self.inner.liveness(key, now, seen))
-    }
-    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
-        metered!(self, "touch", self.inner.touch(key, now))
-    }
-    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        metered!(self, "remove", self.inner.remove(key))
-    }
-    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
-        metered!(self, "remove", self.inner.retire(key, now))
-    }
-    async fn subject_sessions(
-        &self,
-        subject: &str,
-        now: Millis,
-    ) -> Result<Vec<(Cell, Record)>, StoreError> {
-        metered!(
-            self,
-            "subject_keys",
-            self.inner.subject_sessions(subject, now)
-        )
-    }
-    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError> {
-        metered!(self, "find_handle", self.inner.find_handle(handle))
-    }
-    async fn load_stored(
-        &self,
-        cell: &Cell,
-        now: Millis,
-    ) -> Result<Option<(Record, bool)>, StoreError> {
-        metered!(self, "load", self.inner.load_stored(cell, now))
-    }
-    async fn remove_stored(&self, cell: &Cell) -> Result<bool, StoreError> {
-        metered!(self, "remove", self.inner.remove_stored(cell))
-    }
-    async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
-        let swept = metered!(self, "sweep", self.inner.sweep(now));
-        if let Ok(s) = &swept {
-            self.metrics.sessions_expired.inc_by(s.sessions as u64);
-        }
-        swept
-    }
-    async fn sync(&self) -> Result<(), StoreError> {
-        metered!(self, "sync", self.inner.sync())
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        metered!(self, "ping", self.inner.ping())
+    fn swept(&self, swept: &Swept) {
+        self.sessions_expired.inc_by(swept.sessions as u64);
     }
 }
 

@@ -12,13 +12,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Backend, Config};
-use crate::proxy::Sidecar;
-use crate::session::store::Store;
+use crate::proxy::Worker;
+use crate::session::Storage;
 use crate::settings::Settings;
 
 /// The keys read only at start (a socket bound, a store opened, threads and limits sized)
 /// whose values differ between `old` and `new`.
-pub fn fixed_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+pub fn start_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     let mut check = |key: &'static str, same: bool| {
         if !same {
@@ -106,32 +106,32 @@ impl Reloads {
 }
 
 /// What a reload changes: every part that reads the configuration after start.
-pub(crate) struct Live {
+pub(crate) struct Reloader {
     pub settings: watch::Sender<Arc<Settings>>,
     pub sweep_interval: watch::Sender<Duration>,
-    pub sidecars: Vec<Arc<Sidecar>>,
-    pub store: Arc<dyn Store>,
+    pub workers: Vec<Arc<Worker>>,
+    pub store: Storage,
 }
 
 /// Why a reload was not applied; the running configuration stays.
 #[derive(Debug, thiserror::Error)]
-pub enum Refused {
+pub enum ReloadError {
     #[error("{0}")]
     Invalid(#[from] crate::config::ConfigError),
     #[error(
         "config key(s) {} cannot change while the sidecar runs (restart it to change them)",
         .0.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
     )]
-    Fixed(Vec<&'static str>),
+    StartOnly(Vec<&'static str>),
 }
 
-impl Live {
+impl Reloader {
     /// Applies each reload asked for, one at a time, until no more can be asked.
     pub async fn serve(self, mut reloads: Reloads) {
         while reloads.asked.recv().await.is_some() {
             match self.reload(&reloads) {
                 Ok(()) => {}
-                Err(Refused::Fixed(keys)) => {
+                Err(ReloadError::StartOnly(keys)) => {
                     for key in &keys {
                         tracing::error!(
                             key,
@@ -147,12 +147,12 @@ impl Live {
         }
     }
 
-    fn reload(&self, reloads: &Reloads) -> Result<(), Refused> {
+    fn reload(&self, reloads: &Reloads) -> Result<(), ReloadError> {
         let new = Config::load(&reloads.path)?;
         let old = self.settings.borrow().clone();
-        let fixed = fixed_changes(&old.config, &new);
-        if !fixed.is_empty() {
-            return Err(Refused::Fixed(fixed));
+        let start_only = start_only_changes(&old.config, &new);
+        if !start_only.is_empty() {
+            return Err(ReloadError::StartOnly(start_only));
         }
         if new.log_level != old.config.log_level {
             match &reloads.log_filter {
@@ -168,13 +168,13 @@ impl Live {
         }
         let rotated = new.secret_key != old.config.secret_key
             || new.secret_key_fallbacks != old.config.secret_key_fallbacks;
-        let settings = Arc::new(Settings::new(new, Some(&old), self.store.clone()));
+        let settings = Arc::new(Settings::new(new, Some(&old), &self.store));
         // The store first: a request that already runs under the new settings writes records
         // sealed with the new secret.
         self.store
             .reconfigure(settings.policy.clone(), settings.codec());
-        for sidecar in &self.sidecars {
-            sidecar.reload(&settings);
+        for worker in &self.workers {
+            worker.reload(&settings);
         }
         // Only a new interval restarts the sweeper's clock: reloads more frequent than the
         // interval must not keep postponing the sweep.
@@ -213,7 +213,7 @@ mod tests {
              sweep_interval = 5\n[security]\nsecret_key = \"a new secret of at least thirty-two bytes\"\n\
              [csrf]\ncheck_origin = true\n[limits]\nnew_sessions_per_minute = 5\n",
         );
-        assert_eq!(fixed_changes(&base, &live), Vec::<&str>::new());
+        assert_eq!(start_only_changes(&base, &live), Vec::<&str>::new());
         for (extra, key) in [
             ("listen = \"127.0.0.1:1\"", "listen"),
             ("workers = 3", "workers"),
@@ -231,12 +231,16 @@ mod tests {
             ("[store]\ncache_capacity = 2097152", "store.cache_capacity"),
             ("[store]\nbackend = \"redis\"", "store.backend"),
         ] {
-            assert_eq!(fixed_changes(&base, &config(extra)), vec![key], "{extra}");
+            assert_eq!(
+                start_only_changes(&base, &config(extra)),
+                vec![key],
+                "{extra}"
+            );
         }
         let redis = config("[store]\nbackend = \"redis\"");
         let other = config("[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:7000/0\"");
         assert_eq!(
-            fixed_changes(&redis, &other),
+            start_only_changes(&redis, &other),
             vec!["store (the Redis connection settings)"]
         );
     }

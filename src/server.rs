@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::drain::{Guard, Tracker};
 use crate::error::Body;
 use crate::metrics::Metrics;
-use crate::proxy::Sidecar;
+use crate::proxy::Worker;
 
 /// One connection's requests in flight and the time its last one finished, for the idle
 /// timeout.
@@ -110,12 +110,12 @@ struct Shared {
 /// waits up to `shutdown_grace` for requests, connections and spliced upgrades. Returns how many
 /// requests were still in flight when the grace ran out (0 after a clean drain).
 ///
-/// Each `(listener, sidecar)` pair is served by a thread of its own running a single-threaded
+/// Each `(listener, worker)` pair is served by a thread of its own running a single-threaded
 /// event loop: a connection, its requests and its upstream connections stay on that thread, so
 /// a request never waits for another core to pick up its wake-up. The caller's runtime only
 /// waits for the shutdown and runs the drain.
 pub async fn serve(
-    workers: Vec<(std::net::TcpListener, Arc<Sidecar>)>,
+    workers: Vec<(std::net::TcpListener, Arc<Worker>)>,
     shutdown: impl Future<Output = ()>,
     config: &Config,
     metrics: Arc<Metrics>,
@@ -153,7 +153,7 @@ pub async fn serve(
     let (finished, _) = watch::channel(false);
     let mut exited = Vec::new();
     let mut started = Vec::new();
-    for (i, (listener, sidecar)) in workers.into_iter().enumerate() {
+    for (i, (listener, worker)) in workers.into_iter().enumerate() {
         let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
         let (shared, stop_rx, mut finished_rx) =
@@ -177,7 +177,7 @@ pub async fn serve(
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
                             let _ = ready_tx.send(Ok(()));
-                            accept(listener, sidecar, stop_rx, &shared).await;
+                            accept(listener, worker, stop_rx, &shared).await;
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -228,7 +228,7 @@ pub async fn serve(
 /// One worker's accept loop, until `stop`.
 async fn accept(
     listener: TcpListener,
-    sidecar: Arc<Sidecar>,
+    worker: Arc<Worker>,
     mut stop: watch::Receiver<bool>,
     shared: &Arc<Shared>,
 ) {
@@ -258,16 +258,16 @@ async fn accept(
             born: Instant::now(),
         });
         let service = {
-            let (sidecar, tracker, activity) = (sidecar.clone(), tracker.clone(), activity.clone());
+            let (worker, tracker, activity) = (worker.clone(), tracker.clone(), activity.clone());
             service_fn(move |req| {
-                let sidecar = sidecar.clone();
+                let worker = worker.clone();
                 activity.busy.fetch_add(1, Ordering::SeqCst);
                 let guard = InFlight {
                     _global: tracker.request(),
                     activity: activity.clone(),
                 };
                 async move {
-                    let resp = sidecar.handle(req, peer).await;
+                    let resp = worker.handle(req, peer).await;
                     Ok::<_, std::convert::Infallible>(resp.map(|body| Guarded {
                         body,
                         _in_flight: guard,

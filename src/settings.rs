@@ -8,10 +8,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::cookie::SessionCookie;
 use crate::limits::CreationLimit;
-use crate::session::Policy;
-use crate::session::entry::Codec;
-use crate::session::sessions::Sessions;
-use crate::session::store::Store;
+use crate::session::{Codec, Policy, Sessions, Storage};
 
 /// What one configuration gives every worker, derived once per load.
 pub struct Settings {
@@ -26,9 +23,9 @@ pub struct Settings {
 impl Settings {
     /// `previous`, when given, lends what has not changed and carries state: the creation
     /// limit's counts survive a reload that keeps its rate.
-    pub fn new(config: Config, previous: Option<&Settings>, store: Arc<dyn Store>) -> Settings {
+    pub fn new(config: Config, previous: Option<&Settings>, storage: &Storage) -> Settings {
         let policy = Arc::new(policy(&config));
-        let sessions = Sessions::new(store, policy.clone(), config.max_session_bytes)
+        let sessions = Sessions::new(storage, policy.clone(), config.max_session_bytes)
             .with_subject_limit(config.max_sessions_per_subject);
         Settings {
             creation_limit: creation_limit(

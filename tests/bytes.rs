@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use session_sidecar::Config;
 use session_sidecar::cookie::SessionCookie;
 use session_sidecar::headers::{is_ours, parse_changes};
-use session_sidecar::proxy::{Scrub, scrub_request_head};
 use session_sidecar::session::{Data, id, json};
+use session_sidecar::{Scrub, scrub_request_head};
 
 /// A byte a client may put in a header value (RFC 9110 §5.5: field-vchar, obs-text, SP, HTAB).
 fn value_byte() -> impl Strategy<Value = u8> {

@@ -227,7 +227,7 @@ async fn with_wait_replicas_each_change_waits_for_its_masters_replica() {
     let set_of = |s: &str| {
         format!(
             "cwait:t:{}",
-            session_sidecar::session::entry::Codec::plain().tag(s)
+            session_sidecar::session::Codec::plain().tag(s)
         )
     };
     let subject = (0..)

@@ -277,7 +277,7 @@ async fn the_sweeper_removes_expired_records_through_the_index() {
     for _ in 0..100 {
         // The background sweeper runs every second of real time.
         let live = s.store.liveness(&keys[0], i64::MIN, None).await.unwrap();
-        if live == session_sidecar::session::store::Liveness::Ended {
+        if live == session_sidecar::session::testing::Liveness::Ended {
             gone = true;
             break;
         }

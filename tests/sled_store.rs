@@ -11,9 +11,10 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use session_sidecar::Config;
+use session_sidecar::session::Upkeep;
 use session_sidecar::session::changes::{Change, Op};
-use session_sidecar::session::sled_store::{BUCKET_MS, SledStore};
-use session_sidecar::session::store::Store;
+use session_sidecar::session::testing::Store;
+use session_sidecar::session::testing::{BUCKET_MS, SledStore, Update};
 use session_sidecar::session::{Clock, Millis, Policy, Record, SystemClock, id};
 
 fn config(dir: &std::path::Path) -> Config {
@@ -199,12 +200,9 @@ fn racing_tag_and_untag_leave_the_subject_index_true() {
                 .map(|(i, subject)| {
                     let (store, key) = (store.clone(), key.clone());
                     let c = change(subject, round * 4 + i as i64);
-                    tokio::spawn(async move {
-                        store
-                            .update(&key, None, &c, None, now, false)
-                            .await
-                            .unwrap()
-                    })
+                    tokio::spawn(
+                        async move { store.update(Update::new(&key, &c, now)).await.unwrap() },
+                    )
                 })
                 .collect();
             for t in tasks {
@@ -251,7 +249,7 @@ fn on_disk(dir: &std::path::Path, word: &str) -> bool {
 
 #[tokio::test]
 async fn with_a_secret_no_session_data_reaches_the_disk_in_clear() {
-    use session_sidecar::session::entry::Codec;
+    use session_sidecar::session::Codec;
     for sealed in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sessions");

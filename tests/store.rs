@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use serde_json::json;
 use session_sidecar::Config;
+use session_sidecar::session::Codec;
 use session_sidecar::session::changes::{Change, Op};
-use session_sidecar::session::entry::Codec;
-use session_sidecar::session::redis_store::RedisStore;
-use session_sidecar::session::sled_store::SledStore;
-use session_sidecar::session::store::{Liveness, Lookup, Seen, Store, UpdateError, Updated};
-use session_sidecar::session::{ExpiryMode, Millis, Policy, Record, id};
+use session_sidecar::session::testing::{
+    Liveness, Lookup, RedisStore, Seen, SledStore, Store, Update, UpdateError, Updated,
+};
+use session_sidecar::session::{ExpiryMode, Millis, Policy, Record, Upkeep, id};
 
 /// The tests' "now": real time, because Redis expires keys by its own clock.
 fn t0() -> Millis {
@@ -72,25 +72,17 @@ async fn a_stale_version_costs_a_reread_not_a_change(s: Arc<dyn Store>) {
         panic!("a live session")
     };
     // Fresh: the version is current, the write lands.
-    s.update(
-        &k,
-        Some((&seen, &version)),
-        &set("b", json!(1)),
-        None,
-        t0() + 2,
-        false,
-    )
+    s.update(Update {
+        seen: Some((&seen, &version)),
+        ..Update::new(&k, &set("b", json!(1)), t0() + 2)
+    })
     .await
     .unwrap();
     // Stale: someone wrote since; the change still merges with the latest value.
-    s.update(
-        &k,
-        Some((&seen, &version)),
-        &set("c", json!(2)),
-        None,
-        t0() + 3,
-        false,
-    )
+    s.update(Update {
+        seen: Some((&seen, &version)),
+        ..Update::new(&k, &set("c", json!(2)), t0() + 3)
+    })
     .await
     .unwrap();
     let r = s.load(&k, t0() + 4).await.unwrap().unwrap();
@@ -122,10 +114,10 @@ async fn expired_records_are_never_loaded(s: Arc<dyn Store>) {
 async fn updates_merge_per_key_against_the_latest_state(s: Arc<dyn Store>) {
     let k = id::generate();
     s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
-    s.update(&k, None, &set("x", json!(1)), None, t0() + 1, false)
+    s.update(Update::new(&k, &set("x", json!(1)), t0() + 1))
         .await
         .unwrap();
-    s.update(&k, None, &set("y", json!(2)), None, t0() + 2, false)
+    s.update(Update::new(&k, &set("y", json!(2)), t0() + 2))
         .await
         .unwrap();
     let r = s.load(&k, t0() + 3).await.unwrap().unwrap();
@@ -135,7 +127,7 @@ async fn updates_merge_per_key_against_the_latest_state(s: Arc<dyn Store>) {
     );
     assert_eq!(r.saved, t0() + 2);
     let again = s
-        .update(&k, None, &set("y", json!(2)), None, t0() + 4, false)
+        .update(Update::new(&k, &set("y", json!(2)), t0() + 4))
         .await
         .unwrap();
     assert_eq!(again, Updated::Unchanged { forwarded: false });
@@ -149,7 +141,7 @@ async fn emptying_removes_the_record(s: Arc<dyn Store>) {
         ..Change::default()
     };
     assert_eq!(
-        s.update(&k, None, &c, None, t0() + 1, false).await.unwrap(),
+        s.update(Update::new(&k, &c, t0() + 1)).await.unwrap(),
         Updated::Removed { forwarded: false }
     );
     assert_eq!(
@@ -164,7 +156,7 @@ async fn an_update_after_removal_reports_the_session_ended(s: Arc<dyn Store>) {
     assert!(s.remove(&k).await.unwrap());
     assert!(!s.remove(&k).await.unwrap());
     assert_eq!(
-        s.update(&k, None, &set("b", json!(1)), None, t0() + 1, false)
+        s.update(Update::new(&k, &set("b", json!(1)), t0() + 1))
             .await
             .unwrap(),
         Updated::Ended
@@ -186,7 +178,7 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
         ..Change::default()
     };
     match s
-        .update(&old, None, &c, Some(&new), t0() + 1, false)
+        .update(Update::new(&old, &c, t0() + 1).cycle_to(&new))
         .await
         .unwrap()
     {
@@ -202,7 +194,7 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
         "old key no longer loads"
     );
     match s
-        .update(&old, None, &set("late", json!(true)), None, t0() + 3, false)
+        .update(Update::new(&old, &set("late", json!(true)), t0() + 3))
         .await
         .unwrap()
     {
@@ -218,7 +210,7 @@ async fn cycle_moves_the_record_and_forwards_in_flight_updates(s: Arc<dyn Store>
     // The forward is short-lived.
     let later = t0() + 3_600_000;
     assert_eq!(
-        s.update(&old, None, &set("x", json!(1)), None, later, false)
+        s.update(Update::new(&old, &set("x", json!(1)), later))
             .await
             .unwrap(),
         Updated::Ended
@@ -230,7 +222,7 @@ async fn size_cap_leaves_the_record_untouched(s: Arc<dyn Store>) {
     s.create(&k, &record(json!({"a": 0}), t0())).await.unwrap();
     let big = set("big", json!("x".repeat(10_000)));
     assert!(matches!(
-        s.update(&k, None, &big, None, t0() + 1, false).await,
+        s.update(Update::new(&k, &big, t0() + 1)).await,
         Err(UpdateError::TooLarge(_))
     ));
     let r = s.load(&k, t0() + 2).await.unwrap().unwrap();
@@ -245,7 +237,7 @@ async fn subjects_index_live_sessions(s: Arc<dyn Store>) {
             subject: Some(Some("user-1".into())),
             ..Change::default()
         };
-        s.update(k, None, &c, None, t0() + 1, false).await.unwrap();
+        s.update(Update::new(k, &c, t0() + 1)).await.unwrap();
     }
     let mut keys: Vec<String> = s
         .subject_sessions("user-1", t0() + 2)
@@ -263,9 +255,7 @@ async fn subjects_index_live_sessions(s: Arc<dyn Store>) {
         subject: Some(None),
         ..Change::default()
     };
-    s.update(&k2, None, &untag, None, t0() + 3, false)
-        .await
-        .unwrap();
+    s.update(Update::new(&k2, &untag, t0() + 3)).await.unwrap();
     assert!(
         s.subject_sessions("user-1", t0() + 4)
             .await
@@ -308,7 +298,7 @@ async fn liveness_distinguishes_live_forwarded_and_ended(s: Arc<dyn Store>) {
         cycle: true,
         ..Change::default()
     };
-    s.update(&old, None, &c, Some(&new), t0() + 1, false)
+    s.update(Update::new(&old, &c, t0() + 1).cycle_to(&new))
         .await
         .unwrap();
     assert_eq!(
@@ -389,7 +379,7 @@ async fn a_liveness_check_after_a_load_hears_of_every_end(s: Arc<dyn Store>) {
         cycle: true,
         ..Change::default()
     };
-    s.update(&k, None, &cycle, Some(&id::generate()), t0() + 2, false)
+    s.update(Update::new(&k, &cycle, t0() + 2).cycle_to(&id::generate()))
         .await
         .unwrap();
     liveness_becomes(&s, &k, t0() + 3, seen, Liveness::Forwarded).await;
@@ -399,15 +389,13 @@ async fn a_liveness_check_after_a_load_hears_of_every_end(s: Arc<dyn Store>) {
         expiry: Some(ExpiryMode::Seconds(1)),
         ..Change::default()
     };
-    s.update(&k, None, &shorter, None, t0() + 2, false)
-        .await
-        .unwrap();
+    s.update(Update::new(&k, &shorter, t0() + 2)).await.unwrap();
     liveness_becomes(&s, &k, t0() + 2_000, seen, Liveness::Ended).await;
     // A change that ends nothing leaves other sessions' checks alone: still live.
     let (k, seen) = fresh().await;
     let (other, _) = fresh().await;
     s.remove(&other).await.unwrap();
-    s.update(&k, None, &set("b", json!(1)), None, t0() + 2, false)
+    s.update(Update::new(&k, &set("b", json!(1)), t0() + 2))
         .await
         .unwrap();
     assert_eq!(
@@ -429,19 +417,12 @@ async fn concurrent_updates_and_a_cycle_lose_nothing(s: Arc<dyn Store>) {
                     cycle: true,
                     ..Change::default()
                 };
-                s.update(&k, None, &c, Some(&new), t0() + 1, false)
+                s.update(Update::new(&k, &c, t0() + 1).cycle_to(&new))
                     .await
                     .unwrap();
             } else {
                 let u = s
-                    .update(
-                        &k,
-                        None,
-                        &set(&format!("k{i}"), json!(i)),
-                        None,
-                        t0() + 1,
-                        false,
-                    )
+                    .update(Update::new(&k, &set(&format!("k{i}"), json!(i)), t0() + 1))
                     .await
                     .unwrap();
                 assert!(matches!(u, Updated::Saved { .. }), "{u:?}");
@@ -473,7 +454,7 @@ async fn a_second_cycle_lands_in_the_renamed_session(s: Arc<dyn Store>) {
         ..set(key, json!(1))
     };
     let first = s
-        .update(&k, None, &cycle("a"), Some(&k2), t0() + 1, false)
+        .update(Update::new(&k, &cycle("a"), t0() + 1).cycle_to(&k2))
         .await
         .unwrap();
     assert!(
@@ -481,7 +462,7 @@ async fn a_second_cycle_lands_in_the_renamed_session(s: Arc<dyn Store>) {
         "{first:?}"
     );
     let second = s
-        .update(&k, None, &cycle("b"), Some(&k3), t0() + 2, false)
+        .update(Update::new(&k, &cycle("b"), t0() + 2).cycle_to(&k3))
         .await
         .unwrap();
     assert!(
@@ -672,7 +653,7 @@ async fn sled_store_keeps_sessions_across_a_reopen() {
     let second = SledStore::open(&cfg.store.sled(), Arc::new(policy()), 8192);
     assert!(matches!(
         second,
-        Err(session_sidecar::session::store::StoreError::Locked { .. })
+        Err(session_sidecar::session::StoreError::Locked { .. })
     ));
 }
 

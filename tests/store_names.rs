@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use session_sidecar::Config;
 use session_sidecar::session::changes::{Change, Op};
-use session_sidecar::session::store::{Lookup, Store, Updated};
+use session_sidecar::session::testing::{Lookup, Store, Update, Updated, store_of};
 use session_sidecar::session::{Clock, Millis, SystemClock, id};
 
 const SECRET: &str = "an operator's secret of thirty-two bytes or more";
@@ -68,10 +68,7 @@ async fn run(store: &Arc<dyn Store>, seed: u64) -> Used {
                         .then(|| subject().filter(|_| rng.gen_bool(0.8))),
                     ..Change::default()
                 };
-                store
-                    .update(key, None, &change, None, now, false)
-                    .await
-                    .unwrap();
+                store.update(Update::new(key, &change, now)).await.unwrap();
             }
             (4, _) => {
                 let i = rng.gen_range(0..live.len());
@@ -83,7 +80,7 @@ async fn run(store: &Arc<dyn Store>, seed: u64) -> Used {
                     ..Change::default()
                 };
                 let out = store
-                    .update(&live[i], None, &change, Some(&next), now, false)
+                    .update(Update::new(&live[i], &change, now).cycle_to(&next))
                     .await
                     .unwrap();
                 if let Updated::Saved { key, .. } = out {
@@ -147,8 +144,8 @@ async fn no_byte_of_a_sled_store_names_a_visitor() {
         let dir = tempfile::tempdir().unwrap();
         let config = sled_config(dir.path(), sealed);
         let used = {
-            let store = session_sidecar::Deps::open(&config).await.unwrap().store;
-            run(&store, seed).await
+            let storage = session_sidecar::Deps::open(&config).await.unwrap().store;
+            run(&store_of(&storage), seed).await
         };
         let all = files(dir.path());
         assert!(all.iter().map(|(_, b)| b.len()).sum::<usize>() > 0);
@@ -170,8 +167,8 @@ async fn redis_run(store_toml: &str, ports: &[u16], prefix: &str, seed: u64, sea
         String::new()
     };
     let config = Config::from_toml(&format!("{store_toml}{security}")).unwrap();
-    let store = session_sidecar::Deps::open(&config).await.unwrap().store;
-    let used = run(&store, seed).await;
+    let storage = session_sidecar::Deps::open(&config).await.unwrap().store;
+    let used = run(&store_of(&storage), seed).await;
     let held = common::redis_contents(ports, prefix);
     assert!(!held.is_empty(), "the run left sessions");
     for (name, value) in held {

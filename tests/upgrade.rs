@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use session_sidecar::Config;
 use session_sidecar::session::changes::{Change, Op};
-use session_sidecar::session::sled_store::SledStore;
-use session_sidecar::session::store::{Lookup, Store, Updated};
+use session_sidecar::session::testing::SledStore;
+use session_sidecar::session::testing::{Lookup, Store, Update, Updated};
 use session_sidecar::session::{Millis, id};
 
 fn fixtures() -> PathBuf {
@@ -94,7 +94,7 @@ async fn a_sled_store_of_the_release_before_reads_and_leaves_the_clear_names() {
     let path = dir.path().join("sessions");
     let cfg =
         Config::from_toml(&format!("[store]\npath = {:?}", path.display().to_string())).unwrap();
-    let policy = Arc::new(session_sidecar::settings::policy(&cfg));
+    let policy = Arc::new(cfg.expiry.policy(cfg.upstream_timeout));
     // A minute after the release before wrote it: its cycle's forward still leads on.
     let now = prev.made_at + 60_000;
     let legacy_cells = sled::open(&path)
@@ -119,14 +119,11 @@ async fn a_sled_store_of_the_release_before_reads_and_leaves_the_clear_names() {
             .find(|s| s["cycled_from"].is_string())
             .unwrap();
         let updated = store
-            .update(
+            .update(Update::new(
                 cycled["cycled_from"].as_str().unwrap(),
-                None,
                 &set("late", json!(1)),
-                None,
                 now,
-                false,
-            )
+            ))
             .await
             .unwrap();
         assert!(
@@ -142,7 +139,7 @@ async fn a_sled_store_of_the_release_before_reads_and_leaves_the_clear_names() {
         // A write moves one session; the sweep moves the others.
         let first = prev.sessions[0]["cookie"].as_str().unwrap();
         store
-            .update(first, None, &set("visits", json!(4)), None, now, false)
+            .update(Update::new(first, &set("visits", json!(4)), now))
             .await
             .unwrap();
         // Two cells moved at their write (the renamed session and `first`); the sweep moves the
@@ -216,11 +213,12 @@ async fn a_redis_dump_of_the_release_before_reads_and_leaves_the_clear_names() {
     // Redis expires by its own clock: the release before's sessions live ten years, and its
     // forward (which lived a minute and a half) is gone.
     let now = session_sidecar::session::Clock::now(&session_sidecar::session::SystemClock);
-    let store = session_sidecar::Deps::open(&cfg).await.unwrap().store;
+    let storage = session_sidecar::Deps::open(&cfg).await.unwrap().store;
+    let store = session_sidecar::session::testing::store_of(&storage);
     reads_everything(&store, &prev, now).await;
     let first = prev.sessions[0]["cookie"].as_str().unwrap();
     store
-        .update(first, None, &set("visits", json!(4)), None, now, false)
+        .update(Update::new(first, &set("visits", json!(4)), now))
         .await
         .unwrap();
     let swept = store.sweep(now).await.unwrap();

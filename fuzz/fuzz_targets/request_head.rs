@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header::COOKIE};
 use libfuzzer_sys::fuzz_target;
 use session_sidecar::cookie::SessionCookie;
 use session_sidecar::headers::is_ours;
-use session_sidecar::proxy::{Scrub, scrub_request_head};
+use session_sidecar::{Scrub, scrub_request_head};
 
 fuzz_target!(|data: &[u8]| {
     let cfg = session_sidecar::Config::from_toml("").unwrap();

@@ -109,8 +109,8 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     /// What the embedded store needs to open.
-    pub fn sled(&self) -> crate::session::sled_store::SledSettings {
-        crate::session::sled_store::SledSettings {
+    pub fn sled(&self) -> crate::session::SledSettings {
+        crate::session::SledSettings {
             path: self.path.clone(),
             durable: self.durable,
             cache_capacity: self.cache_capacity,
@@ -126,7 +126,7 @@ pub enum Backend {
 }
 
 /// The shared store's settings (owned by the store, named here as the config calls them).
-pub use crate::session::redis_store::RedisSettings as RedisConfig;
+pub use crate::session::RedisSettings as RedisConfig;
 
 /// The CSRF defences (`[csrf]`).
 #[derive(Debug, Clone, Default)]
@@ -287,14 +287,14 @@ pub fn effective_toml(
         mask(k);
     }
     raw.security.secret_key_fallbacks.iter_mut().for_each(mask);
-    raw.store.url = crate::session::redis_store::redact(&raw.store.url);
+    raw.store.url = crate::session::redact(&raw.store.url);
     for url in raw
         .store
         .sentinels
         .iter_mut()
         .chain(&mut raw.store.cluster_nodes)
     {
-        *url = crate::session::redis_store::redact(url);
+        *url = crate::session::redact(url);
     }
     if let Some(t) = raw.admin.token.as_mut() {
         mask(t);

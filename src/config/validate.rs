@@ -451,7 +451,7 @@ impl RawStore {
                             key,
                             format!(
                                 "{:?} is not redis://host:port or rediss://host:port",
-                                crate::session::redis_store::redact(bad)
+                                crate::session::redact(bad)
                             ),
                         ));
                     }

@@ -20,8 +20,8 @@ use crate::drain::Tracker;
 use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
-use crate::session::sessions::{CookieOp, Gate, Loaded, Outcome, Refused, Sessions};
 use crate::session::{Clock, Millis, json};
+use crate::session::{CommitError, CookieOp, Gate, Loaded, Outcome, Sessions};
 use crate::settings::Settings;
 use crate::upstream::{RequestBody, ResponseBody, Upstream};
 
@@ -33,8 +33,9 @@ pub use scrub::{Scrub, scrub_request_head};
 /// What the access log says about a request, gathered on the way.
 #[derive(Default)]
 struct Access {
-    /// The request carried our cookie, or the response sets or deletes it (`Vary: Cookie`).
-    carried: bool,
+    /// The answer depends on our cookie (`Vary: Cookie`): the request carried it, or the
+    /// answer sets or deletes it.
+    vary_cookie: bool,
     /// `new`, `existing`, or `-` on a skip path or before the session was looked at.
     session: &'static str,
     /// Data operations the upstream asked for.
@@ -80,24 +81,24 @@ struct Names {
 /// One worker's request handler. What a reload may change lives in a [`Pipeline`], swapped
 /// whole: a request takes the one current when it arrives and keeps it to its end, so a reload
 /// drops no connection and changes no request half-way.
-pub struct Sidecar {
+pub struct Worker {
     current: ArcSwap<Pipeline>,
 }
 
-/// The parts of a worker a reload does not replace.
+/// What every worker shares for the life of the process (a reload keeps it).
 #[derive(Clone)]
-pub struct Fixed {
+pub struct Shared {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<Tracker>,
 }
 
-impl Sidecar {
-    pub fn new(settings: &Settings, fixed: Fixed) -> Sidecar {
+impl Worker {
+    pub fn new(settings: &Settings, shared: Shared) -> Worker {
         let c = &settings.config;
         let upstream = Upstream::new(c.upstream.clone(), c.upstream_timeout);
-        Sidecar {
-            current: ArcSwap::from_pointee(Pipeline::new(settings, upstream, fixed)),
+        Worker {
+            current: ArcSwap::from_pointee(Pipeline::new(settings, upstream, shared)),
         }
     }
 
@@ -112,9 +113,9 @@ impl Sidecar {
         let old = self.current.load();
         let c = &settings.config;
         let upstream = old.upstream.reconfigured(&c.upstream, c.upstream_timeout);
-        let fixed = old.fixed.clone();
+        let shared = old.shared.clone();
         self.current
-            .store(Arc::new(Pipeline::new(settings, upstream, fixed)));
+            .store(Arc::new(Pipeline::new(settings, upstream, shared)));
     }
 }
 
@@ -127,7 +128,7 @@ pub struct Pipeline {
     names: Names,
     /// `[limits] new_sessions_per_minute`, shared by every worker.
     creation_limit: Option<Arc<crate::limits::CreationLimit>>,
-    fixed: Fixed,
+    shared: Shared,
 }
 
 fn header_name(prefix: &str, suffix: &str) -> HeaderName {
@@ -136,7 +137,7 @@ fn header_name(prefix: &str, suffix: &str) -> HeaderName {
 }
 
 impl Pipeline {
-    fn new(settings: &Settings, upstream: Upstream, fixed: Fixed) -> Pipeline {
+    fn new(settings: &Settings, upstream: Upstream, shared: Shared) -> Pipeline {
         let config = settings.config.clone();
         let p = &config.header_prefix;
         let names = Names {
@@ -153,7 +154,7 @@ impl Pipeline {
             config,
             names,
             creation_limit: settings.creation_limit.clone(),
-            fixed,
+            shared,
         }
     }
 
@@ -187,24 +188,24 @@ impl Pipeline {
         let mut resp = result.unwrap_or_else(|e| {
             if let ProxyError::BadHeader(b) = &e {
                 let header = b.header.clone();
-                self.fixed
+                self.shared
                     .metrics
                     .bad_upstream_headers
                     .get_or_create(&HeaderLabel { header })
                     .inc();
             }
             let status = e.status().as_u16().to_string();
-            self.fixed
+            self.shared
                 .metrics
                 .refusals
                 .get_or_create(&Status { status })
                 .inc();
             e.into_response()
         });
-        self.fixed
+        self.shared
             .metrics
             .observe_request(resp.status().as_u16(), started.elapsed());
-        if info.carried && !varies_on_cookie(resp.headers()) {
+        if info.vary_cookie && !varies_on_cookie(resp.headers()) {
             resp.headers_mut()
                 .append(VARY, HeaderValue::from_static("Cookie"));
         }
@@ -273,7 +274,7 @@ impl Pipeline {
             .any(|p| req.uri().path().starts_with(p.as_str()));
         // Known before anything can fail, so that every answer to a cookie-carrying request,
         // the sidecar's own 431 included, says `Vary: Cookie`.
-        info.carried = !skip && self.cookie.carried(req.headers());
+        info.vary_cookie = !skip && self.cookie.carried(req.headers());
         self.check_head(&req)?;
         let mut req = req;
         let vouched = headers::vouched_upgrade(req.headers(), &self.config.upgrades);
@@ -337,7 +338,7 @@ impl Pipeline {
             guarded,
             ..
         } = admitted;
-        let now = self.fixed.clock.now();
+        let now = self.shared.clock.now();
         let mut loaded = self
             .sessions
             .open(&presented.keys, presented.carried, now)
@@ -421,7 +422,7 @@ impl Pipeline {
                 );
             }
             self.sessions
-                .activity(&loaded, self.fixed.clock.now())
+                .activity(&loaded, self.shared.clock.now())
                 .await;
             return Ok(None);
         }
@@ -429,7 +430,7 @@ impl Pipeline {
             Ok(parsed) => parsed,
             Err(bad) => {
                 self.sessions
-                    .activity(&loaded, self.fixed.clock.now())
+                    .activity(&loaded, self.shared.clock.now())
                     .await;
                 return Err(bad.into());
             }
@@ -443,17 +444,17 @@ impl Pipeline {
         }
         // The changes land against the store as it is now, not as it was when the request came
         // in: a session that expired meanwhile must not be revived.
-        let now = self.fixed.clock.now();
+        let now = self.shared.clock.now();
         if let Some((limit, client)) = client {
             loaded.set_gate(Gate(Box::new(move || limit.admit(client))));
         }
         match self.sessions.commit(loaded, &change, now).await {
             Ok(outcome) => Ok(Some((outcome, now))),
-            Err(Refused::Ended) => Err(ProxyError::SessionEnded),
-            Err(Refused::TooMany(secs)) => Err(ProxyError::TooManySessions(secs)),
-            Err(Refused::Store(e)) => Err(e.into()),
+            Err(CommitError::Ended) => Err(ProxyError::SessionEnded),
+            Err(CommitError::TooMany(secs)) => Err(ProxyError::TooManySessions(secs)),
+            Err(CommitError::Unavailable(e)) => Err(e.into()),
             // Name the headers that carried the oversized data, as for any bad change header.
-            Err(Refused::TooLarge(t)) => {
+            Err(CommitError::TooLarge(t)) => {
                 let names: std::collections::BTreeSet<String> = answer
                     .taken
                     .iter()
@@ -493,12 +494,12 @@ impl Pipeline {
                 h.append(SET_COOKIE, self.cookie.removal());
             }
         }
-        info.carried = true; // sets or deletes the cookie: Vary either way
+        info.vary_cookie = true; // sets or deletes the cookie: Vary either way
         resp
     }
 
     fn count(&self, outcome: &Outcome) {
-        let m = &self.fixed.metrics;
+        let m = &self.shared.metrics;
         if outcome.created {
             m.sessions_created.inc();
         }
@@ -624,8 +625,8 @@ impl Pipeline {
         let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS && upgrades.is_some();
         headers::strip_hop_by_hop(&mut rparts.headers, switching);
         if let Some((client, upstream)) = upgrades.filter(|_| switching) {
-            let guard = self.fixed.tracker.splice();
-            let tracker = self.fixed.tracker.clone();
+            let guard = self.shared.tracker.splice();
+            let tracker = self.shared.tracker.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = splice(client, upstream) => {}
@@ -654,7 +655,7 @@ impl Pipeline {
         let started = std::time::Instant::now();
         let sent = self.upstream.send(req).await;
         let elapsed = started.elapsed().as_secs_f64();
-        self.fixed.metrics.upstream_duration.observe(elapsed);
+        self.shared.metrics.upstream_duration.observe(elapsed);
         *upstream_ms = elapsed * 1000.0;
         let mut resp = sent?;
         let upgrades = match client_upgrade {

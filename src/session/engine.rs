@@ -19,11 +19,12 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 
-use super::changes::{self, Change};
+use super::changes;
 use super::entry::{Codec, DecodeError, Decoded, Entry, Head, MAX_HOPS, Moved, Reader};
 use super::id;
 use super::store::{
-    Cell, Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, UpdateError, Updated,
+    Cell, Liveness, Lookup, Mark, Seen, Store, StoreError, Swept, Update, UpdateError, Updated,
+    Upkeep,
 };
 use super::{Millis, Policy, Record};
 
@@ -113,7 +114,7 @@ pub struct Engine<C> {
 }
 
 fn corrupt(e: String) -> StoreError {
-    StoreError::Corrupt(e)
+    StoreError::Corrupt(e.into())
 }
 
 impl<C: Cells> Engine<C> {
@@ -252,226 +253,6 @@ impl<C: Cells> Engine<C> {
         Ok(None)
     }
 
-    pub async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        Ok(match self.lookup(key, now).await? {
-            Lookup::Live(r, _) => Some(r),
-            Lookup::Retired | Lookup::Absent => None,
-        })
-    }
-
-    pub async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
-        let Some((cell, raw)) = self.find(key).await? else {
-            return Ok(Lookup::Absent);
-        };
-        // Expired sessions and forwards are told from the head, without parsing.
-        match Head::read(&raw).map_err(corrupt)? {
-            Head::Session { deadline } | Head::Moved { until: deadline } if deadline > now => {}
-            _ => return Ok(Lookup::Absent),
-        }
-        Ok(match self.decode(&cell, Reader::Key(key), &raw)? {
-            Some(Decoded {
-                entry: Entry::Session(r),
-                ..
-            }) => Lookup::Live(r, raw),
-            Some(Decoded {
-                entry: Entry::Moved(m),
-                ..
-            }) if m.retired > now => Lookup::Retired,
-            _ => Lookup::Absent,
-        })
-    }
-
-    pub async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
-        let entry = Entry::Session(record.clone());
-        let cell = self.cell_for(key);
-        let bytes = self.cells.codec().load().encode(key, &entry);
-        let index = self.indexed(&cell, &entry);
-        self.cells
-            .swap(&cell, None, None, Some((&bytes, &index)))
-            .await
-    }
-
-    pub async fn update(
-        &self,
-        key: &str,
-        seen: Option<(&Record, &[u8])>,
-        change: &Change,
-        new_key: Option<&str>,
-        now: Millis,
-        force_save: bool,
-    ) -> Result<Updated, UpdateError> {
-        let policy = self.policy.load();
-        let policy = &**policy;
-        // First try: what the request loaded, if it is still live (the swap checks it is still
-        // there); after that, the latest value.
-        let mut hint = seen
-            .filter(|(r, _)| r.deadline > now)
-            .map(|(record, raw)| Current {
-                key: key.to_string(),
-                cell: if super::entry::is_named(raw) {
-                    Cell::of(key)
-                } else {
-                    Cell::legacy(key)
-                },
-                raw: raw.to_vec(),
-                record: record.clone(),
-                forwarded: false,
-            });
-        loop {
-            let hinted = hint.is_some();
-            let cur = match hint.take() {
-                Some(cur) => cur,
-                None => match self.resolve(key, now).await? {
-                    Some(cur) => cur,
-                    None => return Ok(Updated::Ended),
-                },
-            };
-            let forwarded = cur.forwarded;
-            let mut record = cur.record.clone();
-            let effect =
-                changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)?;
-            if effect.empty || (effect.save && record.deadline <= now) {
-                if self.replace(&cur, None).await? {
-                    return Ok(Updated::Removed { forwarded });
-                }
-                continue;
-            }
-            if !effect.save {
-                // Nothing to write against what the request loaded; but someone may have
-                // changed the session since (setting back a value another request changed, or
-                // deleting a key another request added, is a change then): decide against the
-                // latest state.
-                if hinted {
-                    continue;
-                }
-                // A change that changes nothing is still activity (idle timeout).
-                if !policy.touch_due(&record, now) {
-                    return Ok(Updated::Unchanged { forwarded });
-                }
-                record.accessed = now;
-                record.deadline = policy.deadline(&record);
-                if self.replace(&cur, Some(&Entry::Session(record))).await? {
-                    return Ok(Updated::Unchanged { forwarded });
-                }
-                continue;
-            }
-            let new = Entry::Session(record.clone());
-            // A session a concurrent cycle already renamed (a double-clicked login) is not renamed
-            // again: this change lands in it like any in-flight request's.
-            let Some(next) = new_key.filter(|_| !forwarded) else {
-                if self.replace(&cur, Some(&new)).await? {
-                    return Ok(Updated::Saved {
-                        key: cur.key,
-                        record,
-                        forwarded,
-                    });
-                }
-                continue;
-            };
-            // Cycle: the new record first, then the old one becomes its forward in one swap.
-            if !self.create(next, &record).await? {
-                return Err(
-                    StoreError::Backend("a fresh session key was already taken".into()).into(),
-                );
-            }
-            let forward = Entry::Moved(Moved {
-                to: next.to_string(),
-                until: now + policy.forward_ttl.as_millis() as Millis,
-                retired: policy.retired_until(now),
-            });
-            if self.replace(&cur, Some(&forward)).await? {
-                return Ok(Updated::Saved {
-                    key: next.to_string(),
-                    record,
-                    forwarded,
-                });
-            }
-            // Someone changed the old record meanwhile: undo and start over with their change.
-            if let Some((cell, raw, e)) = self.entry(next).await? {
-                let index = self.indexed(&cell, &e);
-                self.cells
-                    .swap(&cell, Some(&raw), Some(&index), None)
-                    .await?;
-            }
-        }
-    }
-
-    pub async fn liveness(
-        &self,
-        key: &str,
-        now: Millis,
-        seen: Option<Seen>,
-    ) -> Result<Liveness, StoreError> {
-        // A backend with end notices heard of every flush, cycle and shortened expiry of `key`
-        // since the load; the load's deadline answers for plain expiry.
-        if let Some(seen) = seen
-            && seen.deadline > now
-            && self.cells.unchanged_since(&id::handle(key), seen.mark)
-        {
-            return Ok(Liveness::Live);
-        }
-        // Read on every read-only request: the head answers the common case, no parsing.
-        let mut current = key.to_string();
-        for hop in 0..=MAX_HOPS {
-            let Some((cell, raw)) = self.find(&current).await? else {
-                return Ok(Liveness::Ended);
-            };
-            match Head::read(&raw).map_err(corrupt)? {
-                Head::Session { deadline } if deadline > now => {
-                    return Ok(if hop == 0 {
-                        Liveness::Live
-                    } else {
-                        Liveness::Forwarded
-                    });
-                }
-                Head::Moved { until } if until > now => {
-                    match self.decode(&cell, Reader::Key(&current), &raw)? {
-                        Some(Decoded {
-                            entry: Entry::Moved(m),
-                            ..
-                        }) => match m.successor(now) {
-                            Some(next) => current = next.to_string(),
-                            None => return Ok(Liveness::Ended),
-                        },
-                        Some(_) => return Err(corrupt("head and body disagree".into())),
-                        None => return Ok(Liveness::Ended),
-                    }
-                }
-                _ => return Ok(Liveness::Ended),
-            }
-        }
-        Ok(Liveness::Ended)
-    }
-
-    pub async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
-        loop {
-            let Some((cell, raw, Entry::Session(r))) = self.entry(key).await? else {
-                return Ok(());
-            };
-            let policy = self.policy.load();
-            if r.deadline <= now || !policy.touch_due(&r, now) {
-                return Ok(());
-            }
-            let mut record = r.clone();
-            record.accessed = now;
-            record.deadline = policy.deadline(&record);
-            let cur = Current {
-                key: key.to_string(),
-                cell,
-                raw,
-                record: r,
-                forwarded: false,
-            };
-            if self.replace(&cur, Some(&Entry::Session(record))).await? {
-                return Ok(());
-            }
-        }
-    }
-
-    pub async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        self.end(key, Millis::MIN, None).await
-    }
-
     /// Ends the session; with `retired`, its key stays known as retired until then.
     async fn end(
         &self,
@@ -495,11 +276,6 @@ impl<C: Cells> Engine<C> {
                 return Ok(true);
             }
         }
-    }
-
-    pub async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
-        let until = self.policy.load().retired_until(now);
-        self.end(key, now, (until > now).then_some(until)).await
     }
 
     /// The session stored in `cell`, as a reader without its key sees it, and its subject's
@@ -537,7 +313,7 @@ impl<C: Cells> Engine<C> {
                     Ok(true) => moved += 1,
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::error!(handle = %cell.handle(), error = %e, "a session stored under its key in clear could not be moved to its digest");
+                        tracing::error!(handle = %cell.handle(), error = %crate::error::chain(&e), "a session stored under its key in clear could not be moved to its digest");
                     }
                 }
             }
@@ -593,59 +369,21 @@ impl<C: Cells> Engine<C> {
 }
 
 #[async_trait]
-impl<C: Cells> Store for Engine<C> {
+impl<C: Cells> Upkeep for Engine<C> {
     fn reconfigure(&self, policy: Arc<Policy>, codec: Codec) {
         self.cells.codec().store(Arc::new(codec));
         self.policy.store(policy);
     }
 
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        Engine::load(self, key, now).await
-    }
-
-    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
-        Engine::lookup(self, key, now).await
-    }
-
-    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
-        Engine::create(self, key, record).await
-    }
-
-    async fn update(
-        &self,
-        key: &str,
-        seen: Option<(&Record, &[u8])>,
-        change: &Change,
-        new_key: Option<&str>,
-        now: Millis,
-        force_save: bool,
-    ) -> Result<Updated, UpdateError> {
-        Engine::update(self, key, seen, change, new_key, now, force_save).await
-    }
-
-    fn mark(&self) -> Option<Mark> {
-        self.cells.mark()
-    }
-
-    async fn liveness(
-        &self,
-        key: &str,
-        now: Millis,
-        seen: Option<Seen>,
-    ) -> Result<Liveness, StoreError> {
-        Engine::liveness(self, key, now, seen).await
-    }
-
-    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
-        Engine::touch(self, key, now).await
+        Ok(match self.lookup(key, now).await? {
+            Lookup::Live(r, _) => Some(r),
+            Lookup::Retired | Lookup::Absent => None,
+        })
     }
 
     async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        Engine::remove(self, key).await
-    }
-
-    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
-        Engine::retire(self, key, now).await
+        self.end(key, Millis::MIN, None).await
     }
 
     async fn subject_sessions(
@@ -716,5 +454,224 @@ impl<C: Cells> Store for Engine<C> {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.cells.ping().await
+    }
+}
+
+#[async_trait]
+impl<C: Cells> Store for Engine<C> {
+    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
+        let Some((cell, raw)) = self.find(key).await? else {
+            return Ok(Lookup::Absent);
+        };
+        // Expired sessions and forwards are told from the head, without parsing.
+        match Head::read(&raw).map_err(corrupt)? {
+            Head::Session { deadline } | Head::Moved { until: deadline } if deadline > now => {}
+            _ => return Ok(Lookup::Absent),
+        }
+        Ok(match self.decode(&cell, Reader::Key(key), &raw)? {
+            Some(Decoded {
+                entry: Entry::Session(r),
+                ..
+            }) => Lookup::Live(r, raw),
+            Some(Decoded {
+                entry: Entry::Moved(m),
+                ..
+            }) if m.retired > now => Lookup::Retired,
+            _ => Lookup::Absent,
+        })
+    }
+
+    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
+        let entry = Entry::Session(record.clone());
+        let cell = self.cell_for(key);
+        let bytes = self.cells.codec().load().encode(key, &entry);
+        let index = self.indexed(&cell, &entry);
+        self.cells
+            .swap(&cell, None, None, Some((&bytes, &index)))
+            .await
+    }
+
+    async fn update(&self, update: Update<'_>) -> Result<Updated, UpdateError> {
+        let Update {
+            key,
+            seen,
+            change,
+            new_key,
+            now,
+            force_save,
+        } = update;
+        let policy = self.policy.load();
+        let policy = &**policy;
+        // First try: what the request loaded, if it is still live (the swap checks it is still
+        // there); after that, the latest value.
+        let mut hint = seen
+            .filter(|(r, _)| r.deadline > now)
+            .map(|(record, raw)| Current {
+                key: key.to_string(),
+                cell: if super::entry::is_named(raw) {
+                    Cell::of(key)
+                } else {
+                    Cell::legacy(key)
+                },
+                raw: raw.to_vec(),
+                record: record.clone(),
+                forwarded: false,
+            });
+        loop {
+            let hinted = hint.is_some();
+            let cur = match hint.take() {
+                Some(cur) => cur,
+                None => match self.resolve(key, now).await? {
+                    Some(cur) => cur,
+                    None => return Ok(Updated::Ended),
+                },
+            };
+            let forwarded = cur.forwarded;
+            let mut record = cur.record.clone();
+            let effect =
+                changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)?;
+            if effect.empty || (effect.save && record.deadline <= now) {
+                if self.replace(&cur, None).await? {
+                    return Ok(Updated::Removed { forwarded });
+                }
+                continue;
+            }
+            if !effect.save {
+                // Nothing to write against what the request loaded; but someone may have
+                // changed the session since (setting back a value another request changed, or
+                // deleting a key another request added, is a change then): decide against the
+                // latest state.
+                if hinted {
+                    continue;
+                }
+                // A change that changes nothing is still activity (idle timeout).
+                if !policy.touch_due(&record, now) {
+                    return Ok(Updated::Unchanged { forwarded });
+                }
+                record.accessed = now;
+                record.deadline = policy.deadline(&record);
+                if self.replace(&cur, Some(&Entry::Session(record))).await? {
+                    return Ok(Updated::Unchanged { forwarded });
+                }
+                continue;
+            }
+            let new = Entry::Session(record.clone());
+            // A session a concurrent cycle already renamed (a double-clicked login) is not renamed
+            // again: this change lands in it like any in-flight request's.
+            let Some(next) = new_key.filter(|_| !forwarded) else {
+                if self.replace(&cur, Some(&new)).await? {
+                    return Ok(Updated::Saved {
+                        key: cur.key,
+                        record,
+                        forwarded,
+                    });
+                }
+                continue;
+            };
+            // Cycle: the new record first, then the old one becomes its forward in one swap.
+            if !self.create(next, &record).await? {
+                return Err(StoreError::KeyTaken.into());
+            }
+            let forward = Entry::Moved(Moved {
+                to: next.to_string(),
+                until: now + policy.forward_ttl.as_millis() as Millis,
+                retired: policy.retired_until(now),
+            });
+            if self.replace(&cur, Some(&forward)).await? {
+                return Ok(Updated::Saved {
+                    key: next.to_string(),
+                    record,
+                    forwarded,
+                });
+            }
+            // Someone changed the old record meanwhile: undo and start over with their change.
+            if let Some((cell, raw, e)) = self.entry(next).await? {
+                let index = self.indexed(&cell, &e);
+                self.cells
+                    .swap(&cell, Some(&raw), Some(&index), None)
+                    .await?;
+            }
+        }
+    }
+
+    fn mark(&self) -> Option<Mark> {
+        self.cells.mark()
+    }
+
+    async fn liveness(
+        &self,
+        key: &str,
+        now: Millis,
+        seen: Option<Seen>,
+    ) -> Result<Liveness, StoreError> {
+        // A backend with end notices heard of every flush, cycle and shortened expiry of `key`
+        // since the load; the load's deadline answers for plain expiry.
+        if let Some(seen) = seen
+            && seen.deadline > now
+            && self.cells.unchanged_since(&id::handle(key), seen.mark)
+        {
+            return Ok(Liveness::Live);
+        }
+        // Read on every read-only request: the head answers the common case, no parsing.
+        let mut current = key.to_string();
+        for hop in 0..=MAX_HOPS {
+            let Some((cell, raw)) = self.find(&current).await? else {
+                return Ok(Liveness::Ended);
+            };
+            match Head::read(&raw).map_err(corrupt)? {
+                Head::Session { deadline } if deadline > now => {
+                    return Ok(if hop == 0 {
+                        Liveness::Live
+                    } else {
+                        Liveness::Forwarded
+                    });
+                }
+                Head::Moved { until } if until > now => {
+                    match self.decode(&cell, Reader::Key(&current), &raw)? {
+                        Some(Decoded {
+                            entry: Entry::Moved(m),
+                            ..
+                        }) => match m.successor(now) {
+                            Some(next) => current = next.to_string(),
+                            None => return Ok(Liveness::Ended),
+                        },
+                        Some(_) => return Err(corrupt("head and body disagree".into())),
+                        None => return Ok(Liveness::Ended),
+                    }
+                }
+                _ => return Ok(Liveness::Ended),
+            }
+        }
+        Ok(Liveness::Ended)
+    }
+
+    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
+        loop {
+            let Some((cell, raw, Entry::Session(r))) = self.entry(key).await? else {
+                return Ok(());
+            };
+            let policy = self.policy.load();
+            if r.deadline <= now || !policy.touch_due(&r, now) {
+                return Ok(());
+            }
+            let mut record = r.clone();
+            record.accessed = now;
+            record.deadline = policy.deadline(&record);
+            let cur = Current {
+                key: key.to_string(),
+                cell,
+                raw,
+                record: r,
+                forwarded: false,
+            };
+            if self.replace(&cur, Some(&Entry::Session(record))).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
+        let until = self.policy.load().retired_until(now);
+        self.end(key, now, (until > now).then_some(until)).await
     }
 }

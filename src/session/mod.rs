@@ -1,25 +1,61 @@
 //! Sessions: what a session is, how long it lives, how a response changes it, where it is kept.
 //!
-//! - [`id`]: random keys.
-//! - [`json`]: the ASCII-only wire form of the data.
-//! - [`changes`]: the per-key merge of one response's changes into a record.
-//! - [`entry`]: what a store keeps under a key; [`engine`]: the store logic shared by backends,
-//!   written once over compare-and-swap cells.
-//! - [`sessions`]: the API the HTTP pipeline uses: open a request's session, commit its change.
-//! - [`store`]: the storage trait and its error type; [`sled_store`]: the embedded default;
-//!   [`redis_store`]: the shared store for several sidecars.
-//! - [`sweeper`]: the background removal of expired records.
+//! - [`id`]: random keys; [`json`]: the ASCII-only wire form of the data; [`changes`]: the
+//!   per-key merge of one response's changes into a record.
+//! - [`Sessions`]: the API the HTTP pipeline uses: open a request's session, commit its change.
+//! - [`Storage`]: the opened store as the rest of the sidecar holds it, offering only
+//!   [`Upkeep`] (the admin's look-ups and removals, sweep, sync, ping, reconfigure).
+//!
+//! Private, so that nothing outside this module reaches a stored record but through the two
+//! doors above: `store` (the storage traits), `entry` (what a store keeps under a key),
+//! `engine` (the store logic shared by backends, written once over compare-and-swap cells),
+//! `sled_store` (the embedded default), `redis_store` (the shared store for several
+//! sidecars), `sweeper` (the background removal of expired records). The store's own tests
+//! reach them through [`testing`], built only with the `testing` feature.
 
 pub mod changes;
-pub mod engine;
-pub mod entry;
+mod engine;
+mod entry;
 pub mod id;
 pub mod json;
-pub mod redis_store;
-pub mod sessions;
-pub mod sled_store;
-pub mod store;
-pub mod sweeper;
+mod redis_store;
+mod sessions;
+mod sled_store;
+mod storage;
+mod store;
+mod sweeper;
+
+pub use entry::Codec;
+pub use redis_store::{RedisSettings, redact};
+pub use sessions::{CommitError, CookieOp, Gate, Loaded, Outcome, Sessions, Unavailable};
+pub use sled_store::SledSettings;
+pub use storage::{Backend, Storage, Watch};
+pub use store::{BoxError, Cell, StoreError, Swept, Upkeep};
+pub use sweeper::sweep_every;
+
+/// The store's own API, for the store's tests (tests/store.rs and its kin): built only with
+/// the `testing` feature, which the test targets turn on through the dev-dependency on this
+/// crate. A normal build has no such door.
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::sync::Arc;
+
+    pub use super::redis_store::RedisStore;
+    pub use super::sled_store::{BUCKET_MS, SledStore};
+    pub use super::store::{Liveness, Lookup, Mark, Seen, Store, Update, UpdateError, Updated};
+
+    use super::Storage;
+
+    /// A [`Storage`] over a store a test opened (and may keep using directly).
+    pub fn storage(store: Arc<dyn Store>) -> Storage {
+        Storage::from_store(store)
+    }
+
+    /// The store under `storage`, with its request operations.
+    pub fn store_of(storage: &Storage) -> Arc<dyn Store> {
+        storage.store().clone()
+    }
+}
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

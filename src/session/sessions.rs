@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use super::changes::{self, Change, TooLarge};
-use super::store::{Liveness, Lookup, Mark, Seen, Store, StoreError, UpdateError, Updated};
-use super::{Data, Millis, Policy, Record, id, seconds_until};
+use super::store::{Liveness, Lookup, Mark, Seen, Store, StoreError, Update, UpdateError, Updated};
+use super::{Data, Millis, Policy, Record, Storage, id, seconds_until};
+use crate::error::chain;
 
 /// What a request found under the keys its cookie presented.
 #[derive(Debug, Default)]
@@ -110,9 +111,15 @@ impl Outcome {
     }
 }
 
-/// Why a change was refused; the stored session is exactly as it was.
+/// The store could not be reached or read; nothing changed. The store's own error is the
+/// source (for the log, not the client).
 #[derive(Debug, thiserror::Error)]
-pub enum Refused {
+#[error("the session store is unavailable")]
+pub struct Unavailable(#[from] StoreError);
+
+/// Why a change was not committed; the stored session is exactly as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
     /// The session ended while the request was in flight and the change would revive it.
     #[error("the session ended while the request was in flight")]
     Ended,
@@ -122,14 +129,20 @@ pub enum Refused {
     #[error("too many new sessions from this address; retry in {0} s")]
     TooMany(u64),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Unavailable(#[from] Unavailable),
 }
 
-impl From<UpdateError> for Refused {
-    fn from(e: UpdateError) -> Refused {
+impl From<StoreError> for CommitError {
+    fn from(e: StoreError) -> CommitError {
+        CommitError::Unavailable(Unavailable(e))
+    }
+}
+
+impl From<UpdateError> for CommitError {
+    fn from(e: UpdateError) -> CommitError {
         match e {
-            UpdateError::TooLarge(t) => Refused::TooLarge(t),
-            UpdateError::Store(s) => Refused::Store(s),
+            UpdateError::TooLarge(t) => CommitError::TooLarge(t),
+            UpdateError::Store(s) => s.into(),
         }
     }
 }
@@ -143,9 +156,9 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(store: Arc<dyn Store>, policy: Arc<Policy>, max_bytes: usize) -> Sessions {
+    pub fn new(storage: &Storage, policy: Arc<Policy>, max_bytes: usize) -> Sessions {
         Sessions {
-            store,
+            store: storage.store().clone(),
             policy,
             max_bytes,
             max_per_subject: None,
@@ -169,7 +182,7 @@ impl Sessions {
         keys: &[String],
         carried: bool,
         now: Millis,
-    ) -> Result<Loaded, StoreError> {
+    ) -> Result<Loaded, Unavailable> {
         // Taken before the load: a notice that arrives after it may concern a change made
         // before the load (a needless read later), never the reverse.
         let mark = self.store.mark();
@@ -220,7 +233,7 @@ impl Sessions {
         if self.policy.touch_due(record, now)
             && let Err(e) = self.store.touch(key, now).await
         {
-            tracing::error!(error = %e, "recording session activity failed");
+            tracing::error!(error = %chain(&e), "recording session activity failed");
         }
     }
 
@@ -232,7 +245,7 @@ impl Sessions {
         loaded: Loaded,
         change: &Change,
         now: Millis,
-    ) -> Result<Outcome, Refused> {
+    ) -> Result<Outcome, CommitError> {
         let current = loaded.key().map(str::to_string);
         let outcome = self.apply(loaded, change, now).await?;
         if let (Some(limit), Some(Some(subject))) = (self.max_per_subject, &change.subject) {
@@ -256,7 +269,7 @@ impl Sessions {
         kept: Option<&str>,
         limit: usize,
         now: Millis,
-    ) -> Result<(), Refused> {
+    ) -> Result<(), CommitError> {
         let found = self.store.subject_sessions(subject, now).await?;
         if found.len() <= limit {
             return Ok(());
@@ -287,7 +300,7 @@ impl Sessions {
         loaded: Loaded,
         change: &Change,
         now: Millis,
-    ) -> Result<Outcome, Refused> {
+    ) -> Result<Outcome, CommitError> {
         let force = self.policy.save_every_request;
         let carried = loaded.carried;
         let seen = loaded.mark;
@@ -331,14 +344,12 @@ impl Sessions {
         let new_key = change.cycle.then(id::generate);
         let updated = self
             .store
-            .update(
-                &key,
-                Some((&snapshot, &raw)),
-                change,
-                new_key.as_deref(),
-                now,
-                force,
-            )
+            .update(Update {
+                seen: Some((&snapshot, &raw)),
+                new_key: new_key.as_deref(),
+                force_save: force,
+                ..Update::new(&key, change, now)
+            })
             .await?;
         let outcome = match updated {
             Updated::Ended => {
@@ -347,7 +358,7 @@ impl Sessions {
                     changes::apply(&mut would, change, &self.policy, now, usize::MAX, force)
                         .expect("no size limit");
                 if effect.save {
-                    return Err(Refused::Ended);
+                    return Err(CommitError::Ended);
                 }
                 return Ok(Outcome::cookie(CookieOp::Remove));
             }
@@ -384,7 +395,7 @@ impl Sessions {
     /// already hold the key that cycle or flush gave it (the answers can arrive in either
     /// order), so this answer leaves the cookie alone, and a change it asks for is not stored:
     /// storing it would need a cookie.
-    fn retired(&self, change: &Change, now: Millis) -> Result<Outcome, Refused> {
+    fn retired(&self, change: &Change, now: Millis) -> Result<Outcome, CommitError> {
         let dropped = self.new_record(change, now)?.is_some();
         if dropped {
             tracing::warn!(
@@ -399,7 +410,7 @@ impl Sessions {
 
     /// The session `change` would create for a visitor without one, if it leaves anything to
     /// keep (the size limit checked).
-    fn new_record(&self, change: &Change, now: Millis) -> Result<Option<Record>, Refused> {
+    fn new_record(&self, change: &Change, now: Millis) -> Result<Option<Record>, CommitError> {
         let mut record = Record::new(now);
         let effect = changes::apply(
             &mut record,
@@ -427,7 +438,7 @@ impl Sessions {
         stale: bool,
         mut key: Option<String>,
         gate: Option<Gate>,
-    ) -> Result<Outcome, Refused> {
+    ) -> Result<Outcome, CommitError> {
         let Some(record) = self.new_record(change, now)? else {
             return Ok(Outcome::cookie(if stale {
                 CookieOp::Remove
@@ -436,7 +447,7 @@ impl Sessions {
             }));
         };
         if let Some(gate) = gate {
-            (gate.0)().map_err(Refused::TooMany)?;
+            (gate.0)().map_err(CommitError::TooMany)?;
         }
         loop {
             let key = key.take().unwrap_or_else(id::generate);
@@ -469,7 +480,7 @@ mod tests {
             cache_capacity: 1 << 20,
         };
         let store = SledStore::open(&settings, policy.clone(), 8192).unwrap();
-        Sessions::new(Arc::new(store), policy, 8192)
+        Sessions::new(&Storage::from_store(Arc::new(store)), policy, 8192)
     }
 
     fn set(k: &str, v: serde_json::Value) -> Change {
@@ -572,7 +583,7 @@ mod tests {
             .commit(slow, &set("b", json!(2)), NOW + 2)
             .await
             .unwrap_err();
-        assert!(matches!(err, Refused::Ended), "{err:?}");
+        assert!(matches!(err, CommitError::Ended), "{err:?}");
     }
 
     #[tokio::test]
@@ -606,7 +617,7 @@ mod tests {
         let big = set("big", json!("x".repeat(9000)));
         assert!(matches!(
             s.commit(loaded, &big, NOW + 1).await,
-            Err(Refused::TooLarge(_))
+            Err(CommitError::TooLarge(_))
         ));
         let again = s.open(&[key], true, NOW + 2).await.unwrap();
         assert_eq!(json!(again.data()), json!({"n": 1}));

@@ -1,5 +1,9 @@
-//! The storage trait. Each method is one atomic step on the backing store, so that every clause
+//! The storage traits. Each method is one atomic step on the backing store, so that every clause
 //! of the contract (per-key merge, no resurrection, cycle forwarding) holds whatever the backend.
+//!
+//! [`Upkeep`] is what the parts outside `session` may ask of the store (the admin listener, the
+//! sweeper, a reload, the shutdown flush); [`Store`] adds what a request does to its session, and
+//! this module is private to `session`: only [`Sessions`](super::Sessions) calls those.
 
 use async_trait::async_trait;
 
@@ -10,6 +14,8 @@ use super::entry::{Codec, Reader};
 use super::id;
 use super::{Millis, Policy, Record};
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -18,10 +24,14 @@ pub enum StoreError {
     Locked { path: String },
     #[error("cannot open the session store at {path}: {reason}")]
     Open { path: String, reason: String },
-    #[error("session store failure: {0}")]
-    Backend(String),
-    #[error("a stored session record is corrupt: {0}")]
-    Corrupt(String),
+    /// The backend (`"sled"`, `"redis"`) failed; the cause is the source.
+    #[error("the {0} session store failed")]
+    Backend(&'static str, #[source] BoxError),
+    #[error("a stored session record is corrupt")]
+    Corrupt(#[source] BoxError),
+    /// A random key collided with a stored one (2^-128 odds, or a broken random source).
+    #[error("a fresh session key was already taken")]
+    KeyTaken,
 }
 
 /// Why an update did not happen.
@@ -31,6 +41,46 @@ pub enum UpdateError {
     TooLarge(#[from] TooLarge),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// One request's change to its stored session: what [`Store::update`] applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Update<'a> {
+    /// The key the request presented.
+    pub key: &'a str,
+    /// What the request's load returned (the record and its stored bytes), tried first; a
+    /// stale one only costs a re-read.
+    pub seen: Option<(&'a Record, &'a [u8])>,
+    /// Data, expiry and subject; `change.flush` is not the store's business (see
+    /// [`Store::retire`]).
+    pub change: &'a Change,
+    /// A cycle: the key the session moves to.
+    pub new_key: Option<&'a str>,
+    pub now: Millis,
+    /// Save even if nothing changed (`save_every_request`).
+    pub force_save: bool,
+}
+
+impl<'a> Update<'a> {
+    pub fn new(key: &'a str, change: &'a Change, now: Millis) -> Update<'a> {
+        Update {
+            key,
+            seen: None,
+            change,
+            new_key: None,
+            now,
+            force_save: false,
+        }
+    }
+
+    /// Moves the session to `new_key` (a cycle).
+    #[cfg(feature = "testing")]
+    pub fn cycle_to(self, new_key: &'a str) -> Update<'a> {
+        Update {
+            new_key: Some(new_key),
+            ..self
+        }
+    }
 }
 
 /// What [`Store::update`] did.
@@ -143,8 +193,10 @@ pub struct Swept {
     pub renamed: usize,
 }
 
+/// What the parts outside `session` may ask of the store: the operator's look-ups and
+/// removals (the admin listener), and the upkeep (reconfigure, sweep, sync, ping).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Upkeep: Send + Sync + 'static {
     /// Takes a reloaded configuration's expiry policy and record keys: operations that start
     /// from now on use them. Records sealed with a key the new codec still holds (the secret or
     /// one of its fallbacks) keep opening.
@@ -153,48 +205,8 @@ pub trait Store: Send + Sync + 'static {
     /// The live record under `key`, or `None` when there is none or it has expired.
     async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError>;
 
-    /// What `key` reaches: as `load`, with the stored bytes, and telling a retired key apart.
-    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError>;
-
-    /// Stores a brand-new session; `false` if the key is taken (then nothing is written).
-    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError>;
-
-    /// Applies `change` (data, expiry, subject, and a cycle to `new_key`) to the latest live
-    /// record under `key`, following the forward a cycle left behind. `change.flush` is ignored.
-    /// `seen` is what `load_versioned` returned, tried first; a stale one only costs a re-read.
-    async fn update(
-        &self,
-        key: &str,
-        seen: Option<(&Record, &[u8])>,
-        change: &Change,
-        new_key: Option<&str>,
-        now: Millis,
-        force_save: bool,
-    ) -> Result<Updated, UpdateError>;
-
-    /// Where the store's end notices stand, taken before a load; `None` when the store has
-    /// none (sled: its reads are local) or is not receiving them right now.
-    fn mark(&self) -> Option<Mark>;
-
-    /// Whether `key` (or its successor after a cycle) is still live; read-only. With `seen`
-    /// (what the request's load saw), a store with end notices answers without a read when
-    /// nothing about `key` arrived since.
-    async fn liveness(
-        &self,
-        key: &str,
-        now: Millis,
-        seen: Option<Seen>,
-    ) -> Result<Liveness, StoreError>;
-
-    /// Records activity for the idle timeout, if the policy says it is due.
-    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError>;
-
     /// Ends the session (an operator's delete, a limit); `false` if there was none.
     async fn remove(&self, key: &str) -> Result<bool, StoreError>;
-
-    /// Ends the session and keeps its key known as retired for the policy's `retired_grace`
-    /// (a flush); `false` if there was none.
-    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError>;
 
     /// The live sessions tagged with `subject`, as a reader without their keys sees them (their
     /// `subject` is not shown: the caller named it).
@@ -226,4 +238,40 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// What a request does to its session, on top of [`Upkeep`]; reached only through
+/// [`Sessions`](super::Sessions).
+#[async_trait]
+pub trait Store: Upkeep {
+    /// What `key` reaches: as `load`, with the stored bytes, and telling a retired key apart.
+    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError>;
+
+    /// Stores a brand-new session; `false` if the key is taken (then nothing is written).
+    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError>;
+
+    /// Applies the change (data, expiry, subject, and a cycle to `new_key`) to the latest live
+    /// record under the key, following the forward a cycle left behind.
+    async fn update(&self, update: Update<'_>) -> Result<Updated, UpdateError>;
+
+    /// Where the store's end notices stand, taken before a load; `None` when the store has
+    /// none (sled: its reads are local) or is not receiving them right now.
+    fn mark(&self) -> Option<Mark>;
+
+    /// Whether `key` (or its successor after a cycle) is still live; read-only. With `seen`
+    /// (what the request's load saw), a store with end notices answers without a read when
+    /// nothing about `key` arrived since.
+    async fn liveness(
+        &self,
+        key: &str,
+        now: Millis,
+        seen: Option<Seen>,
+    ) -> Result<Liveness, StoreError>;
+
+    /// Records activity for the idle timeout, if the policy says it is due.
+    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError>;
+
+    /// Ends the session and keeps its key known as retired for the policy's `retired_grace`
+    /// (a flush); `false` if there was none.
+    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError>;
 }

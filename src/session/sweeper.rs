@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Clock;
-use super::store::Store;
+use super::{Clock, Storage};
+use crate::error::chain;
 
 /// Runs until `stop` turns true; each pass reads only the expired part of the expiry index.
 /// A new interval (a reload) counts from when it arrives.
-pub async fn run(
-    store: Arc<dyn Store>,
+pub async fn sweep_every(
+    store: Storage,
     clock: Arc<dyn Clock>,
     mut every: watch::Receiver<Duration>,
     mut stop: watch::Receiver<bool>,
@@ -41,7 +41,7 @@ pub async fn run(
                 );
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "sweeping expired sessions failed"),
+            Err(e) => tracing::error!(error = %chain(&e), "sweeping expired sessions failed"),
         }
     }
 }

@@ -20,11 +20,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use session_sidecar::session::changes::Change;
-use session_sidecar::session::store::{
-    Cell, Liveness, Lookup, Mark, Seen as Loaded, Store, StoreError, Swept, UpdateError, Updated,
-};
-use session_sidecar::session::{ManualClock, Millis, Record};
+use session_sidecar::session::testing::{self, Store};
+use session_sidecar::session::{ManualClock, Millis, StoreError, Watch};
 use session_sidecar::{Config, Deps};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -240,116 +237,19 @@ fn tokio_stream_from<T: Send + 'static>(
     S(std::sync::Mutex::new(rx))
 }
 
-/// A store that fails on demand, wrapping the real sled store: fault injection for fail-closed.
+/// Makes the store fail on demand (fault injection for fail-closed): every operation is
+/// refused before it reaches the real store while `failing` is set.
 pub struct Faulty {
-    pub inner: Arc<dyn Store>,
     pub failing: AtomicBool,
 }
 
-impl Faulty {
-    fn check(&self) -> Result<(), StoreError> {
+impl Watch for Faulty {
+    fn before(&self, _op: &'static str) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {
-            Err(StoreError::Backend("injected failure".into()))
+            Err(StoreError::Backend("test", "injected failure".into()))
         } else {
             Ok(())
         }
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for Faulty {
-    fn reconfigure(
-        &self,
-        policy: Arc<session_sidecar::session::Policy>,
-        codec: session_sidecar::session::entry::Codec,
-    ) {
-        self.inner.reconfigure(policy, codec)
-    }
-    async fn load(&self, key: &str, now: Millis) -> Result<Option<Record>, StoreError> {
-        self.check()?;
-        self.inner.load(key, now).await
-    }
-    async fn create(&self, key: &str, record: &Record) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.create(key, record).await
-    }
-    async fn lookup(&self, key: &str, now: Millis) -> Result<Lookup, StoreError> {
-        self.check()?;
-        self.inner.lookup(key, now).await
-    }
-    async fn update(
-        &self,
-        key: &str,
-        seen: Option<(&Record, &[u8])>,
-        change: &Change,
-        new_key: Option<&str>,
-        now: Millis,
-        force: bool,
-    ) -> Result<Updated, UpdateError> {
-        self.check()?;
-        self.inner
-            .update(key, seen, change, new_key, now, force)
-            .await
-    }
-    fn mark(&self) -> Option<Mark> {
-        self.inner.mark()
-    }
-    async fn liveness(
-        &self,
-        key: &str,
-        now: Millis,
-        seen: Option<Loaded>,
-    ) -> Result<Liveness, StoreError> {
-        self.check()?;
-        self.inner.liveness(key, now, seen).await
-    }
-    async fn touch(&self, key: &str, now: Millis) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.touch(key, now).await
-    }
-    async fn remove(&self, key: &str) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.remove(key).await
-    }
-    async fn retire(&self, key: &str, now: Millis) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.retire(key, now).await
-    }
-    async fn subject_sessions(
-        &self,
-        subject: &str,
-        now: Millis,
-    ) -> Result<Vec<(Cell, Record)>, StoreError> {
-        self.check()?;
-        self.inner.subject_sessions(subject, now).await
-    }
-    async fn find_handle(&self, handle: &str) -> Result<Option<Cell>, StoreError> {
-        self.check()?;
-        self.inner.find_handle(handle).await
-    }
-    async fn load_stored(
-        &self,
-        cell: &Cell,
-        now: Millis,
-    ) -> Result<Option<(Record, bool)>, StoreError> {
-        self.check()?;
-        self.inner.load_stored(cell, now).await
-    }
-    async fn remove_stored(&self, cell: &Cell) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.remove_stored(cell).await
-    }
-    async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
-        self.check()?;
-        self.inner.sweep(now).await
-    }
-    async fn sync(&self) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.sync().await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.ping().await
     }
 }
 
@@ -482,7 +382,7 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
     let deps = loop {
         match Deps::open(&config).await {
             Ok(d) => break d,
-            Err(session_sidecar::session::store::StoreError::Locked { .. }) if tries < 100 => {
+            Err(StoreError::Locked { .. }) if tries < 100 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -491,17 +391,17 @@ pub async fn sidecar_at(app: SocketAddr, extra: &str, dir: &std::path::Path) -> 
     };
     let clock = ManualClock::starting_now();
     let faulty = Arc::new(Faulty {
-        inner: deps.store.clone(),
         failing: AtomicBool::new(false),
     });
+    let storage = deps.store.watched(faulty.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
+    let store = testing::store_of(&storage);
     let deps = Deps {
-        store: faulty.clone(),
+        store: storage,
         clock: clock.clone(),
     };
-    let store = deps.store.clone();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let task = tokio::spawn(session_sidecar::run_with_admin(

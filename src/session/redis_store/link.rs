@@ -164,10 +164,7 @@ impl Link {
             }
             Err(_) => {
                 self.start_over();
-                Err(StoreError::Backend(format!(
-                    "redis: no answer within {:?}",
-                    self.pause
-                )))
+                Err(backend(format!("no answer within {:?}", self.pause)))
             }
         }
     }

@@ -37,7 +37,7 @@ use redis::{AsyncCommands, ProtocolVersion, Script};
 
 use super::engine::{Cells, Engine, Indexed};
 use super::entry::Codec;
-use super::store::{Cell, Mark, StoreError, Swept};
+use super::store::{BoxError, Cell, Mark, StoreError, Swept};
 use super::{Millis, Policy};
 
 /// Where the shared store is and how long to wait for it.
@@ -89,8 +89,8 @@ return 1
 /// clocks, so a Redis clock a little ahead of theirs must not remove a live session.
 const EXPIRY_GRACE_MS: Millis = 60_000;
 
-fn backend(e: redis::RedisError) -> StoreError {
-    StoreError::Backend(format!("redis: {e}"))
+fn backend(e: impl Into<BoxError>) -> StoreError {
+    StoreError::Backend("redis", e.into())
 }
 
 pub struct RedisCells {
@@ -116,8 +116,8 @@ impl Replicas {
         if acked >= self.wanted {
             return Ok(());
         }
-        Err(StoreError::Backend(format!(
-            "redis: {acked} of {} replica(s) confirmed the change within {:?}",
+        Err(backend(format!(
+            "{acked} of {} replica(s) confirmed the change within {:?}",
             self.wanted, self.timeout
         )))
     }
@@ -155,7 +155,8 @@ impl RedisCells {
                         port: *port,
                     });
                     let value = self.link.run(c.route_command(scan, routing)).await?;
-                    redis::from_redis_value(value).map_err(|e| backend(e.into()))?
+                    redis::from_redis_value(value)
+                        .map_err(|e| backend(redis::RedisError::from(e)))?
                 }
                 _ => self.link.run(scan.query_async(&mut conn)).await?,
             };
@@ -182,7 +183,9 @@ impl RedisCells {
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
             ))
             .await
-            .and_then(|v| redis::from_redis_value(v).map_err(|e| backend(e.into())))?;
+            .and_then(|v| {
+                redis::from_redis_value(v).map_err(|e| backend(redis::RedisError::from(e)))
+            })?;
         for line in nodes
             .lines()
             .filter(|l| l.contains("master") && !l.contains("fail"))
@@ -329,7 +332,7 @@ impl Cells for RedisCells {
                     }
                     return Ok(swapped == 1);
                 }
-                Err(e) if first && e.to_string().contains("NoScript") => {
+                Err(e) if first && crate::error::chain(&e).contains("NoScript") => {
                     // A server that has not seen the script yet (a fresh master after a
                     // failover): load it, then try once more.
                     let mut load = redis::cmd("SCRIPT");

@@ -34,7 +34,7 @@ use index::{index_end, index_key, subject_key};
 
 use super::engine::{Cells, Engine, Indexed};
 use super::entry::{Codec, Head};
-use super::store::{Cell, StoreError, Swept};
+use super::store::{BoxError, Cell, StoreError, Swept};
 use super::{Millis, Policy};
 
 /// What the embedded store needs to open.
@@ -71,8 +71,8 @@ struct Trees {
 
 const STRIPES: usize = 64;
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn backend(e: impl Into<BoxError>) -> StoreError {
+    StoreError::Backend("sled", e.into())
 }
 
 impl SledStore {
@@ -144,10 +144,12 @@ impl SledStore {
     }
 
     /// Number of entries (sessions and forwards, live or not yet swept).
+    #[cfg(feature = "testing")]
     pub fn len(&self) -> usize {
         self.cells.current.records.len() + self.cells.legacy.records.len()
     }
 
+    #[cfg(feature = "testing")]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -442,7 +444,7 @@ impl Cells for SledCells {
             .map_err(|_| backend("the commit thread has stopped"))?;
         rx.await
             .map_err(|_| backend("the commit thread has stopped"))?
-            .map_err(StoreError::Backend)
+            .map_err(backend)
     }
 
     /// A read answers from sled's cache even when its disk is gone, so readiness is a real
