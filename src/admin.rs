@@ -20,9 +20,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::error::chain;
 use crate::metrics::Metrics;
-use crate::session::{Cell, Clock, Millis, Record, Storage, StoreError, id};
+use crate::session::{Cell, Clock, Millis, Record, Storage, StoreError, chain, id};
 use crate::settings::Settings;
 
 pub struct Admin {

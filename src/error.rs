@@ -8,7 +8,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
 use crate::headers::BadHeader;
-use crate::session::Unavailable;
+use crate::session::{Unavailable, chain};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response the sidecar sends: the upstream's, streamed, or its own text.
@@ -143,18 +143,6 @@ impl ProxyError {
         }
         resp
     }
-}
-
-/// An error and each of its sources, joined with ": ".
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 pub fn text_response(status: StatusCode, text: impl Into<String>) -> Response<Body> {

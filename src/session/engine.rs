@@ -313,7 +313,7 @@ impl<C: Cells> Engine<C> {
                     Ok(true) => moved += 1,
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::error!(handle = %cell.handle(), error = %crate::error::chain(&e), "a session stored under its key in clear could not be moved to its digest");
+                        tracing::error!(handle = %cell.handle(), error = %super::chain(&e), "a session stored under its key in clear could not be moved to its digest");
                     }
                 }
             }

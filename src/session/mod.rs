@@ -30,7 +30,7 @@ pub use redis_store::{RedisSettings, redact};
 pub use sessions::{CommitError, CookieOp, Gate, Loaded, Outcome, Sessions, Unavailable};
 pub use sled_store::SledSettings;
 pub use storage::{Backend, Storage, Watch};
-pub use store::{BoxError, Cell, StoreError, Swept, Upkeep};
+pub use store::{BoxError, Cell, StoreError, Swept, Upkeep, chain};
 pub use sweeper::sweep_every;
 
 /// The store's own API, for the store's tests (tests/store.rs and its kin): built only with

@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
+use super::chain;
 use super::changes::{self, Change, TooLarge};
 use super::store::{Liveness, Lookup, Mark, Seen, Store, StoreError, Update, UpdateError, Updated};
 use super::{Data, Millis, Policy, Record, Storage, id, seconds_until};
-use crate::error::chain;
 
 /// What a request found under the keys its cookie presented.
 #[derive(Debug, Default)]

@@ -16,6 +16,18 @@ use super::{Millis, Policy, Record};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// An error and each of its sources, joined with ": ".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(

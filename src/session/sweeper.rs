@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::chain;
 use super::{Clock, Storage};
-use crate::error::chain;
 
 /// Runs until `stop` turns true; each pass reads only the expired part of the expiry index.
 /// A new interval (a reload) counts from when it arrives.

@@ -332,7 +332,7 @@ impl Cells for RedisCells {
                     }
                     return Ok(swapped == 1);
                 }
-                Err(e) if first && crate::error::chain(&e).contains("NoScript") => {
+                Err(e) if first && super::chain(&e).contains("NoScript") => {
                     // A server that has not seen the script yet (a fresh master after a
                     // failover): load it, then try once more.
                     let mut load = redis::cmd("SCRIPT");
