@@ -6,7 +6,8 @@ sessions made on each sidecar first); prints median req/s and the sidecar's CPU 
 
     python3 bench/ab.py BEFORE_BINARY AFTER_BINARY [ROUNDS] [EXTRA_TOML]
 
-EXTRA_TOML is added to both configs (e.g. '[security]\nsecret_key = "..."').
+EXTRA_TOML is added to both configs (e.g. '[security]\nsecret_key = "..."'). AB_PATHS=/count
+(comma-separated) measures only those paths; SESSION_SIDECAR_* variables reach both sidecars.
 
 Build the bench upstream first: cargo build --release --example bench_upstream. Builds nothing
 else; everything it starts listens on 127.0.0.1 and is stopped at the end.
@@ -51,7 +52,7 @@ rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 res = {}
 for r in range(rounds):
     order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
-    for path in ("/static/x", "/read", "/count"):
+    for path in os.environ.get("AB_PATHS", "/static/x,/read,/count").split(","):
         for who in order:
             port, p = procs[who]
             c0 = cpu(p.pid)

@@ -8,7 +8,7 @@ use http::header::{
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
-use crate::session::changes::{Change, Op, diff};
+use crate::session::changes::{Change, Op, diff, integer};
 use crate::session::{Data, ExpiryMode};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded; names listed in `Connection` join them.
@@ -275,6 +275,18 @@ pub fn parse_changes(
                 let keys = string_list(value).map_err(|p| bad(name, p))?;
                 change.ops.extend(keys.into_iter().map(Op::Delete));
             }
+            "-incr" => {
+                let by = integers(value).map_err(|p| bad(name, p))?;
+                change
+                    .ops
+                    .extend(by.into_iter().map(|(k, n)| Op::Incr(k, n)));
+            }
+            "-append" => {
+                let lists = lists(value).map_err(|p| bad(name, p))?;
+                change
+                    .ops
+                    .extend(lists.into_iter().map(|(k, items)| Op::Append(k, items)));
+            }
             "-expiry" => change.expiry = Some(expiry(value).map_err(|p| bad(name, p))?),
             "-subject" => change.subject = Some(subject(value).map_err(|p| bad(name, p))?),
             "-flush" | "-cycle" => {}
@@ -302,6 +314,40 @@ fn object(value: &HeaderValue) -> Result<Data, String> {
         Ok(None) => Err("expected a JSON object".into()),
         Err(e) => Err(format!("malformed JSON ({e})")),
     }
+}
+
+/// `{"key": integer, ...}`: JSON integer tokens of any size.
+fn integers(value: &HeaderValue) -> Result<Vec<(String, num_bigint::BigInt)>, String> {
+    object(value)?
+        .into_iter()
+        .map(|(k, v)| {
+            let n = match &v {
+                serde_json::Value::Number(n) => integer(n),
+                _ => None,
+            };
+            match n {
+                Some(n) => Ok((k, n)),
+                None => Err(format!(
+                    "expected a JSON object of integers, but {k:?} is {}",
+                    shorten(&v.to_string())
+                )),
+            }
+        })
+        .collect()
+}
+
+/// `{"key": [items], ...}`.
+fn lists(value: &HeaderValue) -> Result<Vec<(String, Vec<serde_json::Value>)>, String> {
+    object(value)?
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::Array(items) => Ok((k, items)),
+            other => Err(format!(
+                "expected a JSON object of lists, but {k:?} is {}",
+                shorten(&other.to_string())
+            )),
+        })
+        .collect()
 }
 
 fn string_list(value: &HeaderValue) -> Result<Vec<String>, String> {

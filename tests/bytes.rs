@@ -146,7 +146,8 @@ proptest! {
     #[test]
     fn whatever_the_app_sends_the_next_request_header_is_valid(
         values in prop::collection::vec(
-            (prop::sample::select(vec!["x-session", "x-session-set", "x-session-delete"]),
+            (prop::sample::select(vec!["x-session", "x-session-set", "x-session-delete",
+                                       "x-session-incr", "x-session-append"]),
              prop::collection::vec(value_byte(), 0..80)),
             1..4),
         wrapped in prop::collection::vec(any::<char>(), 0..16),

@@ -58,6 +58,8 @@ enum Op {
     Flush,
     FlushThenSet(String, Value),
     CycleAndSet(String, Value),
+    Incr(String, i64),
+    Append(String, Vec<Value>),
     Noop,
 }
 
@@ -81,6 +83,8 @@ impl Op {
                 h("X-Session-Cycle", "1".into()),
                 h("X-Session-Set", one(k, v)),
             ],
+            Op::Incr(k, n) => vec![h("X-Session-Incr", wire(&json!({ k: n })))],
+            Op::Append(k, items) => vec![h("X-Session-Append", wire(&json!({ k: items })))],
             Op::Noop => vec![],
         }
     }
@@ -88,23 +92,25 @@ impl Op {
     /// The change as the sidecar reads it from the answer to a request whose app was shown
     /// `sent`: a full `X-Session` is diffed against `sent` (§2).
     fn change(&self, sent: &Dict) -> Change {
-        let set = |k: &String, v: &Value| vec![(k.clone(), Some(v.clone()))];
+        let set = |k: &String, v: &Value| vec![(k.clone(), M::Set(v.clone()))];
         match self {
             Op::Set(k, v) => Change::ops(set(k, v)),
-            Op::Delete(k) => Change::ops(vec![(k.clone(), None)]),
+            Op::Delete(k) => Change::ops(vec![(k.clone(), M::Delete)]),
             Op::Full(d) => {
                 let mut ops: Vec<_> = d
                     .iter()
                     .filter(|(k, v)| sent.get(*k) != Some(*v))
-                    .map(|(k, v)| (k.clone(), Some(v.clone())))
+                    .map(|(k, v)| (k.clone(), M::Set(v.clone())))
                     .collect();
                 ops.extend(
                     sent.keys()
                         .filter(|k| !d.contains_key(*k))
-                        .map(|k| (k.clone(), None)),
+                        .map(|k| (k.clone(), M::Delete)),
                 );
                 Change::ops(ops)
             }
+            Op::Incr(k, n) => Change::ops(vec![(k.clone(), M::Incr(*n))]),
+            Op::Append(k, items) => Change::ops(vec![(k.clone(), M::Append(items.clone()))]),
             Op::Flush => Change {
                 flush: true,
                 ..Change::default()
@@ -122,16 +128,31 @@ impl Op {
     }
 }
 
-/// One answer's change: flush, cycle, and per-key operations (`None` deletes).
+/// One per-key operation of the model.
+#[derive(Debug, Clone)]
+enum M {
+    Set(Value),
+    Delete,
+    /// Adds to an integer (a missing key is 0); any other value makes the change unfit.
+    Incr(i64),
+    /// Appends to a list (a missing key is `[]`); any other value makes the change unfit.
+    Append(Vec<Value>),
+}
+
+/// One answer's change: flush, cycle, and per-key operations.
 #[derive(Debug, Default)]
 struct Change {
     flush: bool,
     cycle: bool,
-    ops: Vec<(String, Option<Value>)>,
+    ops: Vec<(String, M)>,
 }
 
+/// A change that does not fit the data it lands on (§2: 502, nothing stored).
+#[derive(Debug)]
+struct Unfit;
+
 impl Change {
-    fn ops(ops: Vec<(String, Option<Value>)>) -> Change {
+    fn ops(ops: Vec<(String, M)>) -> Change {
         Change {
             ops,
             ..Change::default()
@@ -144,21 +165,46 @@ impl Change {
 
     /// The data after the operations, and whether it is to be saved: it changed (or the key
     /// cycles) and is not empty.
-    fn apply(&self, data: &Dict) -> (Dict, bool) {
+    fn apply(&self, data: &Dict) -> Result<(Dict, bool), Unfit> {
         let mut d = data.clone();
         let mut changed = false;
-        for (k, v) in &self.ops {
-            match v {
-                Some(v) if d.get(k) != Some(v) => {
+        for (k, op) in &self.ops {
+            match (op, d.get(k)) {
+                (M::Set(v), held) if held != Some(v) => {
                     d.insert(k.clone(), v.clone());
                     changed = true;
                 }
-                Some(_) => {}
-                None => changed |= d.remove(k).is_some(),
+                (M::Set(_), _) => {}
+                (M::Delete, _) => changed |= d.remove(k).is_some(),
+                (M::Incr(n), None) => {
+                    d.insert(k.clone(), json!(n));
+                    changed = true;
+                }
+                (M::Incr(n), Some(held)) => {
+                    let held = held
+                        .as_i64()
+                        .filter(|_| held.is_i64() || held.is_u64())
+                        .ok_or(Unfit)?;
+                    if *n != 0 {
+                        d.insert(k.clone(), json!(held + n));
+                        changed = true;
+                    }
+                }
+                (M::Append(items), None) => {
+                    d.insert(k.clone(), Value::Array(items.clone()));
+                    changed = true;
+                }
+                (M::Append(items), Some(Value::Array(list))) => {
+                    let mut list = list.clone();
+                    list.extend(items.iter().cloned());
+                    d.insert(k.clone(), Value::Array(list));
+                    changed |= !items.is_empty();
+                }
+                (M::Append(_), Some(_)) => return Err(Unfit),
             }
         }
         let save = !d.is_empty() && (changed || self.cycle);
-        (d, save)
+        Ok((d, save))
     }
 }
 
@@ -191,8 +237,14 @@ fn key(rng: &mut StdRng) -> String {
     KEYS[rng.gen_range(0..KEYS.len())].to_string()
 }
 
+fn items(rng: &mut StdRng) -> Vec<Value> {
+    (0..rng.gen_range(0..3)).map(|_| value(rng)).collect()
+}
+
 fn op(rng: &mut StdRng) -> Op {
-    match rng.gen_range(0..20) {
+    match rng.gen_range(0..24) {
+        20 | 21 => Op::Incr(key(rng), rng.gen_range(-3..10)),
+        22 | 23 => Op::Append(key(rng), items(rng)),
         0..=6 => Op::Set(key(rng), value(rng)),
         7..=9 => Op::Delete(key(rng)),
         10..=11 => {
@@ -209,9 +261,23 @@ fn op(rng: &mut StdRng) -> Op {
 /// Two requests of one browser in flight together, on a live session.
 fn pair(rng: &mut StdRng) -> (Op, Op) {
     let (k1, k2) = ("left".to_string(), "right".to_string());
-    match rng.gen_range(0..5) {
+    match rng.gen_range(0..9) {
         // One key: whichever lands last decides (§4: against the latest stored state).
         4 => (Op::Set(k1.clone(), value(rng)), Op::Delete(k1)),
+        // One key, both count: each adds to the value the other left.
+        5 => (
+            Op::Incr(k1.clone(), rng.gen_range(1..5)),
+            Op::Incr(k1, rng.gen_range(-2..5)),
+        ),
+        6 => (
+            Op::Append(k1.clone(), items(rng)),
+            Op::Append(k1, items(rng)),
+        ),
+        7 => (Op::Incr(k1.clone(), 1), Op::Set(k1, value(rng))),
+        8 => (
+            Op::Append(k1.clone(), items(rng)),
+            Op::CycleAndSet(k2, value(rng)),
+        ),
         0 => (Op::Set(k1, value(rng)), Op::Set(k2, value(rng))),
         1 => (
             Op::CycleAndSet(k1, value(rng)),
@@ -325,6 +391,10 @@ struct Counts {
     refused: usize,
     /// Requests in flight across a flush whose answer deleted the browser's cookie.
     stale_removed: usize,
+    /// Increments and appends that met a value of another kind (502).
+    unfit: usize,
+    /// Increments and appends that landed.
+    counted: usize,
 }
 
 impl std::ops::AddAssign for Counts {
@@ -334,6 +404,8 @@ impl std::ops::AddAssign for Counts {
         self.forwarded += o.forwarded;
         self.refused += o.refused;
         self.stale_removed += o.stale_removed;
+        self.unfit += o.unfit;
+        self.counted += o.counted;
     }
 }
 
@@ -398,7 +470,11 @@ impl Model {
             // "Retired keys": new to the app, the change dropped, the cookie untouched.
             Loaded::Retired => {
                 self.counts.retired += 1;
-                if change.apply(&Dict::new()).1 {
+                if change
+                    .apply(&Dict::new())
+                    .map_err(|_| "unfit on nothing")?
+                    .1
+                {
                     self.counts.dropped += 1;
                 }
                 Cookie::Untouched
@@ -415,20 +491,35 @@ impl Model {
             Loaded::Live {
                 key, data: sent, ..
             } => match self.resolve(key, now) {
-                // Ended while in flight (§3): refused if it would store something, else the
-                // stale cookie goes.
-                None if change.apply(sent).1 => {
-                    self.counts.refused += 1;
-                    return expect(a, 400, Cookie::Untouched);
-                }
-                None => {
-                    self.counts.stale_removed += 1;
-                    Cookie::Removed
-                }
+                // Ended while in flight (§3): refused if it would store something (as bad input
+                // if it does not fit what the request loaded), else the stale cookie goes.
+                None => match change.apply(sent) {
+                    Err(Unfit) => {
+                        self.counts.unfit += 1;
+                        return expect(a, 502, Cookie::Untouched);
+                    }
+                    Ok((_, true)) => {
+                        self.counts.refused += 1;
+                        return expect(a, 400, Cookie::Untouched);
+                    }
+                    Ok((_, false)) => {
+                        self.counts.stale_removed += 1;
+                        Cookie::Removed
+                    }
+                },
                 Some(_) if change.is_empty() => Cookie::Untouched,
                 Some((current, data, forwarded)) => {
                     self.counts.forwarded += usize::from(forwarded);
-                    let (after, save) = change.apply(&data);
+                    // Against the latest state: what does not fit it is bad input (502).
+                    let Ok((after, save)) = change.apply(&data) else {
+                        self.counts.unfit += 1;
+                        return expect(a, 502, Cookie::Untouched);
+                    };
+                    self.counts.counted += change
+                        .ops
+                        .iter()
+                        .filter(|(_, m)| matches!(m, M::Incr(_) | M::Append(_)))
+                        .count();
                     if after.is_empty() {
                         self.cells.remove(&current);
                         if forwarded {
@@ -479,7 +570,7 @@ impl Model {
 
     /// A visitor without a session (or after a flush): a new one if the change leaves data.
     fn fresh(&mut self, change: &Change, now: i64, stale: bool, a: &Answer) -> Result<(), String> {
-        let (data, save) = change.apply(&Dict::new());
+        let (data, save) = change.apply(&Dict::new()).map_err(|_| "unfit on nothing")?;
         if !save {
             let cookie = if stale {
                 Cookie::Removed
@@ -802,11 +893,18 @@ async fn random_browsers_agree_with_the_model() {
     println!(
         "model: {} requests began with a retired key ({} changes dropped), {} in flight across a \
          cycle landed in the renamed session, {} in flight across a flush (or past the forward) \
-         refused with 400, {} deleted a stale cookie",
-        counts.retired, counts.dropped, counts.forwarded, counts.refused, counts.stale_removed,
+         refused with 400, {} deleted a stale cookie; {} increments and appends landed in a \
+         session, {} met a value of another kind (502)",
+        counts.retired,
+        counts.dropped,
+        counts.forwarded,
+        counts.refused,
+        counts.stale_removed,
+        counts.counted,
+        counts.unfit,
     );
     assert!(
-        counts.retired > 0 && counts.forwarded > 0,
+        counts.retired > 0 && counts.forwarded > 0 && counts.counted > 0,
         "the races did not come up: {counts:?}"
     );
 }

@@ -88,7 +88,8 @@ proptest! {
     fn change_header_parsing_never_panics(
         headers in prop::collection::vec(
             (prop_oneof![Just(""), Just("-set"), Just("-delete"), Just("-flush"), Just("-cycle"),
-                         Just("-expiry"), Just("-subject"), Just("-foo")],
+                         Just("-expiry"), Just("-subject"), Just("-incr"), Just("-append"),
+                         Just("-foo")],
              prop::collection::vec(any::<u8>(), 0..64)),
             0..6),
         snapshot in data(),
@@ -101,8 +102,10 @@ proptest! {
             })
             .collect();
         if let Ok((change, _)) = parse_changes(&pairs, "x-session", &snapshot) {
-            // Whatever parsed applies without panicking.
-            let _ = apply(&snapshot, &change);
+            // Whatever parsed applies, or is refused as unfit, without panicking.
+            let mut r = Record::new(0);
+            r.data = snapshot.clone();
+            let _ = changes::apply(&mut r, &change, &policy(), 1, usize::MAX, false);
         }
     }
 
@@ -110,7 +113,8 @@ proptest! {
     fn json_change_values_parse_or_fail_cleanly(v in json_value(), raw in ".{0,40}") {
         for text in [v.to_string(), raw] {
             if let Ok(value) = HeaderValue::from_str(&text) {
-                for name in ["x-session", "x-session-set", "x-session-delete"] {
+                for name in ["x-session", "x-session-set", "x-session-delete", "x-session-incr",
+                             "x-session-append"] {
                     let pairs = vec![(HeaderName::from_static(name), value.clone())];
                     let _ = parse_changes(&pairs, "x-session", &Data::new());
                 }
@@ -151,5 +155,50 @@ proptest! {
         let _ = Config::from_toml(&format!("{key} = {value}"));
         let env = vec![(format!("SESSION_SIDECAR_{}", key.to_uppercase().replace('.', "__")), value)];
         let _ = Config::from_toml_with_env("", env);
+    }
+
+    #[test]
+    fn increments_add_exactly_at_any_size_in_either_order(
+        start in "0|-?[1-9][0-9]{0,40}",
+        adds in prop::collection::vec("0|-?[1-9][0-9]{0,40}", 1..6),
+    ) {
+        let expected = adds.iter().fold(start.parse::<num_bigint::BigInt>().unwrap(), |sum, a| {
+            sum + a.parse::<num_bigint::BigInt>().unwrap()
+        });
+        let stored = json::parse_object(format!("{{\"n\":{start}}}").as_bytes()).unwrap().unwrap();
+        let each: Vec<Change> = adds
+            .iter()
+            .map(|a| {
+                let v = HeaderValue::from_str(&format!("{{\"n\": {a}}}")).unwrap();
+                parse_changes(&[(HeaderName::from_static("x-session-incr"), v)], "x-session", &stored)
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        for order in [each.clone(), each.iter().rev().cloned().collect()] {
+            let mut data = stored.clone();
+            for change in &order {
+                data = apply(&data, change);
+            }
+            prop_assert_eq!(json::encode_ascii(&data), format!("{{\"n\":{expected}}}"));
+        }
+    }
+
+    #[test]
+    fn appends_keep_the_stored_list_and_add_every_item_in_order(
+        stored in prop::collection::vec(json_value(), 0..5),
+        batches in prop::collection::vec(prop::collection::vec(json_value(), 0..4), 1..4),
+    ) {
+        let mut data = Data::new();
+        data.insert("l".into(), Value::Array(stored.clone()));
+        let mut expected = stored;
+        for items in &batches {
+            let v = HeaderValue::from_str(&serde_json::json!({ "l": items }).to_string());
+            let Ok(v) = v else { continue };
+            let (change, _) = parse_changes(&[(HeaderName::from_static("x-session-append"), v)], "x-session", &data).unwrap();
+            data = apply(&data, &change);
+            expected.extend(items.iter().cloned());
+        }
+        prop_assert_eq!(&data["l"], &Value::Array(expected));
     }
 }

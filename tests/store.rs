@@ -223,7 +223,7 @@ async fn size_cap_leaves_the_record_untouched(s: Arc<dyn Store>) {
     let big = set("big", json!("x".repeat(10_000)));
     assert!(matches!(
         s.update(Update::new(&k, &big, t0() + 1)).await,
-        Err(UpdateError::TooLarge(_))
+        Err(UpdateError::Unfit(_))
     ));
     let r = s.load(&k, t0() + 2).await.unwrap().unwrap();
     assert_eq!(r.data, *json!({"a": 0}).as_object().unwrap());

@@ -453,23 +453,20 @@ impl Pipeline {
             Err(CommitError::Ended) => Err(ProxyError::SessionEnded),
             Err(CommitError::TooMany(secs)) => Err(ProxyError::TooManySessions(secs)),
             Err(CommitError::Unavailable(e)) => Err(e.into()),
-            // Name the headers that carried the oversized data, as for any bad change header.
-            Err(CommitError::TooLarge(t)) => {
+            // Name the headers that carried what does not fit, as for any bad change header.
+            Err(CommitError::Unfit(unfit)) => {
                 let names: std::collections::BTreeSet<String> = answer
                     .taken
                     .iter()
                     .map(|(n, _)| n.as_str())
                     .filter(|n| {
-                        matches!(
-                            headers::ours(n, prefix),
-                            Ours::Dashed("" | "-set" | "-delete")
-                        )
+                        matches!(headers::ours(n, prefix), Ours::Dashed(s) if unfit.suffixes().contains(&s))
                     })
                     .map(headers::display_name)
                     .collect();
                 Err(ProxyError::BadHeader(headers::BadHeader {
                     header: names.into_iter().collect::<Vec<_>>().join(", "),
-                    problem: t.to_string(),
+                    problem: unfit.to_string(),
                 }))
             }
         }

@@ -528,8 +528,20 @@ impl<C: Cells> Store for Engine<C> {
             };
             let forwarded = cur.forwarded;
             let mut record = cur.record.clone();
-            let effect =
-                changes::apply(&mut record, change, policy, now, self.max_bytes, force_save)?;
+            // Refused only against the latest state: what the request loaded may be stale (a
+            // key another request has since made an integer, a list, or smaller).
+            let effect = match changes::apply(
+                &mut record,
+                change,
+                policy,
+                now,
+                self.max_bytes,
+                force_save,
+            ) {
+                Ok(effect) => effect,
+                Err(_) if hinted => continue,
+                Err(unfit) => return Err(unfit.into()),
+            };
             if effect.empty || (effect.save && record.deadline <= now) {
                 if self.replace(&cur, None).await? {
                     return Ok(Updated::Removed { forwarded });

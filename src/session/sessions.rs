@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::chain;
-use super::changes::{self, Change, TooLarge};
+use super::changes::{self, Change, Unfit};
 use super::store::{Liveness, Lookup, Mark, Seen, Store, StoreError, Update, UpdateError, Updated};
 use super::{Data, Millis, Policy, Record, Storage, id, seconds_until};
 
@@ -124,7 +124,7 @@ pub enum CommitError {
     #[error("the session ended while the request was in flight")]
     Ended,
     #[error(transparent)]
-    TooLarge(#[from] TooLarge),
+    Unfit(#[from] Unfit),
     /// Too many sessions created from this client lately; retry after this many seconds.
     #[error("too many new sessions from this address; retry in {0} s")]
     TooMany(u64),
@@ -141,7 +141,7 @@ impl From<StoreError> for CommitError {
 impl From<UpdateError> for CommitError {
     fn from(e: UpdateError) -> CommitError {
         match e {
-            UpdateError::TooLarge(t) => CommitError::TooLarge(t),
+            UpdateError::Unfit(u) => CommitError::Unfit(u),
             UpdateError::Store(s) => s.into(),
         }
     }
@@ -353,10 +353,11 @@ impl Sessions {
             .await?;
         let outcome = match updated {
             Updated::Ended => {
+                // The change as it would have applied to what the request loaded: an increment
+                // of a value that is no integer is bad input whether or not the session lives.
                 let mut would = snapshot;
                 let effect =
-                    changes::apply(&mut would, change, &self.policy, now, usize::MAX, force)
-                        .expect("no size limit");
+                    changes::apply(&mut would, change, &self.policy, now, usize::MAX, force)?;
                 if effect.save {
                     return Err(CommitError::Ended);
                 }
@@ -617,7 +618,7 @@ mod tests {
         let big = set("big", json!("x".repeat(9000)));
         assert!(matches!(
             s.commit(loaded, &big, NOW + 1).await,
-            Err(CommitError::TooLarge(_))
+            Err(CommitError::Unfit(Unfit::TooLarge(_)))
         ));
         let again = s.open(&[key], true, NOW + 2).await.unwrap();
         assert_eq!(json!(again.data()), json!({"n": 1}));

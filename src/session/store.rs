@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use std::sync::Arc;
 
-use super::changes::{Change, TooLarge};
+use super::changes::{Change, Unfit};
 use super::entry::{Codec, Reader};
 use super::id;
 use super::{Millis, Policy, Record};
@@ -50,7 +50,7 @@ pub enum StoreError {
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
     #[error(transparent)]
-    TooLarge(#[from] TooLarge),
+    Unfit(#[from] Unfit),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -1,0 +1,195 @@
+//! docs/HEADERS.md §2, the app API's atomic operations: `X-Session-Incr` and
+//! `X-Session-Append`, over real HTTP, on sled, on one Redis server and on a Redis Cluster.
+//! Concurrent requests of one browser each add to the latest stored value: none is lost.
+
+mod common;
+
+use common::*;
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+/// One request of `client` through `s`, the app answering with `reply`; the status and what
+/// the app saw.
+async fn ask(client: &reqwest::Client, s: &Sidecar, reply: &[(&str, &str)]) -> (u16, String) {
+    let r = client
+        .get(s.url("/"))
+        .header("x-test-reply", reply_pairs(reply))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn reply_pairs(pairs: &[(&str, &str)]) -> String {
+    serde_json::to_string(pairs).unwrap()
+}
+
+/// The session as the app receives it now: the raw `X-Session` text.
+async fn session_text(client: &reqwest::Client, s: &Sidecar) -> String {
+    let (status, body) = ask(client, s, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let seen: Seen = serde_json::from_str(&body).unwrap();
+    seen.header("x-session").unwrap().to_string()
+}
+
+async fn session(client: &reqwest::Client, s: &Sidecar) -> Value {
+    serde_json::from_str(&session_text(client, s).await).unwrap()
+}
+
+/// Every clause of Incr and Append, against the store behind `s`.
+async fn holds_the_atomic_operations(s: &Sidecar) {
+    let client = browser();
+    // A visitor without a session: an increment starts one (a missing key counts as 0).
+    let (status, body) = ask(
+        &client,
+        s,
+        &[("X-Session-Incr", r#"{"visits": 1, "credits": -5}"#)],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        session(&client, s).await,
+        json!({"visits": 1, "credits": -5})
+    );
+
+    // Twenty concurrent increments of one browser: +20, none lost.
+    let counted =
+        join_all((0..20).map(|_| ask(&client, s, &[("X-Session-Incr", r#"{"visits": 1}"#)]))).await;
+    assert!(counted.iter().all(|(st, _)| *st == 200), "{counted:?}");
+    assert_eq!(session(&client, s).await["visits"], json!(21));
+
+    // Integers of any size stay exact.
+    for _ in 0..2 {
+        let (st, body) = ask(
+            &client,
+            s,
+            &[("X-Session-Incr", r#"{"big": 12345678901234567890123}"#)],
+        )
+        .await;
+        assert_eq!(st, 200, "{body}");
+    }
+    let text = session_text(&client, s).await;
+    assert!(text.contains(r#""big":24691357802469135780246"#), "{text}");
+
+    // Two tabs appending to one cart at once: every item is kept.
+    let tab = |item: &'static str| {
+        let client = &client;
+        async move {
+            ask(
+                client,
+                s,
+                &[("X-Session-Append", &format!(r#"{{"cart": ["{item}"]}}"#))],
+            )
+            .await
+        }
+    };
+    let added = join_all((0..10).flat_map(|_| [tab("pen"), tab("ink")])).await;
+    assert!(added.iter().all(|(st, _)| *st == 200), "{added:?}");
+    let cart = session(&client, s).await["cart"].clone();
+    let items = cart.as_array().unwrap();
+    assert_eq!(items.len(), 20, "{cart}");
+    assert_eq!(items.iter().filter(|i| *i == "pen").count(), 10, "{cart}");
+
+    // What does not fit the stored value, or is no integer or list at all, is bad upstream
+    // input: 502 naming the header, and the session exactly as it was.
+    let before = session_text(&client, s).await;
+    for (header, value, says) in [
+        ("X-Session-Incr", r#"{"cart": 1}"#, "not an integer"),
+        ("X-Session-Append", r#"{"visits": ["x"]}"#, "not a list"),
+        ("X-Session-Incr", r#"{"visits": 1.0}"#, "integers"),
+        ("X-Session-Incr", r#"{"visits": 1e3}"#, "integers"),
+        ("X-Session-Incr", r#"{"visits": "1"}"#, "integers"),
+        ("X-Session-Append", r#"{"cart": "pen"}"#, "lists"),
+        ("X-Session-Incr", "[1]", "object"),
+        ("X-Session-Append", r#"{"cart": ["#, "malformed"),
+    ] {
+        let (st, body) = ask(
+            &client,
+            s,
+            &[(header, value), ("X-Session-Set", r#"{"also": 1}"#)],
+        )
+        .await;
+        assert_eq!(st, 502, "{header}: {value} -> {body}");
+        assert!(
+            body.contains(header) && body.contains(says),
+            "{header}: {value} -> {body}"
+        );
+        assert_eq!(session_text(&client, s).await, before, "{header}: {value}");
+    }
+    // A list that would pass max_session_bytes is refused like any oversize change.
+    let huge = format!(r#"{{"cart": ["{}"]}}"#, "x".repeat(9000));
+    let (st, body) = ask(&client, s, &[("X-Session-Append", &huge)]).await;
+    assert_eq!(st, 502, "{body}");
+    assert!(
+        body.contains("X-Session-Append") && body.contains("max_session_bytes"),
+        "{body}"
+    );
+    assert_eq!(session_text(&client, s).await, before);
+
+    // Set, Incr and Append in one answer apply in the order the names first appear.
+    let (st, body) = ask(
+        &client,
+        s,
+        &[
+            ("X-Session-Set", r#"{"n": 10, "l": []}"#),
+            ("X-Session-Incr", r#"{"n": 5}"#),
+            ("X-Session-Append", r#"{"l": [1, 2]}"#),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let now = session(&client, s).await;
+    assert_eq!(
+        (now["n"].clone(), now["l"].clone()),
+        (json!(15), json!([1, 2]))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_and_appends_are_atomic_on_sled() {
+    let s = sidecar("").await;
+    holds_the_atomic_operations(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_and_appends_are_atomic_on_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let s = sidecar_for(app, &server.store_toml("api:")).await;
+    holds_the_atomic_operations(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_and_appends_are_atomic_on_a_redis_cluster() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let s = sidecar_for(app, &cluster.store_toml("api:")).await;
+    holds_the_atomic_operations(&s).await;
+}
+
+/// Two sidecars on one Redis: increments through both land on the same latest value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_through_two_sidecars_on_one_redis_all_count() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let store = server.store_toml("api2:");
+    let (a, b) = (
+        sidecar_for(app, &store).await,
+        sidecar_for(app, &store).await,
+    );
+    let client = browser();
+    let (st, _) = ask(&client, &a, &[("X-Session-Incr", r#"{"n": 1}"#)]).await;
+    assert_eq!(st, 200);
+    // The cookie a set is sent to b too: both listen on 127.0.0.1, and cookies ignore ports.
+    let incr = [("X-Session-Incr", r#"{"n": 1}"#)];
+    let both =
+        join_all((0..10).flat_map(|_| [ask(&client, &a, &incr), ask(&client, &b, &incr)])).await;
+    assert!(both.iter().all(|(st, _)| *st == 200), "{both:?}");
+    assert_eq!(session(&client, &b).await["n"], json!(21));
+}
