@@ -8,7 +8,7 @@ use http::header::{
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
-use crate::session::changes::{Change, Op, diff, integer};
+use crate::session::changes::{Change, Op, Revoke, diff, integer};
 use crate::session::{Data, ExpiryMode};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded; names listed in `Connection` join them.
@@ -289,6 +289,7 @@ pub fn parse_changes(
             }
             "-expiry" => change.expiry = Some(expiry(value).map_err(|p| bad(name, p))?),
             "-subject" => change.subject = Some(subject(value).map_err(|p| bad(name, p))?),
+            "-revoke" => change.revoke = Some(revoke(value).map_err(|p| bad(name, p))?),
             "-flush" | "-cycle" => {}
             _ => unknown.push(display_name(name.as_str())),
         }
@@ -353,6 +354,15 @@ fn lists(value: &HeaderValue) -> Result<Vec<(String, Vec<serde_json::Value>)>, S
 fn string_list(value: &HeaderValue) -> Result<Vec<String>, String> {
     serde_json::from_slice::<Vec<String>>(value.as_bytes())
         .map_err(|e| format!("expected a JSON array of strings ({e})"))
+}
+
+fn revoke(value: &HeaderValue) -> Result<Revoke, String> {
+    let text = std::str::from_utf8(value.as_bytes()).unwrap_or("").trim();
+    match text.to_ascii_lowercase().as_str() {
+        "others" => Ok(Revoke::Others),
+        "all" => Ok(Revoke::All),
+        _ => Err(format!("expected others or all, got {:?}", shorten(text))),
+    }
 }
 
 fn expiry(value: &HeaderValue) -> Result<ExpiryMode, String> {

@@ -153,6 +153,8 @@ pub struct Metrics {
     pub sessions_created: Counter,
     pub sessions_flushed: Counter,
     pub sessions_cycled: Counter,
+    /// Sessions an app's `X-Session-Revoke` ended.
+    pub sessions_revoked: Counter,
     pub sessions_expired: Counter,
     pub merges: Counter,
     /// Changes not stored because their request presented a key retired moments ago.
@@ -181,6 +183,7 @@ impl Metrics {
             sessions_created: Counter::default(),
             sessions_flushed: Counter::default(),
             sessions_cycled: Counter::default(),
+            sessions_revoked: Counter::default(),
             sessions_expired: Counter::default(),
             merges: Counter::default(),
             retired_key_changes_dropped: Counter::default(),
@@ -221,6 +224,11 @@ impl Metrics {
             "sessions_cycled",
             "Session keys cycled",
             m.sessions_cycled.clone(),
+        );
+        r.register(
+            "sessions_revoked",
+            "Sessions an app's X-Session-Revoke ended",
+            m.sessions_revoked.clone(),
         );
         r.register(
             "sessions_expired",

@@ -1,6 +1,7 @@
-//! docs/HEADERS.md §2, the app API's atomic operations: `X-Session-Incr` and
-//! `X-Session-Append`, over real HTTP, on sled, on one Redis server and on a Redis Cluster.
-//! Concurrent requests of one browser each add to the latest stored value: none is lost.
+//! docs/HEADERS.md §2, the app API beyond Django's words, over real HTTP, on sled, on one Redis
+//! server (through two sidecars) and on a Redis Cluster: `X-Session-Incr` and
+//! `X-Session-Append` (concurrent requests of one browser each add to the latest stored value:
+//! none is lost), and `X-Session-Revoke` (a subject's other sessions, or all of them, end).
 
 mod common;
 
@@ -192,4 +193,162 @@ async fn increments_through_two_sidecars_on_one_redis_all_count() {
         join_all((0..10).flat_map(|_| [ask(&client, &a, &incr), ask(&client, &b, &incr)])).await;
     assert!(both.iter().all(|(st, _)| *st == 200), "{both:?}");
     assert_eq!(session(&client, &b).await["n"], json!(21));
+}
+
+/// `X-Session-Subject` in the app's answer: logs `client` in as `who` on `s`.
+async fn log_in(client: &reqwest::Client, s: &Sidecar, who: &str) {
+    let user = format!(r#"{{"user": "{who}"}}"#);
+    let (st, body) = ask(
+        client,
+        s,
+        &[("X-Session-Subject", who), ("X-Session-Set", &user)],
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+}
+
+/// `new` or `existing`, as the app sees the browser's next request.
+async fn status(client: &reqwest::Client, s: &Sidecar) -> String {
+    let (st, body) = ask(client, s, &[]).await;
+    assert_eq!(st, 200, "{body}");
+    let seen: Seen = serde_json::from_str(&body).unwrap();
+    seen.status().to_string()
+}
+
+/// The revocations counted by `s`'s metrics.
+async fn revoked_metric(s: &Sidecar) -> u64 {
+    let text = plain()
+        .get(format!("http://{}/metrics", s.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("session_sidecar_sessions_revoked_total "))
+        .unwrap_or_else(|| panic!("no revoked counter in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Every clause of `X-Session-Revoke`, with browsers going through `a` and `b` (the same
+/// sidecar, or two sharing a store).
+async fn holds_revoke(a: &Sidecar, b: &Sidecar) {
+    let counted = revoked_metric(a).await;
+    let (phone, laptop, tablet, bob) = (browser(), browser(), browser(), browser());
+    log_in(&phone, a, "alice").await;
+    log_in(&laptop, b, "alice").await;
+    log_in(&tablet, a, "alice").await;
+    log_in(&bob, b, "bob").await;
+
+    // After a password change: the phone keeps its session (under a new key), alice's others end,
+    // bob's does not.
+    let (st, body) = ask(
+        &phone,
+        a,
+        &[("X-Session-Cycle", "1"), ("X-Session-Revoke", "others")],
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(status(&phone, a).await, "existing");
+    assert_eq!(session(&phone, a).await, json!({"user": "alice"}));
+    assert_eq!(status(&laptop, b).await, "new");
+    assert_eq!(status(&tablet, a).await, "new");
+    assert_eq!(status(&bob, b).await, "existing");
+    assert_eq!(revoked_metric(a).await, counted + 2);
+
+    // "Log out everywhere": every session of alice, this one too, as a flush: its cookie goes.
+    log_in(&laptop, b, "alice").await;
+    let r = phone
+        .get(a.url("/"))
+        .header("x-test-reply", reply_pairs(&[("X-Session-Revoke", "all")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cookies = set_cookies(&r);
+    assert!(
+        cookies.len() == 1 && cookies[0].contains("Max-Age=0"),
+        "{cookies:?}"
+    );
+    assert_eq!(status(&phone, a).await, "new");
+    assert_eq!(status(&laptop, b).await, "new");
+    assert_eq!(status(&bob, b).await, "existing");
+
+    // With a flash message: the data starts a fresh session, as with a flush, and the other
+    // sessions of the subject the session had end.
+    log_in(&phone, a, "alice").await;
+    log_in(&laptop, b, "alice").await;
+    let (st, body) = ask(
+        &phone,
+        a,
+        &[
+            ("X-Session-Revoke", "ALL"),
+            ("X-Session-Set", r#"{"flash": "logged out everywhere"}"#),
+        ],
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        session(&phone, a).await,
+        json!({"flash": "logged out everywhere"})
+    );
+    assert_eq!(status(&laptop, b).await, "new");
+
+    // A session without a subject has no others: nothing ends.
+    let guest = browser();
+    let (st, _) = ask(&guest, a, &[("X-Session-Set", r#"{"cart": []}"#)]).await;
+    assert_eq!(st, 200);
+    let before = revoked_metric(a).await;
+    let (st, body) = ask(&guest, a, &[("X-Session-Revoke", "others")]).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(status(&guest, a).await, "existing");
+    assert_eq!(status(&bob, b).await, "existing");
+    assert_eq!(revoked_metric(a).await, before);
+
+    // A value that is neither: bad upstream input, nothing happens.
+    log_in(&laptop, b, "bob").await;
+    let (st, body) = ask(&bob, b, &[("X-Session-Revoke", "everyone")]).await;
+    assert_eq!(st, 502, "{body}");
+    assert!(
+        body.contains("X-Session-Revoke") && body.contains("others or all"),
+        "{body}"
+    );
+    assert_eq!(status(&laptop, b).await, "existing");
+    assert_eq!(status(&bob, b).await, "existing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_ends_the_subjects_other_sessions_on_sled() {
+    let s = sidecar("").await;
+    holds_revoke(&s, &s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_ends_the_subjects_sessions_through_every_sidecar_on_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let store = server.store_toml("revoke:");
+    let (a, b) = (
+        sidecar_for(app, &store).await,
+        sidecar_for(app, &store).await,
+    );
+    holds_revoke(&a, &b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_ends_the_subjects_sessions_on_a_redis_cluster() {
+    let Some(cluster) = RedisCluster::start() else {
+        return;
+    };
+    let app = start_app(echo).await;
+    let store = cluster.store_toml("revoke:");
+    let (a, b) = (
+        sidecar_for(app, &store).await,
+        sidecar_for(app, &store).await,
+    );
+    holds_revoke(&a, &b).await;
 }

@@ -130,7 +130,13 @@ async fn updates_merge_per_key_against_the_latest_state(s: Arc<dyn Store>) {
         .update(Update::new(&k, &set("y", json!(2)), t0() + 4))
         .await
         .unwrap();
-    assert_eq!(again, Updated::Unchanged { forwarded: false });
+    assert_eq!(
+        again,
+        Updated::Unchanged {
+            key: k.clone(),
+            forwarded: false
+        }
+    );
 }
 
 async fn emptying_removes_the_record(s: Arc<dyn Store>) {

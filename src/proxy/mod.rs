@@ -506,6 +506,9 @@ impl Pipeline {
         if outcome.cycled {
             m.sessions_cycled.inc();
         }
+        if outcome.revoked > 0 {
+            m.sessions_revoked.inc_by(outcome.revoked as u64);
+        }
         if outcome.merged {
             m.merges.inc();
         }

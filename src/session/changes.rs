@@ -31,6 +31,15 @@ pub fn integer(n: &Number) -> Option<BigInt> {
     text.parse().ok()
 }
 
+/// `X-Session-Revoke`: which of the subject's sessions end once the change is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoke {
+    /// Every other session of the subject (after a password change).
+    Others,
+    /// Those, and this one as with a flush ("log out everywhere").
+    All,
+}
+
 /// Everything a response asks of the session, already parsed and validated.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Change {
@@ -40,6 +49,7 @@ pub struct Change {
     pub expiry: Option<ExpiryMode>,
     /// `Some(None)` removes the tag.
     pub subject: Option<Option<String>>,
+    pub revoke: Option<Revoke>,
 }
 
 impl Change {
@@ -50,6 +60,7 @@ impl Change {
             && self.ops.is_empty()
             && self.expiry.is_none()
             && self.subject.is_none()
+            && self.revoke.is_none()
     }
 }
 

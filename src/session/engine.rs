@@ -558,12 +558,18 @@ impl<C: Cells> Store for Engine<C> {
                 }
                 // A change that changes nothing is still activity (idle timeout).
                 if !policy.touch_due(&record, now) {
-                    return Ok(Updated::Unchanged { forwarded });
+                    return Ok(Updated::Unchanged {
+                        key: cur.key.clone(),
+                        forwarded,
+                    });
                 }
                 record.accessed = now;
                 record.deadline = policy.deadline(&record);
                 if self.replace(&cur, Some(&Entry::Session(record))).await? {
-                    return Ok(Updated::Unchanged { forwarded });
+                    return Ok(Updated::Unchanged {
+                        key: cur.key.clone(),
+                        forwarded,
+                    });
                 }
                 continue;
             }

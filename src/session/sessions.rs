@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::chain;
-use super::changes::{self, Change, Unfit};
+use super::changes::{self, Change, Revoke, Unfit};
 use super::store::{Liveness, Lookup, Mark, Seen, Store, StoreError, Update, UpdateError, Updated};
 use super::{Data, Millis, Policy, Record, Storage, id, seconds_until};
 
@@ -96,6 +96,11 @@ pub struct Outcome {
     pub merged: bool,
     /// A change was not stored: the request presented a key retired moments ago.
     pub dropped: bool,
+    /// The key of the live session this answer leaves the browser with, when the commit knows
+    /// it (set, kept, or the renamed session a change in flight landed in).
+    pub kept: Option<String>,
+    /// Sessions of the subject `X-Session-Revoke` ended.
+    pub revoked: usize,
 }
 
 impl Outcome {
@@ -107,6 +112,15 @@ impl Outcome {
             cycled: false,
             merged: false,
             dropped: false,
+            kept: None,
+            revoked: 0,
+        }
+    }
+
+    fn kept(self, key: &str) -> Outcome {
+        Outcome {
+            kept: Some(key.to_string()),
+            ..self
         }
     }
 }
@@ -239,26 +253,75 @@ impl Sessions {
 
     /// Applies one response's change (docs/HEADERS.md §2 order: flush, cycle, data, expiry)
     /// against the latest stored state and says what to do with the cookie; then, when the
-    /// change tagged a subject that has a session limit, ends that subject's oldest others.
+    /// change tagged a subject that has a session limit, ends that subject's oldest others;
+    /// then `X-Session-Revoke`.
     pub async fn commit(
         &self,
         loaded: Loaded,
         change: &Change,
         now: Millis,
     ) -> Result<Outcome, CommitError> {
-        let current = loaded.key().map(str::to_string);
-        let outcome = self.apply(loaded, change, now).await?;
-        if let (Some(limit), Some(Some(subject))) = (self.max_per_subject, &change.subject) {
-            let kept = match &outcome.cookie {
-                CookieOp::Set { key, .. } => Some(key.as_str()),
-                // Unchanged (already tagged): the loaded session. Merged into a session a
-                // concurrent cycle renamed: not known here, so none is set apart.
-                CookieOp::Keep if !outcome.merged => current.as_deref(),
-                _ => None,
+        // The subject the session has once the change is stored, before a flush.
+        let subject = match &change.subject {
+            Some(tag) => tag.clone(),
+            None => loaded.record().and_then(|r| r.subject.clone()),
+        };
+        // `Revoke: all` ends this session as a flush does.
+        let flushed;
+        let change = match change.revoke {
+            Some(Revoke::All) if !change.flush => {
+                flushed = Change {
+                    flush: true,
+                    ..change.clone()
+                };
+                &flushed
+            }
+            _ => change,
+        };
+        let mut outcome = self.apply(loaded, change, now).await?;
+        if let (Some(limit), Some(Some(tag))) = (self.max_per_subject, &change.subject) {
+            self.end_beyond(tag, outcome.kept.as_deref(), limit, now)
+                .await?;
+        }
+        if let Some(revoke) = change.revoke {
+            let subject = match revoke {
+                // After a flush the browser is left with the fresh session: its tag, if any.
+                Revoke::Others if change.flush => change.subject.clone().flatten(),
+                Revoke::Others | Revoke::All => subject,
             };
-            self.end_beyond(subject, kept, limit, now).await?;
+            outcome.revoked = self
+                .revoke(subject.as_deref(), outcome.kept.as_deref(), now)
+                .await?;
         }
         Ok(outcome)
+    }
+
+    /// Ends every session of `subject` but `kept` (`X-Session-Revoke`); how many ended.
+    async fn revoke(
+        &self,
+        subject: Option<&str>,
+        kept: Option<&str>,
+        now: Millis,
+    ) -> Result<usize, CommitError> {
+        let Some(subject) = subject else {
+            tracing::info!(
+                "X-Session-Revoke: the session has no subject, so it has no other sessions to end"
+            );
+            return Ok(0);
+        };
+        let kept = kept.map(id::handle);
+        let mut ended = 0;
+        for (cell, _) in self.store.subject_sessions(subject, now).await? {
+            if Some(cell.handle()) != kept && self.store.remove_stored(&cell).await? {
+                ended += 1;
+            }
+        }
+        self.store.sync().await?;
+        tracing::info!(
+            ended,
+            "X-Session-Revoke: the subject's other sessions ended"
+        );
+        Ok(ended)
     }
 
     /// Ends `subject`'s sessions beyond `limit`, keeping `kept` (the one just tagged) and the
@@ -339,7 +402,7 @@ impl Sessions {
                 return Ok(Outcome::cookie(CookieOp::Remove));
             }
             self.touch(&key, &snapshot, now).await;
-            return Ok(Outcome::cookie(CookieOp::Keep));
+            return Ok(Outcome::cookie(CookieOp::Keep).kept(&key));
         }
         let new_key = change.cycle.then(id::generate);
         let updated = self
@@ -363,15 +426,22 @@ impl Sessions {
                 }
                 return Ok(Outcome::cookie(CookieOp::Remove));
             }
-            Updated::Unchanged { .. } => return Ok(Outcome::cookie(CookieOp::Keep)),
+            Updated::Unchanged { key, .. } => {
+                return Ok(Outcome::cookie(CookieOp::Keep).kept(&key));
+            }
             // Landed in the session a concurrent cycle renamed: that cycle's response carries the
             // cookie, this one carries none.
-            Updated::Removed { forwarded: true }
-            | Updated::Saved {
-                forwarded: true, ..
-            } => Outcome {
+            Updated::Removed { forwarded: true } => Outcome {
                 merged: true,
                 ..Outcome::cookie(CookieOp::Keep)
+            },
+            Updated::Saved {
+                key: renamed,
+                forwarded: true,
+                ..
+            } => Outcome {
+                merged: true,
+                ..Outcome::cookie(CookieOp::Keep).kept(&renamed)
             },
             Updated::Removed { forwarded: false } => Outcome::cookie(CookieOp::Remove),
             Updated::Saved {
@@ -384,7 +454,7 @@ impl Sessions {
                 Outcome {
                     merged: true,
                     cycled,
-                    ..Outcome::cookie(self.cookie_for(saved, &record, now))
+                    ..Outcome::cookie(self.cookie_for(saved.clone(), &record, now)).kept(&saved)
                 }
             }
         };
@@ -457,7 +527,7 @@ impl Sessions {
                 tracing::debug!("session created");
                 return Ok(Outcome {
                     created: true,
-                    ..Outcome::cookie(self.cookie_for(key, &record, now))
+                    ..Outcome::cookie(self.cookie_for(key.clone(), &record, now)).kept(&key)
                 });
             }
         }

@@ -100,8 +100,8 @@ impl<'a> Update<'a> {
 pub enum Updated {
     /// The session ended (flushed, expired) after the request loaded it: nothing was written.
     Ended,
-    /// Nothing needed writing.
-    Unchanged { forwarded: bool },
+    /// Nothing needed writing; the session lives under `key` (a renamed one when forwarded).
+    Unchanged { key: String, forwarded: bool },
     /// The data became empty: the record was removed.
     Removed { forwarded: bool },
     /// The record was written under `key` (a new one after a cycle).
