@@ -60,6 +60,10 @@ enum Op {
     CycleAndSet(String, Value),
     Incr(String, i64),
     Append(String, Vec<Value>),
+    /// A login: a new key, the subject tagged, the user stored.
+    LoginAs(String),
+    /// `X-Session-Revoke`: `all` (true) or `others`.
+    Revoke(bool),
     Noop,
 }
 
@@ -85,6 +89,15 @@ impl Op {
             ],
             Op::Incr(k, n) => vec![h("X-Session-Incr", wire(&json!({ k: n })))],
             Op::Append(k, items) => vec![h("X-Session-Append", wire(&json!({ k: items })))],
+            Op::LoginAs(who) => vec![
+                h("X-Session-Cycle", "1".into()),
+                h("X-Session-Subject", who.clone()),
+                h("X-Session-Set", one("user", &json!(who))),
+            ],
+            Op::Revoke(all) => vec![h(
+                "X-Session-Revoke",
+                if *all { "all" } else { "others" }.into(),
+            )],
             Op::Noop => vec![],
         }
     }
@@ -111,6 +124,15 @@ impl Op {
             }
             Op::Incr(k, n) => Change::ops(vec![(k.clone(), M::Incr(*n))]),
             Op::Append(k, items) => Change::ops(vec![(k.clone(), M::Append(items.clone()))]),
+            Op::LoginAs(who) => Change {
+                cycle: true,
+                subject: Some(who.clone()),
+                ..Change::ops(set(&"user".to_string(), &json!(who)))
+            },
+            Op::Revoke(all) => Change {
+                revoke: Some(*all),
+                ..Change::default()
+            },
             Op::Flush => Change {
                 flush: true,
                 ..Change::default()
@@ -139,12 +161,15 @@ enum M {
     Append(Vec<Value>),
 }
 
-/// One answer's change: flush, cycle, and per-key operations.
+/// One answer's change: flush, cycle, per-key operations, a subject tagged, a revoke (`all`:
+/// true).
 #[derive(Debug, Default)]
 struct Change {
     flush: bool,
     cycle: bool,
     ops: Vec<(String, M)>,
+    subject: Option<String>,
+    revoke: Option<bool>,
 }
 
 /// A change that does not fit the data it lands on (§2: 502, nothing stored).
@@ -160,7 +185,11 @@ impl Change {
     }
 
     fn is_empty(&self) -> bool {
-        !self.flush && !self.cycle && self.ops.is_empty()
+        !self.flush
+            && !self.cycle
+            && self.ops.is_empty()
+            && self.subject.is_none()
+            && self.revoke.is_none()
     }
 
     /// The data after the operations, and whether it is to be saved: it changed (or the key
@@ -203,7 +232,8 @@ impl Change {
                 (M::Append(_), Some(_)) => return Err(Unfit),
             }
         }
-        let save = !d.is_empty() && (changed || self.cycle);
+        // Tagging is a change (the session is saved).
+        let save = !d.is_empty() && (changed || self.cycle || self.subject.is_some());
         Ok((d, save))
     }
 }
@@ -242,7 +272,10 @@ fn items(rng: &mut StdRng) -> Vec<Value> {
 }
 
 fn op(rng: &mut StdRng) -> Op {
-    match rng.gen_range(0..24) {
+    match rng.gen_range(0..28) {
+        24 | 25 => Op::LoginAs(["alice", "bob"][rng.gen_range(0..2)].to_string()),
+        26 => Op::Revoke(false),
+        27 => Op::Revoke(true),
         20 | 21 => Op::Incr(key(rng), rng.gen_range(-3..10)),
         22 | 23 => Op::Append(key(rng), items(rng)),
         0..=6 => Op::Set(key(rng), value(rng)),
@@ -299,7 +332,11 @@ fn pair(rng: &mut StdRng) -> (Op, Op) {
 #[derive(Clone, Debug)]
 enum Cell {
     /// A session, live until `saved` + cookie_age.
-    Live { data: Dict, saved: i64 },
+    Live {
+        data: Dict,
+        saved: i64,
+        subject: Option<String>,
+    },
     /// A key retired at `at` by a cycle (`to`: the session's new key) or a flush (`None`).
     Retired { to: Option<String>, at: i64 },
 }
@@ -310,13 +347,12 @@ enum Loaded {
     Live {
         key: String,
         data: Dict,
+        subject: Option<String>,
     },
     /// A key retired within the grace: new to the app; its answer leaves the cookie alone.
     Retired,
     /// No session; `carried`: the request came with a cookie (unknown, expired, retired long ago).
-    Absent {
-        carried: bool,
-    },
+    Absent { carried: bool },
 }
 
 impl Loaded {
@@ -395,6 +431,8 @@ struct Counts {
     unfit: usize,
     /// Increments and appends that landed.
     counted: usize,
+    /// Sessions `X-Session-Revoke` ended.
+    revoked: usize,
 }
 
 impl std::ops::AddAssign for Counts {
@@ -406,6 +444,7 @@ impl std::ops::AddAssign for Counts {
         self.stale_removed += o.stale_removed;
         self.unfit += o.unfit;
         self.counted += o.counted;
+        self.revoked += o.revoked;
     }
 }
 
@@ -423,9 +462,14 @@ impl Model {
             return Loaded::Absent { carried: false };
         };
         match self.cells.get(key) {
-            Some(Cell::Live { data, saved }) if saved + ms(COOKIE_AGE_S) > now => Loaded::Live {
+            Some(Cell::Live {
+                data,
+                saved,
+                subject,
+            }) if saved + ms(COOKIE_AGE_S) > now => Loaded::Live {
                 key: key.to_string(),
                 data: data.clone(),
+                subject: subject.clone(),
             },
             Some(Cell::Retired { at, .. }) if at + ms(RETIRED_GRACE_S) > now => Loaded::Retired,
             _ => Loaded::Absent { carried: true },
@@ -433,13 +477,17 @@ impl Model {
     }
 
     /// The live session a request already in flight with `key` reaches now, following a cycle's
-    /// forward (§4): its key, data, and whether it was forwarded.
-    fn resolve(&self, key: &str, now: i64) -> Option<(String, Dict, bool)> {
+    /// forward (§4): its key, data, subject, and whether it was forwarded.
+    fn resolve(&self, key: &str, now: i64) -> Option<(String, Dict, Option<String>, bool)> {
         let mut current = key.to_string();
         for hop in 0..=MAX_HOPS {
             match self.cells.get(&current) {
-                Some(Cell::Live { data, saved }) if saved + ms(COOKIE_AGE_S) > now => {
-                    return Some((current, data.clone(), hop > 0));
+                Some(Cell::Live {
+                    data,
+                    saved,
+                    subject,
+                }) if saved + ms(COOKIE_AGE_S) > now => {
+                    return Some((current, data.clone(), subject.clone(), hop > 0));
                 }
                 Some(Cell::Retired { to: Some(next), at }) if at + ms(FORWARD_S) > now => {
                     current = next.clone();
@@ -451,8 +499,62 @@ impl Model {
     }
 
     /// Checks the answer to a request that found `loaded`, answered by the app with `op` and
-    /// landing now, and applies it to the model.
+    /// landing now, and applies it to the model: the change, then a revoke (§2: after the change
+    /// is stored, with the subject the session has then; `all` as a flush).
     fn commit(&mut self, loaded: &Loaded, op: &Op, now: i64, a: &Answer) -> Result<(), String> {
+        let mut change = op.change(&loaded.sent());
+        let flushed = change.flush;
+        if change.revoke == Some(true) {
+            change.flush = true;
+        }
+        self.commit_change(loaded, &change, now, a)?;
+        let Some(all) = change.revoke else {
+            return Ok(());
+        };
+        if a.status != 200 || matches!(loaded, Loaded::Retired) {
+            return Ok(());
+        }
+        let before = change.subject.clone().or(match loaded {
+            Loaded::Live { subject, .. } => subject.clone(),
+            _ => None,
+        });
+        let subject = if !all && flushed {
+            change.subject.clone()
+        } else {
+            before
+        };
+        let kept = match (&a.cookie, loaded) {
+            (Cookie::Set(k), _) => Some(k.clone()),
+            (_, Loaded::Live { key, .. }) => self.resolve(key, now).map(|r| r.0),
+            _ => None,
+        };
+        let Some(subject) = subject else {
+            return Ok(());
+        };
+        let ended: Vec<String> = self
+            .cells
+            .iter()
+            .filter(|(k, c)| {
+                matches!(c, Cell::Live { subject: Some(t), saved, .. }
+                    if *t == subject && saved + ms(COOKIE_AGE_S) > now)
+                    && Some(*k) != kept.as_ref()
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in ended {
+            self.cells.remove(&k);
+            self.counts.revoked += 1;
+        }
+        Ok(())
+    }
+
+    fn commit_change(
+        &mut self,
+        loaded: &Loaded,
+        change: &Change,
+        now: i64,
+        a: &Answer,
+    ) -> Result<(), String> {
         if let Some((status, data)) = &a.seen {
             let expected = match loaded {
                 Loaded::Live { .. } => "existing",
@@ -465,7 +567,6 @@ impl Model {
                 ));
             }
         }
-        let change = op.change(&loaded.sent());
         let cookie = match loaded {
             // "Retired keys": new to the app, the change dropped, the cookie untouched.
             Loaded::Retired => {
@@ -479,14 +580,14 @@ impl Model {
                 }
                 Cookie::Untouched
             }
-            Loaded::Absent { carried } => return self.fresh(&change, now, *carried, a),
+            Loaded::Absent { carried } => return self.fresh(change, now, *carried, a),
             Loaded::Live { key, .. } if change.flush => {
                 // A logout ends the session the key reaches now (a login in flight renamed it).
-                if let Some((current, _, _)) = self.resolve(key, now) {
+                if let Some((current, ..)) = self.resolve(key, now) {
                     self.cells
                         .insert(current, Cell::Retired { to: None, at: now });
                 }
-                return self.fresh(&change, now, true, a);
+                return self.fresh(change, now, true, a);
             }
             Loaded::Live {
                 key, data: sent, ..
@@ -508,7 +609,8 @@ impl Model {
                     }
                 },
                 Some(_) if change.is_empty() => Cookie::Untouched,
-                Some((current, data, forwarded)) => {
+                Some((current, data, subject, forwarded)) => {
+                    let subject = change.subject.clone().or(subject);
                     self.counts.forwarded += usize::from(forwarded);
                     // Against the latest state: what does not fit it is bad input (502).
                     let Ok((after, save)) = change.apply(&data) else {
@@ -543,6 +645,7 @@ impl Model {
                             Cell::Live {
                                 data: after,
                                 saved: now,
+                                subject,
                             },
                         );
                         return Ok(());
@@ -552,6 +655,7 @@ impl Model {
                             Cell::Live {
                                 data: after,
                                 saved: now,
+                                subject,
                             },
                         );
                         // Landed in the session a cycle renamed: that cycle's answer carries the
@@ -580,7 +684,14 @@ impl Model {
             return expect(a, 200, cookie);
         }
         let key = self.fresh_key(a)?;
-        self.cells.insert(key, Cell::Live { data, saved: now });
+        self.cells.insert(
+            key,
+            Cell::Live {
+                data,
+                saved: now,
+                subject: change.subject.clone(),
+            },
+        );
         Ok(())
     }
 
@@ -838,6 +949,27 @@ async fn run(seed: u64, steps: usize, browsers: usize) -> (usize, Counts) {
                 a2.apply_to(&mut r.browsers[b].jar);
                 r.check(b, &what).await;
             }
+            8 => {
+                // One user on several browsers; one of them revokes the others (after a password
+                // change) or all (log out everywhere); then every browser's next request.
+                let who = ["alice", "bob"][rng.gen_range(0..2)].to_string();
+                let mut on: Vec<usize> =
+                    (0..browsers).filter(|_| rng.gen_range(0..3) != 0).collect();
+                on.push(b);
+                on.sort();
+                on.dedup();
+                for &c in &on {
+                    let login = Op::LoginAs(who.clone());
+                    r.one(c, &login, "/login", "logging in before a revoke")
+                        .await;
+                }
+                let revoke = Op::Revoke(rng.r#gen());
+                r.one(b, &revoke, "/revoke", "a revoke").await;
+                for c in 0..browsers {
+                    r.check(c, &format!("{revoke:?} by browser {b} of {who}"))
+                        .await;
+                }
+            }
             5..=7 => {
                 // A page polls while its user logs in or out.
                 let login = match rng.gen_range(0..4) {
@@ -894,7 +1026,7 @@ async fn random_browsers_agree_with_the_model() {
         "model: {} requests began with a retired key ({} changes dropped), {} in flight across a \
          cycle landed in the renamed session, {} in flight across a flush (or past the forward) \
          refused with 400, {} deleted a stale cookie; {} increments and appends landed in a \
-         session, {} met a value of another kind (502)",
+         session, {} met a value of another kind (502); {} sessions ended by a revoke",
         counts.retired,
         counts.dropped,
         counts.forwarded,
@@ -902,9 +1034,10 @@ async fn random_browsers_agree_with_the_model() {
         counts.stale_removed,
         counts.counted,
         counts.unfit,
+        counts.revoked,
     );
     assert!(
-        counts.retired > 0 && counts.forwarded > 0 && counts.counted > 0,
+        counts.retired > 0 && counts.forwarded > 0 && counts.counted > 0 && counts.revoked > 0,
         "the races did not come up: {counts:?}"
     );
 }

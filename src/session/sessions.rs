@@ -261,6 +261,9 @@ impl Sessions {
         change: &Change,
         now: Millis,
     ) -> Result<Outcome, CommitError> {
+        // A key retired moments ago: its answer's change is not stored, nor its revoke run
+        // (it would end the session the browser now holds).
+        let retired = loaded.retired && loaded.live.is_none();
         // The subject the session has once the change is stored, before a flush.
         let subject = match &change.subject {
             Some(tag) => tag.clone(),
@@ -283,7 +286,7 @@ impl Sessions {
             self.end_beyond(tag, outcome.kept.as_deref(), limit, now)
                 .await?;
         }
-        if let Some(revoke) = change.revoke {
+        if let Some(revoke) = change.revoke.filter(|_| !retired) {
             let subject = match revoke {
                 // After a flush the browser is left with the fresh session: its tag, if any.
                 Revoke::Others if change.flush => change.subject.clone().flatten(),
