@@ -1,8 +1,11 @@
-//! The client side: a cookie-keeping browser and a cookie-less client, what the echo app's
-//! answer says it saw, our `Set-Cookie`, and raw bytes on a fresh connection.
+//! The client side: a cookie-keeping browser and a cookie-less client, one request as a test
+//! states it (`Visit`), what the echo app's answer says it saw, our `Set-Cookie`, and raw bytes
+//! on a fresh connection.
 
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
 
 use super::apps::Seen;
 
@@ -32,6 +35,69 @@ pub fn reply(pairs: &[(&str, &str)]) -> String {
             .collect::<Vec<_>>(),
     )
     .unwrap()
+}
+
+/// A GET of `url` with `client`; `Sidecar::get` takes a path instead.
+pub fn get(client: &reqwest::Client, url: impl reqwest::IntoUrl) -> Visit {
+    Visit(client.get(url))
+}
+
+/// One request on its way: what the test asks of the sidecar and of the echo app, then
+/// `send` (the answer), `seen` (what the app saw) or `text`. Each panics where no answer
+/// comes, as a test should.
+#[must_use = "a visit does nothing until it is sent"]
+pub struct Visit(pub(super) reqwest::RequestBuilder);
+
+impl Visit {
+    pub fn header<K, V>(self, name: K, value: V) -> Visit
+    where
+        HeaderName: TryFrom<K>,
+        <HeaderName as TryFrom<K>>::Error: Into<http::Error>,
+        HeaderValue: TryFrom<V>,
+        <HeaderValue as TryFrom<V>>::Error: Into<http::Error>,
+    {
+        Visit(self.0.header(name, value))
+    }
+
+    pub fn headers(self, pairs: &[(&str, &str)]) -> Visit {
+        pairs.iter().fold(self, |v, &(n, val)| v.header(n, val))
+    }
+
+    /// A `Cookie` header as given; a `browser()` adds the cookies of its jar to it.
+    pub fn cookie<V>(self, cookies: V) -> Visit
+    where
+        HeaderValue: TryFrom<V>,
+        <HeaderValue as TryFrom<V>>::Error: Into<http::Error>,
+    {
+        self.header(reqwest::header::COOKIE, cookies)
+    }
+
+    /// The echo app adds one to the session's `key` (`x-test-incr`).
+    pub fn incr(self, key: &str) -> Visit {
+        self.header("x-test-incr", key)
+    }
+
+    /// The echo app answers with these headers, e.g. session changes (`x-test-reply`).
+    pub fn reply(self, headers: &[(&str, &str)]) -> Visit {
+        self.header("x-test-reply", reply(headers))
+    }
+
+    pub fn body(self, body: impl Into<reqwest::Body>) -> Visit {
+        Visit(self.0.body(body))
+    }
+
+    pub async fn send(self) -> reqwest::Response {
+        self.0.send().await.unwrap()
+    }
+
+    /// What the echo app saw; the answer must be a success.
+    pub async fn seen(self) -> Seen {
+        seen(self.send().await).await
+    }
+
+    pub async fn text(self) -> String {
+        self.send().await.text().await.unwrap()
+    }
 }
 
 pub async fn seen(resp: reqwest::Response) -> Seen {

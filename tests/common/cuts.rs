@@ -66,14 +66,7 @@ impl Drop for Cut {
 /// on counting from where it was. Skips (returns) when `cut` cannot be made.
 pub async fn partition_and_heal(sidecar: &Sidecar, cut: impl FnOnce() -> Option<Vec<Cut>>) {
     let client = browser();
-    let count = async || {
-        client
-            .get(sidecar.url("/"))
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap()
-    };
+    let count = async || sidecar.get(&client, "/").incr("n").send().await;
     for expected in 0..3 {
         let resp = count().await;
         assert_eq!(resp.status(), 200);

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use super::apps::{echo, start_app};
+use super::client::{Visit, get};
 use super::faulty::Faulty;
 
 /// A running sidecar in front of an app.
@@ -39,6 +40,15 @@ impl Sidecar {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// A GET of `path` through this sidecar with `client` (a `browser()` or `plain()`).
+    pub fn get(&self, client: &reqwest::Client, path: &str) -> Visit {
+        get(client, self.url(path))
+    }
+
+    pub fn request(&self, client: &reqwest::Client, method: reqwest::Method, path: &str) -> Visit {
+        Visit(client.request(method, self.url(path)))
     }
 
     /// SIGTERM, as far as `run` is concerned: stop and wait for the drain. The store is closed
