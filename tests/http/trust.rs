@@ -2,12 +2,10 @@
 //! header may not carry, non-ASCII cookies, a double-clicked login, an app clashing with the
 //! session cookie, idle users, upgrades the sidecar cannot vouch for.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::Request;
 use hyper::body::Incoming;
 use serde_json::{Value, json};

@@ -2,9 +2,7 @@
 //! (Sec-Fetch-Site, then Origin against the request's host) and the per-session token handed to
 //! the app and required back. Real sidecar, real app, requests shaped as browsers send them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 
 const ORIGIN_CHECK: &str = "[csrf]\ncheck_origin = true\ntrusted_origins = [\"https://sso.example\"]\nexempt_paths = [\"/hooks/\"]\n";

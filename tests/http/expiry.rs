@@ -1,10 +1,8 @@
 //! docs/HEADERS.md §5: expiry policy, driven by an injected clock instead of waiting.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 fn secs(n: u64) -> Duration {

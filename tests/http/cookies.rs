@@ -1,9 +1,7 @@
 //! docs/HEADERS.md §3: what the browser sees — the cookie, its attributes and signature, stale cookies,
 //! `Vary: Cookie`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]

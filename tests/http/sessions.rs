@@ -1,9 +1,7 @@
 //! docs/HEADERS.md §1–§2: what the upstream receives and what it may send back; the session's life
 //! through set, delete, flush, cycle and subject.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]
@@ -219,7 +217,7 @@ async fn cycle_keeps_the_data_under_a_new_key_and_kills_the_old_one() {
         .send()
         .await;
     // Within retired_grace the old key is new to the app and its answer leaves the browser's
-    // cookie alone (tests/retired.rs); after it, the stale cookie is deleted as any unknown one.
+    // cookie alone (retired.rs); after it, the stale cookie is deleted as any unknown one.
     assert!(set_cookies(&stale).is_empty(), "retired: no cookie");
     assert_eq!(seen(stale).await.status(), "new");
     s.clock.advance(std::time::Duration::from_secs(61));

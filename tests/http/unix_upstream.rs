@@ -1,11 +1,9 @@
 //! `upstream = "unix:/path"`: the app listens on a Unix socket (gunicorn `--bind unix:`, uWSGI,
 //! Puma, a container in the same pod), and gets its sessions as over TCP.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn an_app_on_a_unix_socket_gets_its_sessions_over_kept_alive_connections() {

@@ -4,11 +4,9 @@
 //! carries no session cookie, so it cannot replace the key the browser now holds, whichever
 //! answer arrives last. The browser here applies `Set-Cookie` in the order answers arrive.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// A browser's cookie jar that applies `Set-Cookie` in the order answers arrive, as browsers do.

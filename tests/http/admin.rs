@@ -1,9 +1,7 @@
 //! docs/HEADERS.md §8: the admin listener — health, readiness, metrics, sessions by key, subjects, and
 //! the token rules — against a real running sidecar.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn admin_url(s: &Sidecar, path: &str) -> String {

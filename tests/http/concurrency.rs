@@ -1,8 +1,6 @@
 //! docs/HEADERS.md §4: per-key atomic merge, cycle forwarding, no resurrection.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 const N: usize = 48;

@@ -2,11 +2,9 @@
 //! upgraded connections in flight finish, and a drain with nothing to wait for is clean
 //! whatever the grace (docs/HEADERS.md §6).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

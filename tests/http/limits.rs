@@ -1,9 +1,7 @@
 //! `[limits]`: at most N sessions per subject (a login ends the subject's oldest others), and at
 //! most N new sessions per client address per minute (429 with Retry-After beyond).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// A login of `subject` from a fresh client: its cookie header.
 async fn login(s: &Sidecar, subject: &str) -> String {

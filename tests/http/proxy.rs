@@ -1,11 +1,9 @@
 //! docs/HEADERS.md §6: transparent proxying — methods, bodies, streaming, hop-by-hop, X-Forwarded-*,
 //! WebSocket upgrades, h2c, keep-alive, skip_paths, and 502/504 from the upstream.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};

@@ -2,11 +2,9 @@
 //! operator throws at the sidecar, it answers clearly, keeps serving everyone else, and keeps
 //! every session as it was.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
