@@ -4,7 +4,8 @@
 //!   socket app, the Python example) and child processes;
 //! - `sidecar`: the sidecar in-process in front of an app, on a temporary store, with a clock
 //!   the test moves;
-//! - `client`: cookie-keeping and plain clients, what came back, raw bytes on a connection;
+//! - `client`: cookie-keeping and plain clients, `get`/`Visit` for one request as a test states
+//!   it, what came back, raw bytes on a connection;
 //! - `redis`, `sentinel`, `cluster`: real Redis servers, a Sentinel set, a cluster;
 //! - `cuts`: `iptables` cuts between a process and a port, and the partition scenario;
 //! - `faulty`: a store that fails on demand;
