@@ -216,12 +216,11 @@ async fn random_bytes_over_real_http_never_lose_the_session() {
     })
     .await;
     let s = sidecar_for(app, "").await;
-    let r = plain()
-        .get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Set", r#"{"n":1}"#)]))
+    let r = s
+        .get(&plain(), "/")
+        .reply(&[("X-Session-Set", r#"{"n":1}"#)])
         .send()
-        .await
-        .unwrap();
+        .await;
     let value = cookie_value(&set_cookies(&r)[0]);
     let seed: u64 = std::env::var("BYTES_SEED")
         .ok()
@@ -356,14 +355,9 @@ async fn every_number_an_app_writes_comes_back_as_written() {
         } else {
             format!(r#"{{"a":{a},"b":[{}],"c":{{"d":{c}}}}}"#, list.join(","))
         };
-        let r = b
-            .get(s.url("/"))
-            .header("x-test-reply", reply(&[(name, &value)]))
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&b, "/").reply(&[(name, &value)]).send().await;
         assert_eq!(r.status(), 200, "round {round}: {value}");
-        let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+        let seen = s.get(&b, "/").seen().await;
         assert_eq!(
             seen.header("x-session"),
             Some(expected.as_str()),

@@ -38,12 +38,7 @@ async fn slots_moved_while_serving_lose_nothing_and_sessions_work_across_sidecar
             while !stop.load(Ordering::SeqCst) {
                 // Each visitor alternates between the two sidecars.
                 turn += 1;
-                let resp = client
-                    .get(&urls[turn % 2])
-                    .header("x-test-incr", "n")
-                    .send()
-                    .await
-                    .unwrap();
+                let resp = get(&client, &urls[turn % 2]).incr("n").send().await;
                 if resp.status() != 200 {
                     failed.fetch_add(1, Ordering::SeqCst);
                     continue;
@@ -60,12 +55,7 @@ async fn slots_moved_while_serving_lose_nothing_and_sessions_work_across_sidecar
     }
     // More sessions, so that the slots moved certainly hold some.
     for _ in 0..300 {
-        let r = plain()
-            .get(a.url("/"))
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap();
+        let r = a.get(&plain(), "/").incr("n").send().await;
         assert_eq!(r.status(), 200);
     }
     // Move a third of the first master's slots to the second, keys and all, under traffic.
@@ -146,27 +136,16 @@ async fn with_wait_replicas_each_change_waits_for_its_masters_replica() {
     let mut visitors = Vec::new();
     for i in 0..12 {
         let client = browser();
-        let r = client
-            .get(sidecar.url("/"))
-            .header("x-test-incr", "n")
-            .header(
-                "x-test-reply",
-                reply(&[("X-Session-Subject", &format!("user{i}"))]),
-            )
+        let r = sidecar
+            .get(&client, "/")
+            .incr("n")
+            .reply(&[("X-Session-Subject", &format!("user{i}"))])
             .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         visitors.push(client);
     }
-    let count = async |client: &reqwest::Client| {
-        client
-            .get(sidecar.url("/"))
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap()
-    };
+    let count = async |client: &reqwest::Client| sidecar.get(client, "/").incr("n").send().await;
     for client in &visitors {
         let r = count(client).await;
         assert_eq!(seen(r).await.session()["n"], 1);
@@ -194,7 +173,7 @@ async fn with_wait_replicas_each_change_waits_for_its_masters_replica() {
         took >= Duration::from_millis(1000) && took < Duration::from_millis(3000),
         "refused after the WAIT timeout: {took:?}"
     );
-    let read = visitors[1].get(sidecar.url("/")).send().await.unwrap();
+    let read = sidecar.get(&visitors[1], "/").send().await;
     assert_eq!(read.status(), 200, "reading needs no replica");
     signal("-CONT");
     let mut resumed = false;
@@ -212,12 +191,7 @@ async fn with_wait_replicas_each_change_waits_for_its_masters_replica() {
     // A subject set lives on another master than the cell: its change waits for that master's
     // replica too. A visitor whose cell and new subject's set are on different masters: with
     // only the set master's replica stopped, counting is acknowledged and tagging is refused.
-    let resp = plain()
-        .get(sidecar.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = sidecar.get(&plain(), "/").incr("n").send().await;
     let key = cookie_value(&set_cookies(&resp)[0]);
     // The store's names: the key's digest, the subject's digest (no secret here).
     let cell_master = cluster.master_of(&format!(
@@ -238,14 +212,13 @@ async fn with_wait_replicas_each_change_waits_for_its_masters_replica() {
     assert_eq!(set_replica.len(), 1);
     let pid = set_replica[0].1.to_string();
     let as_visitor = async |reply_headers: &[(&str, &str)]| {
-        plain()
-            .get(sidecar.url("/"))
-            .header("cookie", format!("sessionid={key}"))
-            .header("x-test-incr", "n")
-            .header("x-test-reply", reply(reply_headers))
+        sidecar
+            .get(&plain(), "/")
+            .cookie(format!("sessionid={key}"))
+            .incr("n")
+            .reply(reply_headers)
             .send()
             .await
-            .unwrap()
             .status()
     };
     std::process::Command::new("kill")

@@ -12,40 +12,19 @@ async fn the_python_legacy_app_counts_visits_keeps_a_cart_and_logs_in_and_out() 
     let (_app, s) = python_demo("").await;
     let b = browser();
     for n in 1..=3 {
-        let page = b
-            .get(s.url("/"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = s.get(&b, "/").text().await;
         let want = format!("You have visited this page {n} time");
         assert!(page.contains(&want), "{page}");
     }
-    b.get(s.url("/cart/add?item=book")).send().await.unwrap();
-    b.get(s.url("/cart/add?item=pen")).send().await.unwrap();
-    let cart = b
-        .get(s.url("/cart"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    s.get(&b, "/cart/add?item=book").send().await;
+    s.get(&b, "/cart/add?item=pen").send().await;
+    let cart = s.get(&b, "/cart").text().await;
     assert!(cart.contains("<li>book</li><li>pen</li>"), "{cart}");
 
-    let login = b.get(s.url("/login?user=ann")).send().await.unwrap();
+    let login = s.get(&b, "/login?user=ann").send().await;
     assert_eq!(login.status(), 303);
     assert_eq!(set_cookies(&login).len(), 1, "a new key at login");
-    let home = b
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let home = s.get(&b, "/").text().await;
     assert!(
         home.contains("logged in as <b>ann</b>") && home.contains("Welcome, ann!"),
         "{home}"
@@ -54,25 +33,11 @@ async fn the_python_legacy_app_counts_visits_keeps_a_cart_and_logs_in_and_out() 
         home.contains("You have visited this page 4 times"),
         "data survives the cycle: {home}"
     );
-    let home = b
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let home = s.get(&b, "/").text().await;
     assert!(!home.contains("Welcome, ann!"), "flash shown once: {home}");
 
-    b.get(s.url("/logout")).send().await.unwrap();
-    let home = b
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    s.get(&b, "/logout").send().await;
+    let home = s.get(&b, "/").text().await;
     assert!(
         home.contains("You are logged out.") && home.contains("login as ann"),
         "{home}"
@@ -83,36 +48,15 @@ async fn the_python_legacy_app_counts_visits_keeps_a_cart_and_logs_in_and_out() 
     );
 
     let fresh = browser();
-    let first = fresh
-        .get(s.url("/test-cookie"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let first = s.get(&fresh, "/test-cookie").text().await;
     assert!(first.contains("Test cookie set"), "{first}");
-    let second = fresh
-        .get(s.url("/test-cookie?check=1"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let second = s.get(&fresh, "/test-cookie?check=1").text().await;
     assert!(second.contains("Your browser accepts cookies"), "{second}");
 
     // A client that keeps no cookies is told so on the check, as Django's test_cookie_worked().
     let cookieless = reqwest::Client::new();
     for path in ["/test-cookie", "/test-cookie?check=1"] {
-        let page = cookieless
-            .get(s.url(path))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = s.get(&cookieless, path).text().await;
         if path.ends_with("check=1") {
             assert!(page.contains("does not accept cookies"), "{page}");
         }
@@ -142,42 +86,21 @@ async fn the_rust_legacy_app_counts_visits_behind_the_sidecar() {
     let s = sidecar_for(format!("127.0.0.1:{port}").parse().unwrap(), "").await;
     let b = browser();
     for n in 1..=2 {
-        let page = b
-            .get(s.url("/"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = s.get(&b, "/").text().await;
         assert!(
             page.contains(&format!("visited this page {n} times")),
             "{page}"
         );
     }
-    let login = b.get(s.url("/login?user=bob")).send().await.unwrap();
+    let login = s.get(&b, "/login?user=bob").send().await;
     assert_eq!(login.status(), 303);
-    let page = b
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = s.get(&b, "/").text().await;
     assert!(
         page.contains("Hello, bob") && page.contains("3 times"),
         "{page}"
     );
-    b.get(s.url("/logout")).send().await.unwrap();
-    let page = b
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    s.get(&b, "/logout").send().await;
+    let page = s.get(&b, "/").text().await;
     assert!(
         page.contains("Hello, nobody") && page.contains("1 times"),
         "{page}"

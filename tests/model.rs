@@ -754,14 +754,11 @@ impl Run {
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
         let browser = &self.browsers[b];
-        let mut req = browser
-            .client
-            .get(self.s.url(path))
-            .header("x-test-reply", reply(&pairs));
+        let mut visit = self.s.get(&browser.client, path).reply(&pairs);
         if let Some(key) = &browser.jar {
-            req = req.header("cookie", format!("sessionid={key}"));
+            visit = visit.cookie(format!("sessionid={key}"));
         }
-        async move { Answer::read(req.send().await.unwrap()).await }
+        async move { Answer::read(visit.send().await).await }
     }
 
     fn commit(&mut self, b: usize, loaded: &Loaded, op: &Op, a: &Answer, what: &str) {

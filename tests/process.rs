@@ -23,8 +23,8 @@ async fn acknowledged_changes_survive_sigkill() {
         let tasks: Vec<_> = sessions
             .iter()
             .map(|b| {
-                let req = b.get(p.url("/")).header("x-test-incr", "n");
-                tokio::spawn(async move { req.send().await.unwrap().status() })
+                let visit = p.get(b, "/").incr("n");
+                tokio::spawn(async move { visit.send().await.status() })
             })
             .collect();
         for (i, t) in tasks.into_iter().enumerate() {
@@ -38,7 +38,7 @@ async fn acknowledged_changes_survive_sigkill() {
     let p = start(&config);
     for (i, b) in sessions.iter().enumerate() {
         // The cookie jars hold host-only cookies for 127.0.0.1, so they go to the new port too.
-        let seen = seen(b.get(p.url("/")).send().await.unwrap()).await;
+        let seen = p.get(b, "/").seen().await;
         assert_eq!(seen.status(), "existing", "session {i} lost");
         assert_eq!(
             seen.session()["n"],
@@ -57,14 +57,7 @@ async fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     let config = write_config(dir.path(), app, "shutdown_grace = 20");
     let p = start(&config);
     let url = p.url("/gate");
-    let inflight = tokio::spawn(async move {
-        plain()
-            .get(url)
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap()
-    });
+    let inflight = tokio::spawn(async move { get(&plain(), url).incr("n").send().await });
     gate.wait_arrival().await;
     p.signal("-TERM");
     // The listener closes: new connections are refused.
@@ -117,42 +110,29 @@ async fn session_keys_and_secrets_never_appear_in_logs_or_error_bodies() {
         .env("RUST_LOG", "debug");
     let p = start_with(cmd);
     let b = browser();
-    let resp = b
-        .get(p.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = p.get(&b, "/").incr("n").send().await;
     let cookie = cookie_value(&set_cookies(&resp)[0]);
     let key = cookie[cookie.len() - 64..].to_string();
     let mut bodies = String::new();
+    let big = format!(r#"{{"big":"{}"}}"#, "x".repeat(9000));
     for r in [
-        reply(&[("X-Session-Cycle", "1")]),
-        reply(&[("X-Session-Set", "{bad")]),
-        reply(&[(
-            "X-Session-Set",
-            &format!(r#"{{"big":"{}"}}"#, "x".repeat(9000)),
-        )]),
-        reply(&[("X-Session-Flush", "1")]),
+        [("X-Session-Cycle", "1")],
+        [("X-Session-Set", "{bad")],
+        [("X-Session-Set", &big)],
+        [("X-Session-Flush", "1")],
     ] {
-        let resp = b
-            .get(p.url("/?token=query-secret"))
-            .header("x-test-reply", r)
-            .send()
-            .await
-            .unwrap();
+        let resp = p.get(&b, "/?token=query-secret").reply(&r).send().await;
         if resp.status() != 200 {
             // Only the sidecar's own answers: the echo app's bodies show what it was sent.
             bodies.push_str(&resp.text().await.unwrap());
         }
     }
     // A forged cookie and an over-long head are refused and logged too.
-    let forged = plain()
-        .get(p.url("/"))
-        .header("cookie", format!("sessionid={cookie}x"))
+    let forged = p
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={cookie}x"))
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(forged.status(), 200);
     p.signal("-TERM");
     let (_, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
@@ -249,12 +229,7 @@ async fn environment_overrides_configure_the_running_sidecar() {
         .env("SESSION_SIDECAR_UPSTREAM", format!("http://{app}"))
         .env("SESSION_SIDECAR_COOKIE__NAME", "sid");
     let p = start_with(cmd);
-    let resp = plain()
-        .get(p.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = p.get(&plain(), "/").incr("n").send().await;
     assert_eq!(resp.status(), 200);
     let c = resp
         .headers()
@@ -277,22 +252,12 @@ async fn clear_expired_removes_expired_sessions_and_refuses_a_held_store() {
     let p = start(&config);
     // Two sessions that expire after one second of inactivity, one that lives on.
     for _ in 0..2 {
-        plain()
-            .get(p.url("/"))
-            .header(
-                "x-test-reply",
-                reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Expiry", "1")]),
-            )
+        p.get(&plain(), "/")
+            .reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Expiry", "1")])
             .send()
-            .await
-            .unwrap();
+            .await;
     }
-    plain()
-        .get(p.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    p.get(&plain(), "/").incr("n").send().await;
     let (ok, out) = run_cli(&["clear-expired", "--config", &cfg], &[]);
     assert!(!ok, "the running sidecar holds the store: {out}");
     assert!(out.contains("in use by another process"), "{out}");
@@ -326,13 +291,13 @@ async fn sigterm_under_load_cuts_no_request_and_keeps_every_change() {
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let mut req = b.get(p.url("/gate")).header("x-test-incr", "n");
+            let mut visit = p.get(b, "/gate").incr("n");
             if i % 2 == 0 {
                 // Half of them stream a 4 MiB body back while the sidecar drains.
-                req = req.header("x-test-body-size", (4u64 << 20).to_string());
+                visit = visit.header("x-test-body-size", (4u64 << 20).to_string());
             }
             tokio::spawn(async move {
-                let resp = req.send().await.unwrap();
+                let resp = visit.send().await;
                 let status = resp.status();
                 let cookies = set_cookies(&resp).len();
                 let body = resp.bytes().await.expect("the body arrived whole").len();
@@ -367,7 +332,7 @@ async fn sigterm_under_load_cuts_no_request_and_keeps_every_change() {
     // The store was flushed: every change is there after a restart.
     let p = start(&config);
     for (i, b) in clients.iter().enumerate() {
-        let seen = seen(b.get(p.url("/")).send().await.unwrap()).await;
+        let seen = p.get(b, "/").seen().await;
         assert_eq!(seen.session(), serde_json::json!({"n": 1}), "client {i}");
     }
     p.signal("-TERM");
@@ -411,14 +376,10 @@ async fn the_cli_shows_and_ends_sessions_through_the_admin_listener() {
     assert!(!ok && out.contains("is the sidecar running?"), "{out}");
     let p = start(&path);
     let b = browser();
-    b.get(p.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Subject", "u1")]),
-        )
+    p.get(&b, "/")
+        .reply(&[("X-Session-Set", r#"{"a":1}"#), ("X-Session-Subject", "u1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     let (ok, out) = run_cli(&["subjects", "list", "u1", "--config", &cfg], &[]);
     assert!(ok, "{out}");
     let listed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -434,18 +395,13 @@ async fn the_cli_shows_and_ends_sessions_through_the_admin_listener() {
     assert!(!ok && out.contains("not found"), "{out}");
     // Subjects holding URL syntax reach the listener whole: revoking `a?x/#` is not revoking `a`.
     for subject in ["a", "a?x/#%41"] {
-        browser()
-            .get(p.url("/"))
-            .header(
-                "x-test-reply",
-                reply(&[
-                    ("X-Session-Set", r#"{"a":1}"#),
-                    ("X-Session-Subject", subject),
-                ]),
-            )
+        p.get(&browser(), "/")
+            .reply(&[
+                ("X-Session-Set", r#"{"a":1}"#),
+                ("X-Session-Subject", subject),
+            ])
             .send()
-            .await
-            .unwrap();
+            .await;
     }
     let (ok, out) = run_cli(&["subjects", "revoke", "a?x/#%41", "--config", &cfg], &[]);
     assert!(ok && out.contains("\"revoked\":1"), "{out}");
@@ -468,12 +424,10 @@ async fn one_access_log_event_per_request_in_json_without_the_query() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), app, "log_format = \"json\"");
     let p = start(&config);
-    plain()
-        .get(p.url("/shop/cart?token=query-secret"))
-        .header("x-test-incr", "n")
+    p.get(&plain(), "/shop/cart?token=query-secret")
+        .incr("n")
         .send()
-        .await
-        .unwrap();
+        .await;
     p.signal("-TERM");
     let (_, log) = tokio::task::spawn_blocking(move || p.wait()).await.unwrap();
     let access: Vec<serde_json::Value> = log
@@ -529,12 +483,7 @@ async fn a_durable_write_fdatasyncs_the_store_before_it_is_acknowledged() {
             "strace could not attach"
         );
     }
-    let r = browser()
-        .get(p.url("/"))
-        .header("x-test-incr", "visits")
-        .send()
-        .await
-        .unwrap();
+    let r = p.get(&browser(), "/").incr("visits").send().await;
     assert_eq!(r.status(), 200);
     assert_eq!(set_cookies(&r).len(), 1, "the write was acknowledged");
     Command::new("kill")
@@ -579,11 +528,9 @@ async fn healthcheck_reports_readiness_through_the_admin_listener() {
     let (ok, out) = run_cli(&["healthcheck", "--config", &cfg], &[]);
     assert!(ok && out.contains("ready"), "{out}");
     // The token from the file guards the other endpoints.
-    let r = plain()
-        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+    let r = get(&plain(), format!("http://127.0.0.1:{admin_port}/metrics"))
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 401);
     let r = plain()
         .get(format!("http://127.0.0.1:{admin_port}/metrics"))
@@ -606,12 +553,11 @@ async fn an_insecure_cookie_behind_an_https_proxy_is_warned_about_once() {
     let p = start(&write_config(dir.path(), app, "trust_forwarded = true"));
     let client = plain();
     let get = async |proto: &str| {
-        let r = client
-            .get(p.url("/"))
+        let r = p
+            .get(&client, "/")
             .header("x-forwarded-proto", proto)
             .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status(), 200);
     };
     get("http").await;
@@ -632,12 +578,11 @@ async fn an_insecure_cookie_behind_an_https_proxy_is_warned_about_once() {
     for extra in ["trust_forwarded = true\n[cookie]\nsecure = true", ""] {
         let dir = tempfile::tempdir().unwrap();
         let p = start(&write_config(dir.path(), app, extra));
-        let r = plain()
-            .get(p.url("/"))
+        let r = p
+            .get(&plain(), "/")
             .header("x-forwarded-proto", "https")
             .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status(), 200);
         p.signal("-TERM");
         let (_, log) = p.wait();

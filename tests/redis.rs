@@ -27,33 +27,14 @@ async fn a_session_created_through_one_sidecar_works_through_the_other() {
         return;
     };
     let (a, b) = pair(&server).await;
-    let resp = plain()
-        .get(a.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = a.get(&plain(), "/").incr("n").send().await;
     let cookie = cookie_of(&resp);
-    let resp = plain()
-        .get(b.url("/"))
-        .header("cookie", &cookie)
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = b.get(&plain(), "/").cookie(&cookie).incr("n").send().await;
     assert!(set_cookies(&resp).len() == 1);
     let seen_b = seen(resp).await;
     assert_eq!(seen_b.status(), "existing");
     assert_eq!(seen_b.session(), json!({"n": 1}));
-    let seen_a = seen(
-        plain()
-            .get(a.url("/"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let seen_a = a.get(&plain(), "/").cookie(&cookie).seen().await;
     assert_eq!(seen_a.session(), json!({"n": 2}));
 }
 
@@ -63,26 +44,18 @@ async fn concurrent_requests_through_both_sidecars_merge_per_key() {
         return;
     };
     let (a, b) = pair(&server).await;
-    let resp = plain()
-        .get(a.url("/"))
-        .header("x-test-incr", "start")
-        .send()
-        .await
-        .unwrap();
+    let resp = a.get(&plain(), "/").incr("start").send().await;
     let cookie = cookie_of(&resp);
     let tasks: Vec<_> = (0..40)
         .map(|i| {
-            let url = if i % 2 == 0 { a.url("/") } else { b.url("/") };
-            let (cookie, set) = (cookie.clone(), format!(r#"{{"k{i}":{i}}}"#));
+            let through = if i % 2 == 0 { &a } else { &b };
+            let visit = through
+                .get(&plain(), "/")
+                .cookie(&cookie)
+                .header("x-test-delay-ms", "30")
+                .reply(&[("X-Session-Set", &format!(r#"{{"k{i}":{i}}}"#))]);
             tokio::spawn(async move {
-                let r = plain()
-                    .get(url)
-                    .header("cookie", cookie)
-                    .header("x-test-delay-ms", "30")
-                    .header("x-test-reply", reply(&[("X-Session-Set", &set)]))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = visit.send().await;
                 assert_eq!(r.status(), 200);
             })
         })
@@ -90,16 +63,7 @@ async fn concurrent_requests_through_both_sidecars_merge_per_key() {
     for t in tasks {
         t.await.unwrap();
     }
-    let data = seen(
-        plain()
-            .get(b.url("/"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-    .session();
+    let data = b.get(&plain(), "/").cookie(&cookie).seen().await.session();
     assert_eq!(data.as_object().unwrap().len(), 41, "{data}");
 }
 
@@ -109,28 +73,16 @@ async fn a_logout_through_one_ends_the_session_on_the_other_at_once() {
         return;
     };
     let (a, b) = pair(&server).await;
-    let resp = plain()
-        .get(a.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = a.get(&plain(), "/").incr("n").send().await;
     let cookie = cookie_of(&resp);
-    let out = plain()
-        .get(a.url("/logout"))
-        .header("cookie", &cookie)
-        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
+    let out = a
+        .get(&plain(), "/logout")
+        .cookie(&cookie)
+        .reply(&[("X-Session-Flush", "1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert!(set_cookies(&out)[0].contains("Max-Age=0"));
-    let resp = plain()
-        .get(b.url("/"))
-        .header("cookie", &cookie)
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = b.get(&plain(), "/").cookie(&cookie).incr("n").send().await;
     // The key the logout retired is known as retired through the other sidecar too: new to
     // the app, and its answer touches no cookie (docs/HEADERS.md "Retired keys").
     assert!(set_cookies(&resp).is_empty(), "{:?}", set_cookies(&resp));
@@ -145,47 +97,22 @@ async fn a_cycle_through_one_is_honoured_by_the_other() {
         return;
     };
     let (a, b) = pair(&server).await;
-    let resp = plain()
-        .get(a.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = a.get(&plain(), "/").incr("n").send().await;
     let old = cookie_of(&resp);
-    let login = plain()
-        .get(a.url("/login"))
-        .header("cookie", &old)
-        .header(
-            "x-test-reply",
-            reply(&[("X-Session-Cycle", "1"), ("X-Session-Subject", "u1")]),
-        )
+    let login = a
+        .get(&plain(), "/login")
+        .cookie(&old)
+        .reply(&[("X-Session-Cycle", "1"), ("X-Session-Subject", "u1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     let new = cookie_of(&login);
-    let stale = seen(
-        plain()
-            .get(b.url("/"))
-            .header("cookie", &old)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let stale = b.get(&plain(), "/").cookie(&old).seen().await;
     assert_eq!(
         stale.status(),
         "new",
         "the old key stops working everywhere"
     );
-    let seen_new = seen(
-        plain()
-            .get(b.url("/"))
-            .header("cookie", &new)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let seen_new = b.get(&plain(), "/").cookie(&new).seen().await;
     assert_eq!(seen_new.session(), json!({"n": 1}));
     assert_eq!(subject_handles(&b.store, "u1", b.now()).await.len(), 1);
 }
@@ -197,41 +124,26 @@ async fn redis_down_is_a_503_and_service_resumes_when_it_returns() {
     };
     let port = server.port;
     let (a, _b) = pair(&server).await;
-    let resp = plain()
-        .get(a.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = a.get(&plain(), "/").incr("n").send().await;
     let cookie = cookie_of(&resp);
     server.stop();
     for incr in [false, true] {
-        let mut req = plain().get(a.url("/")).header("cookie", &cookie);
+        let mut visit = a.get(&plain(), "/").cookie(&cookie);
         if incr {
-            req = req.header("x-test-incr", "n");
+            visit = visit.incr("n");
         }
-        let resp = req.send().await.unwrap();
+        let resp = visit.send().await;
         assert_eq!(resp.status(), 503);
         assert!(set_cookies(&resp).is_empty(), "no cookie changed");
         assert!(resp.text().await.unwrap().contains("session store"));
     }
-    let resp = plain()
-        .get(a.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = a.get(&plain(), "/").incr("n").send().await;
     assert_eq!(resp.status(), 503, "no fresh session either");
     assert!(set_cookies(&resp).is_empty());
     let _back = RedisServer::start_on(port).unwrap();
     let mut resumed = false;
     for _ in 0..100 {
-        let resp = plain()
-            .get(a.url("/"))
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap();
+        let resp = a.get(&plain(), "/").incr("n").send().await;
         if resp.status() == 200 {
             resumed = true;
             break;
@@ -251,23 +163,12 @@ async fn a_redis_slower_than_the_command_timeout_is_a_503_not_a_hang() {
         .store_toml("slow:")
         .replace("command_timeout = 2", "command_timeout = 1");
     let s = sidecar_for(app, &store).await;
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").incr("n").send().await;
     let cookie = cookie_of(&resp);
     server.stall(3.0);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
-    let resp = plain()
-        .get(s.url("/"))
-        .header("cookie", &cookie)
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").cookie(&cookie).incr("n").send().await;
     assert_eq!(resp.status(), 503, "after {:?}", started.elapsed());
     assert!(set_cookies(&resp).is_empty());
     assert!(
@@ -416,19 +317,8 @@ async fn rediss_with_a_private_ca_serves_sessions_and_an_untrusted_certificate_i
     );
     let s = sidecar_for(app, &store).await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
-    let seen = seen(
-        b.get(s.url("/"))
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    s.get(&b, "/").incr("n").send().await;
+    let seen = s.get(&b, "/").incr("n").seen().await;
     assert_eq!(seen.session(), json!({"n": 1}));
     // Without the CA the server's certificate is not trusted: the store does not open.
     let cfg = session_sidecar::Config::from_toml(&format!(
@@ -450,42 +340,28 @@ async fn sessions_are_shown_and_ended_by_handle_across_sidecars() {
         return;
     };
     let (a, b) = pair(&server).await;
-    let r = plain()
-        .get(a.url("/login"))
-        .header(
-            "x-test-reply",
-            reply(&[
-                ("X-Session-Set", r#"{"user":"ann"}"#),
-                ("X-Session-Subject", "ann"),
-            ]),
-        )
+    let r = a
+        .get(&plain(), "/login")
+        .reply(&[
+            ("X-Session-Set", r#"{"user":"ann"}"#),
+            ("X-Session-Subject", "ann"),
+        ])
         .send()
-        .await
-        .unwrap();
+        .await;
     let cookie = cookie_of(&r);
     let key = cookie.trim_start_matches("sessionid=").to_string();
-    let listed = plain()
-        .get(format!("http://{}/subjects/ann", b.admin))
-        .send()
-        .await
-        .unwrap()
+    let listed = get(&plain(), format!("http://{}/subjects/ann", b.admin))
         .text()
-        .await
-        .unwrap();
+        .await;
     assert!(!listed.contains(&key), "the key leaked: {listed}");
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     let handle = listed["sessions"][0]["handle"]
         .as_str()
         .unwrap()
         .to_string();
-    let shown = plain()
-        .get(format!("http://{}/sessions/{handle}", b.admin))
-        .send()
-        .await
-        .unwrap()
+    let shown = get(&plain(), format!("http://{}/sessions/{handle}", b.admin))
         .text()
-        .await
-        .unwrap();
+        .await;
     assert!(!shown.contains(&key), "the key leaked: {shown}");
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["data"], json!({"user": "ann"}));
@@ -495,15 +371,7 @@ async fn sessions_are_shown_and_ended_by_handle_across_sidecars() {
         .await
         .unwrap();
     assert_eq!(del.status(), 204);
-    let after = seen(
-        plain()
-            .get(a.url("/"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let after = a.get(&plain(), "/").cookie(&cookie).seen().await;
     assert_eq!(after.status(), "new");
 }
 
@@ -590,37 +458,20 @@ async fn after_a_network_cut_a_dead_connection_is_replaced_and_service_resumes()
         relay.addr
     );
     let s = sidecar_for(app, &store).await;
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").incr("n").send().await;
     let cookie = cookie_of(&resp);
 
     relay.cut();
     for _ in 0..3 {
         let started = std::time::Instant::now();
-        let resp = plain()
-            .get(s.url("/"))
-            .header("cookie", &cookie)
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap();
+        let resp = s.get(&plain(), "/").cookie(&cookie).incr("n").send().await;
         assert_eq!(resp.status(), 503);
         assert!(started.elapsed() < Duration::from_millis(2500));
     }
     relay.heal();
     let healed = std::time::Instant::now();
     loop {
-        let resp = plain()
-            .get(s.url("/"))
-            .header("cookie", &cookie)
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap();
+        let resp = s.get(&plain(), "/").cookie(&cookie).incr("n").send().await;
         if resp.status() == 200 {
             assert_eq!(seen(resp).await.session(), json!({"n": 1}));
             break;
@@ -677,17 +528,13 @@ async fn with_a_secret_redis_holds_no_session_data_and_rotation_and_older_record
         format!("[security]\nsecret_key = {key:?}\nsecret_key_fallbacks = {fallbacks:?}\n")
     };
     let visit = async |sidecar: &Sidecar, cookie: &str| {
-        plain()
-            .get(sidecar.url("/"))
-            .header("cookie", cookie)
-            .header("x-test-incr", "n")
-            .header(
-                "x-test-reply",
-                reply(&[("X-Session-Set", r#"{"note": "plaintext-marker"}"#)]),
-            )
+        sidecar
+            .get(&plain(), "/")
+            .cookie(cookie)
+            .incr("n")
+            .reply(&[("X-Session-Set", r#"{"note": "plaintext-marker"}"#)])
             .send()
             .await
-            .unwrap()
     };
     // An existing deployment: signed cookies, records in clear (encryption turned off).
     let before = sidecar_for(
@@ -786,12 +633,7 @@ async fn round_trips_per_request_counted_by_redis_itself() {
     .await;
     let client = browser();
     let count = async || {
-        let r = client
-            .get(sidecar.url("/"))
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap();
+        let r = sidecar.get(&client, "/").incr("n").send().await;
         assert_eq!(r.status(), 200);
     };
     count().await;
@@ -803,7 +645,7 @@ async fn round_trips_per_request_counted_by_redis_itself() {
     .await as f64
         / 20.0;
     let get = async |path: &str| {
-        let r = client.get(sidecar.url(path)).send().await.unwrap();
+        let r = sidecar.get(&client, path).send().await;
         assert_eq!(r.status(), 200);
     };
     let read = commands_during(&server, async || {
@@ -831,27 +673,17 @@ async fn round_trips_per_request_counted_by_redis_itself() {
 
 /// A visitor's session through `a`: its cookie.
 async fn counted(a: &Sidecar) -> String {
-    let resp = plain()
-        .get(a.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = a.get(&plain(), "/").incr("n").send().await;
     cookie_of(&resp)
 }
 
 /// A read-only request through `a` that the app holds for `ms`, started now.
 fn slow_read(a: &Sidecar, cookie: &str, ms: u64) -> tokio::task::JoinHandle<reqwest::Response> {
-    let (url, cookie) = (a.url("/"), cookie.to_string());
-    tokio::spawn(async move {
-        plain()
-            .get(url)
-            .header("cookie", cookie)
-            .header("x-test-delay-ms", ms.to_string())
-            .send()
-            .await
-            .unwrap()
-    })
+    let visit = a
+        .get(&plain(), "/")
+        .cookie(cookie)
+        .header("x-test-delay-ms", ms.to_string());
+    tokio::spawn(visit.send())
 }
 
 #[tokio::test]
@@ -862,13 +694,12 @@ async fn a_read_only_request_in_flight_hears_through_redis_that_another_sidecar_
     };
     let (a, b) = pair(&server).await;
     let through_b = async |cookie: &str, reply_headers: &[(&str, &str)]| {
-        let r = plain()
-            .get(b.url("/"))
-            .header("cookie", cookie)
-            .header("x-test-reply", reply(reply_headers))
+        let r = b
+            .get(&plain(), "/")
+            .cookie(cookie)
+            .reply(reply_headers)
             .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status(), 200);
     };
     // Logout in another tab, through the other sidecar: the read-only response drops the cookie.
@@ -962,12 +793,7 @@ async fn after_its_connection_is_killed_a_sidecar_listens_again_and_misses_no_en
     let (a, b) = pair(&server).await;
     let cookie = counted(&a).await;
     let read_only = async || {
-        let r = plain()
-            .get(a.url("/"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
+        let r = a.get(&plain(), "/").cookie(&cookie).send().await;
         assert_eq!(r.status(), 200);
         assert!(set_cookies(&r).is_empty());
     };
@@ -993,13 +819,12 @@ async fn after_its_connection_is_killed_a_sidecar_listens_again_and_misses_no_en
     // And the notices flow again: a logout through `b` reaches a read-only request on `a`.
     let read = slow_read(&a, &cookie, 600);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let out = plain()
-        .get(b.url("/logout"))
-        .header("cookie", &cookie)
-        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
+    let out = b
+        .get(&plain(), "/logout")
+        .cookie(&cookie)
+        .reply(&[("X-Session-Flush", "1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(out.status(), 200);
     let set = set_cookies(&read.await.unwrap());
     assert!(set.len() == 1 && set[0].contains("Max-Age=0"), "{set:?}");

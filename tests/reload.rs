@@ -91,8 +91,7 @@ impl Traffic {
                     let client = browser();
                     let mut count = 0;
                     while !stop.load(Ordering::SeqCst) {
-                        let resp = client.get(&url).header("x-test-incr", "n").send().await;
-                        let resp = resp.expect("an answer");
+                        let resp = get(&client, &url).incr("n").send().await;
                         assert_eq!(resp.status(), 200);
                         assert_eq!(seen(resp).await.session()["n"].as_i64().unwrap_or(0), count);
                         count += 1;
@@ -152,12 +151,7 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
     // A visitor seen only before the rotation: its cookie is signed, and its record sealed,
     // with the old secret alone.
     let idle = browser();
-    let first = idle
-        .get(p.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let first = p.get(&idle, "/").incr("n").send().await;
     assert_eq!(first.status(), 200);
 
     // Visitors counting without pause, each checking that its count never starts over.
@@ -166,11 +160,8 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
     // A request in flight while the secret changes: its change still lands.
     let slow = browser();
     let in_flight = tokio::spawn({
-        let (slow, url) = (slow.clone(), p.url("/gate"));
-        async move {
-            let resp = slow.get(url).header("x-test-incr", "n").send().await;
-            resp.unwrap().status()
-        }
+        let visit = p.get(&slow, "/gate").incr("n");
+        async move { visit.send().await.status() }
     });
     gate.wait_arrival().await;
     traffic.answers(VISITORS * 10).await;
@@ -180,7 +171,7 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
     reload(&p, dir.path(), app, &rotation, 1).await;
     gate.open(1);
     assert_eq!(in_flight.await.unwrap(), 200);
-    let resp = slow.get(p.url("/")).send().await.unwrap();
+    let resp = p.get(&slow, "/").send().await;
     assert_eq!(
         seen(resp).await.session()["n"],
         1,
@@ -189,7 +180,7 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
     // Every visitor is seen (and re-signed, re-sealed by its change) under the new secret.
     traffic.answers(VISITORS * 20).await;
     // The idle visitor's old cookie and record still open through the fallback.
-    let resp = idle.get(p.url("/")).send().await.unwrap();
+    let resp = p.get(&idle, "/").send().await;
     assert_eq!(seen(resp).await.session()["n"], 1);
 
     // Dropping the fallback: every visitor seen since the rotation holds a cookie signed, and a
@@ -200,8 +191,7 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
     let total: i64 = seen_since.iter().map(|(count, _)| count).sum();
     assert!(total > (VISITORS * 30) as i64, "{total} requests");
     // The idle visitor, last seen before the rotation, is the only one the old secret held.
-    let resp = idle.get(p.url("/")).send().await.unwrap();
-    let s = seen(resp).await;
+    let s = p.get(&idle, "/").seen().await;
     assert_eq!(
         s.status(),
         "new",
@@ -218,7 +208,7 @@ async fn rotating_the_secret_under_traffic_logs_no_visitor_out() {
     // the records re-sealed with it, not only read through the fallback.
     let p = start(&dir.path().join("sidecar.toml"));
     for (count, client) in seen_since {
-        let resp = client.get(p.url("/")).send().await.unwrap();
+        let resp = p.get(&client, "/").send().await;
         assert_eq!(seen(resp).await.session()["n"], count);
     }
     p.signal("-TERM");
@@ -362,9 +352,9 @@ async fn log_level_changes_live_unless_rust_log_rules() {
         .env_remove("RUST_LOG");
     let p = start_with(cmd);
     let client = plain();
-    client.get(p.url("/first")).send().await.unwrap();
+    p.get(&client, "/first").send().await;
     reload(&p, dir.path(), app, "log_level = \"info\"", 1).await;
-    client.get(p.url("/second")).send().await.unwrap();
+    p.get(&client, "/second").send().await;
     p.await_log("path=\"/second\"", 1).await;
     assert!(!p.log().contains("path=\"/first\""), "{}", p.log());
     p.signal("-TERM");
@@ -374,7 +364,7 @@ async fn log_level_changes_live_unless_rust_log_rules() {
     let dir = tempfile::tempdir().unwrap();
     let p = start(&write(dir.path(), app, "", NO_ADMIN));
     reload(&p, dir.path(), app, "log_level = \"warn\"", 1).await;
-    client.get(p.url("/third")).send().await.unwrap();
+    p.get(&client, "/third").send().await;
     p.await_log("path=\"/third\"", 1).await;
     assert!(p.log().contains("RUST_LOG is set"), "{}", p.log());
     p.signal("-TERM");
@@ -408,12 +398,7 @@ async fn a_new_sweep_interval_is_taken_live_and_frequent_reloads_do_not_postpone
     let dir = tempfile::tempdir().unwrap();
     let expiry = |every: u64| format!("[expiry]\ncookie_age = 1\nsweep_interval = {every}");
     let p = start(&write(dir.path(), app, &expiry(3600), NO_ADMIN));
-    let resp = browser()
-        .get(p.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = p.get(&browser(), "/").incr("n").send().await;
     assert_eq!(set_cookies(&resp).len(), 1, "a session was stored");
     // From an hour to two seconds; then the same file again and again, faster than that.
     reload(&p, dir.path(), app, &expiry(2), 1).await;

@@ -135,14 +135,7 @@ async fn with_wait_replicas_a_stalled_replica_refuses_changes_and_reads_go_on() 
     )
     .await;
     let client = browser();
-    let count = async || {
-        client
-            .get(sidecar.url("/"))
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap()
-    };
+    let count = async || sidecar.get(&client, "/").incr("n").send().await;
     assert_eq!(seen(count().await).await.status(), "new");
     assert_eq!(seen(count().await).await.session()["n"], 1);
     let signal = |sig: &str| {
@@ -163,7 +156,7 @@ async fn with_wait_replicas_a_stalled_replica_refuses_changes_and_reads_go_on() 
         "refused after the WAIT timeout, not the command timeout: {took:?}"
     );
     // Reading needs no replica.
-    let read = client.get(sidecar.url("/")).send().await.unwrap();
+    let read = sidecar.get(&client, "/").send().await;
     assert_eq!(read.status(), 200);
     // The refused change is on the master, unconfirmed: a 503 says "not acknowledged", not
     // "not done".

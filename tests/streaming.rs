@@ -41,7 +41,7 @@ async fn the_first_bytes_reach_the_client_before_the_upstream_has_finished() {
     })
     .await;
     let s = sidecar_for(app, "").await;
-    let resp = plain().get(s.url("/")).send().await.unwrap();
+    let resp = s.get(&plain(), "/").send().await;
     let mut stream = Box::pin(resp.bytes_stream());
     let first = tokio::time::timeout(Duration::from_secs(5), next_chunk(&mut stream))
         .await
@@ -82,12 +82,11 @@ async fn a_one_gib_upload_and_download_stream_with_flat_memory() {
     let s = sidecar("").await;
     let before = peak_rss_kib();
     // Download: the upstream produces 1 GiB in 64 KiB chunks; the client counts it.
-    let resp = plain()
-        .get(s.url("/big"))
+    let resp = s
+        .get(&plain(), "/big")
         .header("x-test-body-size", gib.to_string())
         .send()
-        .await
-        .unwrap();
+        .await;
     let mut stream = Box::pin(resp.bytes_stream());
     let mut got = 0u64;
     while let Some(chunk) = next_chunk(&mut stream).await {
@@ -96,12 +95,11 @@ async fn a_one_gib_upload_and_download_stream_with_flat_memory() {
     assert_eq!(got, gib);
     // Upload: the client sends 1 GiB as a stream; the upstream counts it.
     let body = reqwest::Body::wrap(streamed(gib));
-    let resp = plain()
-        .post(s.url("/upload"))
+    let resp = s
+        .request(&plain(), reqwest::Method::POST, "/upload")
         .body(body)
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(seen(resp).await.body_len, gib);
     let grown_mib = (peak_rss_kib() - before) / 1024;
     assert!(

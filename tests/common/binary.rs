@@ -18,6 +18,11 @@ impl Proc {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+
+    /// A GET of `path` through this sidecar with `client`, as `Sidecar::get`.
+    pub fn get(&self, client: &reqwest::Client, path: &str) -> super::Visit {
+        super::get(client, self.url(path))
+    }
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([sig, &self.child.id().to_string()])

@@ -2,12 +2,10 @@
 //! header may not carry, non-ASCII cookies, a double-clicked login, an app clashing with the
 //! session cookie, idle users, upgrades the sidecar cannot vouch for.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::Request;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
@@ -23,12 +21,11 @@ fn ours_as_cgi_reads(name: &str) -> bool {
 /// and returns the cookie value.
 async fn login(s: &Sidecar, b: &reqwest::Client, data: &str) -> String {
     let data = data.replace('\u{7f}', "\\u007f");
-    let r = b
-        .get(s.url("/login"))
-        .header("x-test-reply", reply(&[("X-Session-Set", &data)]))
+    let r = s
+        .get(b, "/login")
+        .reply(&[("X-Session-Set", &data)])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(set_cookies(&r).len(), 1, "a session was started");
     cookie_value(&set_cookies(&r)[0])
@@ -39,18 +36,15 @@ async fn underscore_spellings_from_the_client_never_reach_the_app() {
     let s = sidecar("").await;
     let b = browser();
     login(&s, &b, r#"{"user":"ann"}"#).await;
-    let seen = seen(
-        b.get(s.url("/"))
-            .header("X_Session", r#"{"user":"admin"}"#)
-            .header("x_session_set", r#"{"role":"root"}"#)
-            .header("X-Session_Status", "new")
-            .header("x-session_expiry_age", "999999")
-            .header("X_SESSION_ID", "0".repeat(64))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let seen = s
+        .get(&b, "/")
+        .header("X_Session", r#"{"user":"admin"}"#)
+        .header("x_session_set", r#"{"role":"root"}"#)
+        .header("X-Session_Status", "new")
+        .header("x-session_expiry_age", "999999")
+        .header("X_SESSION_ID", "0".repeat(64))
+        .seen()
+        .await;
     for (name, values) in &seen.headers {
         if ours_as_cgi_reads(name) {
             assert!(
@@ -69,20 +63,16 @@ async fn underscore_spellings_from_the_app_are_stripped_and_never_applied() {
     let s = sidecar("").await;
     let b = browser();
     let key = login(&s, &b, r#"{"user":"ann"}"#).await;
-    let r = b
-        .get(s.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[
-                ("X_Session_Flush", "1"),
-                ("x_session", r#"{"user":"mallory"}"#),
-                ("X-Session_Set", r#"{"role":"root"}"#),
-                ("x-session-set", r#"{"ok":1}"#),
-            ]),
-        )
+    let r = s
+        .get(&b, "/")
+        .reply(&[
+            ("X_Session_Flush", "1"),
+            ("x_session", r#"{"user":"mallory"}"#),
+            ("X-Session_Set", r#"{"role":"root"}"#),
+            ("x-session-set", r#"{"ok":1}"#),
+        ])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     for name in r.headers().keys() {
         assert!(
@@ -93,7 +83,7 @@ async fn underscore_spellings_from_the_app_are_stripped_and_never_applied() {
     for c in set_cookies(&r) {
         assert_eq!(cookie_value(&c), key, "no flush, no cycle happened: {c}");
     }
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.session(), json!({"user": "ann", "ok": 1}));
 }
 
@@ -108,17 +98,16 @@ async fn a_value_holding_del_or_any_control_character_round_trips() {
     let data = json!({"pasted": nasty, "del": "a\u{7f}b"});
     login(&s, &b, &data.to_string()).await;
     for _ in 0..2 {
-        let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+        let seen = s.get(&b, "/").seen().await;
         assert_eq!(seen.status(), "existing");
         assert_eq!(seen.session(), data);
         assert!(seen.header("x-session").unwrap().is_ascii());
     }
-    let r = b
-        .get(s.url("/logout"))
-        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
+    let r = s
+        .get(&b, "/logout")
+        .reply(&[("X-Session-Flush", "1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200, "logout works");
     assert!(set_cookies(&r)[0].contains("Max-Age=0"));
 }
@@ -148,12 +137,11 @@ async fn cookie_recorder() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<Vec<u8>>>
 async fn non_ascii_cookie_bytes_leave_the_session_found_and_the_others_byte_for_byte() {
     let (app, cookies) = cookie_recorder().await;
     let s = sidecar_for(app, "").await;
-    let r = plain()
-        .get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Set", r#"{"n":1}"#)]))
+    let r = s
+        .get(&plain(), "/")
+        .reply(&[("X-Session-Set", r#"{"n":1}"#)])
         .send()
-        .await
-        .unwrap();
+        .await;
     let value = cookie_value(&set_cookies(&r)[0]);
     let mut request = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\nCookie: theme=\xc3\xa9t\xc3\xa9; sessionid=".to_vec();
     request.extend_from_slice(value.as_bytes());
@@ -180,24 +168,17 @@ async fn several_cookie_headers_reach_the_upstream_as_one() {
         .build()
         .unwrap();
     for client in [plain(), h2] {
-        let r = client
-            .get(s.url("/"))
-            .header("cookie", "a=1")
-            .header("cookie", "b=2; sessionid=junk")
-            .header("cookie", "c=3")
+        let r = s
+            .get(&client, "/")
+            .cookie("a=1")
+            .cookie("b=2; sessionid=junk")
+            .cookie("c=3")
             .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status(), 200);
         let last = cookies.lock().unwrap().last().unwrap().clone();
         assert_eq!(last, vec![b"a=1; b=2; c=3".to_vec()]);
-        let r = client
-            .get(s.url("/"))
-            .header("cookie", "a=1")
-            .header("cookie", "c=3")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&client, "/").cookie("a=1").cookie("c=3").send().await;
         assert_eq!(r.status(), 200);
         let last = cookies.lock().unwrap().last().unwrap().clone();
         assert_eq!(last, vec![b"a=1; c=3".to_vec()]);
@@ -211,17 +192,14 @@ async fn a_double_clicked_login_leaves_one_working_session_holding_both_changes(
     for first_released in ["a", "b"] {
         let b = browser();
         login(&s, &b, r#"{"cart":3}"#).await;
-        let old = seen(b.get(s.url("/")).send().await.unwrap()).await;
+        let old = s.get(&b, "/").seen().await;
         assert_eq!(old.status(), "existing");
         let click = |key: &str| {
-            let req = b.get(s.url(&format!("/gate/login/{key}"))).header(
-                "x-test-reply",
-                reply(&[
-                    ("X-Session-Cycle", "1"),
-                    ("X-Session-Set", &format!(r#"{{"{key}":1}}"#)),
-                ]),
-            );
-            tokio::spawn(async move { req.send().await.unwrap() })
+            let visit = s.get(&b, &format!("/gate/login/{key}")).reply(&[
+                ("X-Session-Cycle", "1"),
+                ("X-Session-Set", &format!(r#"{{"{key}":1}}"#)),
+            ]);
+            tokio::spawn(visit.send())
         };
         let one = click(first_released);
         gate.wait_arrival().await;
@@ -237,7 +215,7 @@ async fn a_double_clicked_login_leaves_one_working_session_holding_both_changes(
             cookies, 1,
             "one response renames the session, the other lands in it"
         );
-        let now = seen(b.get(s.url("/")).send().await.unwrap()).await;
+        let now = s.get(&b, "/").seen().await;
         assert_eq!(now.status(), "existing", "the user is still logged in");
         assert_eq!(now.session(), json!({"cart": 3, "a": 1, "b": 1}));
     }
@@ -248,19 +226,15 @@ async fn the_apps_set_cookie_for_the_session_name_is_dropped() {
     let s = sidecar("").await;
     let b = browser();
     login(&s, &b, r#"{"user":"ann"}"#).await;
-    let r = b
-        .get(s.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[
-                ("Set-Cookie", "sessionid=; Max-Age=0; Path=/"),
-                ("Set-Cookie", "theme=dark; Path=/"),
-                ("Set-Cookie", " sessionid =evil"),
-            ]),
-        )
+    let r = s
+        .get(&b, "/")
+        .reply(&[
+            ("Set-Cookie", "sessionid=; Max-Age=0; Path=/"),
+            ("Set-Cookie", "theme=dark; Path=/"),
+            ("Set-Cookie", " sessionid =evil"),
+        ])
         .send()
-        .await
-        .unwrap();
+        .await;
     let set: Vec<_> = r
         .headers()
         .get_all("set-cookie")
@@ -268,7 +242,7 @@ async fn the_apps_set_cookie_for_the_session_name_is_dropped() {
         .map(|v| v.to_str().unwrap().to_string())
         .collect();
     assert_eq!(set, vec!["theme=dark; Path=/".to_string()]);
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.status(), "existing");
     assert_eq!(seen.session(), json!({"user": "ann"}));
 }
@@ -286,13 +260,13 @@ async fn no_op_changes_and_error_answers_count_as_activity_for_the_idle_timeout(
     ];
     for step in 0..8 {
         s.clock.advance(Duration::from_secs(60));
-        let mut req = b.get(s.url("/page"));
-        req = if step % 4 == 3 {
-            req.header("x-test-status", "500")
+        let visit = s.get(&b, "/page");
+        let visit = if step % 4 == 3 {
+            visit.header("x-test-status", "500")
         } else {
-            req.header("x-test-reply", reply(answers[step % 4]))
+            visit.reply(answers[step % 4])
         };
-        let r = req.send().await.unwrap();
+        let r = visit.send().await;
         let body: Value = r.json().await.unwrap();
         assert_eq!(
             body["headers"]["x-session-status"][0], "existing",
@@ -300,7 +274,7 @@ async fn no_op_changes_and_error_answers_count_as_activity_for_the_idle_timeout(
         );
     }
     s.clock.advance(Duration::from_secs(101));
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.status(), "new", "idle beyond the timeout does expire");
 }
 
@@ -338,14 +312,14 @@ async fn an_h2c_upgrade_goes_up_as_a_plain_request() {
 #[tokio::test]
 async fn a_431_to_a_cookie_carrying_request_varies_on_cookie() {
     let s = sidecar("max_headers = 10").await;
-    let mut req = plain()
-        .get(s.url("/"))
-        .header("cookie", format!("sessionid={}", "a".repeat(64)));
+    let mut visit = s
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={}", "a".repeat(64)));
     // Over the configured 10, under the HTTP layer's own limit: the sidecar itself answers.
     for i in 0..12 {
-        req = req.header(format!("x-filler-{i}"), "1");
+        visit = visit.header(format!("x-filler-{i}"), "1");
     }
-    let r = req.send().await.unwrap();
+    let r = visit.send().await;
     assert_eq!(r.status(), 431);
     assert!(r.headers().get_all("vary").iter().any(|v| v == "Cookie"));
     assert!(set_cookies(&r).is_empty());
@@ -355,16 +329,12 @@ async fn a_431_to_a_cookie_carrying_request_varies_on_cookie() {
 async fn untrusted_forwarded_and_x_real_ip_are_removed() {
     for (trust, kept) in [("false", false), ("true", true)] {
         let s = sidecar(&format!("trust_forwarded = {trust}")).await;
-        let seen = seen(
-            plain()
-                .get(s.url("/"))
-                .header("forwarded", "for=203.0.113.9;proto=https")
-                .header("x-real-ip", "203.0.113.9")
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let seen = s
+            .get(&plain(), "/")
+            .header("forwarded", "for=203.0.113.9;proto=https")
+            .header("x-real-ip", "203.0.113.9")
+            .seen()
+            .await;
         assert_eq!(seen.header("forwarded").is_some(), kept, "trust {trust}");
         assert_eq!(seen.header("x-real-ip").is_some(), kept, "trust {trust}");
     }
@@ -386,7 +356,7 @@ async fn a_502_body_carries_no_library_internals() {
             "the application's answer was broken (not HTTP, too large, or cut off)\n",
         ),
     ] {
-        let r = plain().get(s.url("/")).send().await.unwrap();
+        let r = s.get(&plain(), "/").send().await;
         assert_eq!(r.status(), 502);
         assert_eq!(r.text().await.unwrap(), expected);
     }
@@ -438,6 +408,6 @@ async fn an_idle_h2c_connection_gives_its_slot_back() {
     let mut sink = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), h2.read_to_end(&mut sink)).await;
     assert!(closed.is_ok(), "the idle h2c connection was never closed");
-    let r = plain().get(s.url("/")).send().await.unwrap();
+    let r = s.get(&plain(), "/").send().await;
     assert_eq!(r.status(), 200, "the slot is free again");
 }

@@ -2,9 +2,7 @@
 //! (Sec-Fetch-Site, then Origin against the request's host) and the per-session token handed to
 //! the app and required back. Real sidecar, real app, requests shaped as browsers send them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 
 const ORIGIN_CHECK: &str = "[csrf]\ncheck_origin = true\ntrusted_origins = [\"https://sso.example\"]\nexempt_paths = [\"/hooks/\"]\n";
@@ -12,23 +10,13 @@ const TOKEN: &str = "[csrf]\ntoken = true\n";
 
 /// A visitor with a session (n = 1) through `s`: its cookie header.
 async fn visitor(s: &Sidecar) -> String {
-    let r = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&plain(), "/").incr("n").send().await;
     format!("sessionid={}", cookie_value(&set_cookies(&r)[0]))
 }
 
 /// The visitor's count, read with a safe request.
 async fn count(s: &Sidecar, cookie: &str) -> i64 {
-    let r = plain()
-        .get(s.url("/"))
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&plain(), "/").cookie(cookie).send().await;
     seen(r).await.session()["n"].as_i64().unwrap_or(0)
 }
 
@@ -39,16 +27,11 @@ async fn change(
     cookie: Option<&str>,
     headers: &[(&str, &str)],
 ) -> reqwest::Response {
-    let mut req = plain()
-        .request(method, s.url("/"))
-        .header("x-test-incr", "n");
+    let mut visit = s.request(&plain(), method, "/").incr("n");
     if let Some(c) = cookie {
-        req = req.header("cookie", c);
+        visit = visit.cookie(c);
     }
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    req.send().await.unwrap()
+    visit.headers(headers).send().await
 }
 
 async fn refused(resp: reqwest::Response, why: &str) {
@@ -142,13 +125,12 @@ async fn the_origin_check_refuses_cross_site_changes_and_lets_the_site_itself_th
     let r = change(&s, Method::POST, None, &[("sec-fetch-site", "cross-site")]).await;
     assert_eq!(r.status(), 200);
     // Exempt paths (webhooks) are not checked.
-    let r = plain()
-        .post(s.url("/hooks/payment"))
-        .header("cookie", &cookie)
+    let r = s
+        .request(&plain(), Method::POST, "/hooks/payment")
+        .cookie(&cookie)
         .header("sec-fetch-site", "cross-site")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
 }
 
@@ -194,12 +176,7 @@ async fn behind_a_trusted_proxy_the_origin_is_compared_with_the_forwarded_host()
 async fn the_token_is_handed_to_the_app_and_required_back_on_unsafe_requests() {
     let s = sidecar(TOKEN).await;
     // The first answer creates the session; the token the app got with it is already valid.
-    let first = plain()
-        .get(s.url("/form"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let first = s.get(&plain(), "/form").incr("n").send().await;
     let cookie = format!("sessionid={}", cookie_value(&set_cookies(&first)[0]));
     let first_token = seen(first)
         .await
@@ -208,12 +185,7 @@ async fn the_token_is_handed_to_the_app_and_required_back_on_unsafe_requests() {
         .to_string();
     assert_eq!(first_token.len(), 128);
     let token = async || {
-        let r = plain()
-            .get(s.url("/form"))
-            .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&plain(), "/form").cookie(&cookie).send().await;
         seen(r).await.header("x-session-csrf").unwrap().to_string()
     };
     let (t1, t2) = (token().await, token().await);
@@ -236,12 +208,7 @@ async fn the_token_is_handed_to_the_app_and_required_back_on_unsafe_requests() {
     )
     .await;
     let other = visitor(&s).await;
-    let r = plain()
-        .get(s.url("/"))
-        .header("cookie", &other)
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&plain(), "/").cookie(&other).send().await;
     let others = seen(r).await.header("x-session-csrf").unwrap().to_string();
     refused(
         change(
@@ -262,24 +229,21 @@ async fn the_token_is_handed_to_the_app_and_required_back_on_unsafe_requests() {
     }
     assert_eq!(count(&s, &cookie).await, 4);
     // A client's own X-Session-Csrf never reaches the app: the sidecar's replaces it.
-    let r = plain()
-        .get(s.url("/"))
-        .header("cookie", &cookie)
+    let got = s
+        .get(&plain(), "/")
+        .cookie(&cookie)
         .header("x-session-csrf", "forged")
-        .send()
-        .await
-        .unwrap();
-    let got = seen(r).await;
+        .seen()
+        .await;
     assert_eq!(got.headers["x-session-csrf"].len(), 1);
     assert_ne!(got.header("x-session-csrf"), Some("forged"));
     // A login cycles the key, and with it the token.
-    let r = plain()
-        .get(s.url("/login"))
-        .header("cookie", &cookie)
-        .header("x-test-reply", reply(&[("X-Session-Cycle", "1")]))
+    let r = s
+        .get(&plain(), "/login")
+        .cookie(&cookie)
+        .reply(&[("X-Session-Cycle", "1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     let cycled = format!("sessionid={}", cookie_value(&set_cookies(&r)[0]));
     refused(
         change(&s, Method::POST, Some(&cycled), &[("x-csrf-token", &t1)]).await,
@@ -292,23 +256,16 @@ async fn the_token_is_handed_to_the_app_and_required_back_on_unsafe_requests() {
 async fn the_token_may_come_in_an_urlencoded_form_which_reaches_the_app_unchanged() {
     let s = sidecar(&format!("{TOKEN}max_form_bytes = 4096\n")).await;
     let cookie = visitor(&s).await;
-    let r = plain()
-        .get(s.url("/form"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&plain(), "/form").cookie(&cookie).send().await;
     let token = seen(r).await.header("x-session-csrf").unwrap().to_string();
     let post = async |body: String, content_type: &str| {
-        plain()
-            .post(s.url("/"))
-            .header("cookie", &cookie)
-            .header("x-test-incr", "n")
+        s.request(&plain(), Method::POST, "/")
+            .cookie(&cookie)
+            .incr("n")
             .header("content-type", content_type)
             .body(body)
             .send()
             .await
-            .unwrap()
     };
     let form = format!("item=caf%C3%A9+cr%C3%A8me&csrfmiddlewaretoken={token}&qty=2");
     let r = post(form.clone(), "application/x-www-form-urlencoded").await;
@@ -349,12 +306,7 @@ async fn the_token_may_come_in_an_urlencoded_form_which_reaches_the_app_unchange
 async fn both_defences_together_and_config_errors_name_the_key() {
     let s = sidecar("[csrf]\ncheck_origin = true\ntoken = true\ntoken_header = \"X-XSRF\"\n").await;
     let cookie = visitor(&s).await;
-    let r = plain()
-        .get(s.url("/"))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&plain(), "/").cookie(&cookie).send().await;
     let token = seen(r).await.header("x-session-csrf").unwrap().to_string();
     // The origin check first: a cross-site request with the right token is still refused.
     refused(

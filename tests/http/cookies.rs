@@ -1,31 +1,16 @@
 //! docs/HEADERS.md §3: what the browser sees — the cookie, its attributes and signature, stale cookies,
 //! `Vary: Cookie`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]
 async fn the_session_cookie_is_not_forwarded_but_other_cookies_are() {
     let s = sidecar("").await;
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").incr("n").send().await;
     let key = cookie_value(&set_cookies(&resp)[0]);
     let cookies = format!("theme=dark; sessionid={key}; lang=en");
-    let seen = seen(
-        plain()
-            .get(s.url("/"))
-            .header("cookie", cookies)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let seen = s.get(&plain(), "/").cookie(cookies).seen().await;
     assert_eq!(seen.status(), "existing");
     let cookie = seen.header("cookie").unwrap_or("");
     assert!(!cookie.contains("sessionid"), "{cookie}");
@@ -35,12 +20,7 @@ async fn the_session_cookie_is_not_forwarded_but_other_cookies_are() {
 #[tokio::test]
 async fn the_cookie_has_the_configured_attributes_and_a_long_random_key() {
     let s = sidecar("[cookie]\nname = \"sessionid\"\npath = \"/app\"\ndomain = \"127.0.0.1\"\nsecure = false\nsame_site = \"Strict\"").await;
-    let resp = plain()
-        .get(s.url("/app"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/app").incr("n").send().await;
     let c = set_cookies(&resp).pop().expect("a cookie");
     for part in [
         "Path=/app",
@@ -64,17 +44,8 @@ async fn the_cookie_has_the_configured_attributes_and_a_long_random_key() {
 async fn echoing_the_session_unchanged_writes_nothing_and_sets_no_cookie() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-full-set", "{}")
-        .send()
-        .await
-        .unwrap();
+    s.get(&b, "/").incr("n").send().await;
+    let resp = s.get(&b, "/").header("x-test-full-set", "{}").send().await;
     assert!(set_cookies(&resp).is_empty());
     assert_eq!(
         resp.headers().get("vary").unwrap(),
@@ -87,21 +58,12 @@ async fn echoing_the_session_unchanged_writes_nothing_and_sets_no_cookie() {
 async fn emptying_the_session_deletes_record_and_cookie() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
-    let r = reply(&[("X-Session-Delete", r#"["n"]"#)]);
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-reply", r)
-        .send()
-        .await
-        .unwrap();
+    s.get(&b, "/").incr("n").send().await;
+    let r = [("X-Session-Delete", r#"["n"]"#)];
+    let resp = s.get(&b, "/").reply(&r).send().await;
     let c = set_cookies(&resp).pop().expect("removal cookie");
     assert!(c.contains("Max-Age=0") && c.contains("Path=/"), "{c}");
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.status(), "new");
 }
 
@@ -113,12 +75,7 @@ async fn unknown_malformed_and_forged_cookies_are_never_adopted() {
         &format!("sessionid={}", "a".repeat(64)),
         "sessionid=",
     ] {
-        let resp = plain()
-            .get(s.url("/"))
-            .header("cookie", cookie)
-            .send()
-            .await
-            .unwrap();
+        let resp = s.get(&plain(), "/").cookie(cookie).send().await;
         let removal = set_cookies(&resp);
         assert!(removal[0].contains("Max-Age=0"), "{cookie}: {removal:?}");
         assert_eq!(resp.headers().get("vary").unwrap(), "Cookie");
@@ -126,13 +83,12 @@ async fn unknown_malformed_and_forged_cookies_are_never_adopted() {
     }
     // Data stored on an unknown cookie goes to a fresh random key.
     let forged = "b".repeat(64);
-    let resp = plain()
-        .get(s.url("/"))
-        .header("cookie", format!("sessionid={forged}"))
-        .header("x-test-incr", "n")
+    let resp = s
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={forged}"))
+        .incr("n")
         .send()
-        .await
-        .unwrap();
+        .await;
     let key = cookie_value(&set_cookies(&resp)[0]);
     assert_ne!(key, forged);
 }
@@ -142,35 +98,28 @@ async fn signed_cookies_verify_rotate_and_reject_forgeries() {
     let app = start_app(echo).await;
     let old_secret = "[security]\nsecret_key = \"the old secret, thirty-two bytes long\"";
     let s = sidecar_for(app, old_secret).await;
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").incr("n").send().await;
     let signed = cookie_value(&set_cookies(&resp)[0]);
     assert!(signed.len() > 64, "signature prepended: {signed}");
     // The raw key alone is a forgery.
     let raw = &signed[signed.len() - 64..];
-    let resp = plain()
-        .get(s.url("/"))
-        .header("cookie", format!("sessionid={raw}"))
+    let resp = s
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={raw}"))
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(seen(resp).await.status(), "new");
     let (_, dir) = s.stop().await;
     let dir = dir.unwrap();
     // Rotate: the new secret signs, the old one still verifies.
     let rotated = "[security]\nsecret_key = \"a brand new secret of thirty-two bytes\"\nsecret_key_fallbacks = [\"the old secret, thirty-two bytes long\"]";
     let s2 = sidecar_at(app, rotated, dir.path()).await;
-    let resp = plain()
-        .get(s2.url("/"))
-        .header("cookie", format!("sessionid={signed}"))
-        .header("x-test-incr", "n")
+    let resp = s2
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={signed}"))
+        .incr("n")
         .send()
-        .await
-        .unwrap();
+        .await;
     let resigned = cookie_value(&set_cookies(&resp)[0]);
     assert_ne!(resigned, signed, "re-signed with the new secret");
     let seen2 = seen(resp).await;
@@ -182,18 +131,9 @@ async fn signed_cookies_verify_rotate_and_reject_forgeries() {
 async fn vary_cookie_is_added_whatever_the_status() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    s.get(&b, "/").incr("n").send().await;
     for status in ["200", "404", "302", "500"] {
-        let resp = b
-            .get(s.url("/"))
-            .header("x-test-status", status)
-            .send()
-            .await
-            .unwrap();
+        let resp = s.get(&b, "/").header("x-test-status", status).send().await;
         assert_eq!(resp.headers().get("vary").unwrap(), "Cookie", "{status}");
     }
 }
@@ -201,16 +141,11 @@ async fn vary_cookie_is_added_whatever_the_status() {
 #[tokio::test]
 async fn the_upstreams_own_set_cookie_passes_and_ours_is_appended() {
     let s = sidecar("").await;
-    let r = reply(&[
+    let r = [
         ("Set-Cookie", "theme=dark; Path=/"),
         ("X-Session-Set", r#"{"a":1}"#),
-    ]);
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-reply", r)
-        .send()
-        .await
-        .unwrap();
+    ];
+    let resp = s.get(&plain(), "/").reply(&r).send().await;
     let all: Vec<_> = resp
         .headers()
         .get_all("set-cookie")
@@ -231,12 +166,7 @@ async fn a_host_prefixed_partitioned_cookie_carries_what_browsers_require_set_an
         "[cookie]\nname = \"__Host-sid\"\nsecure = true\nsame_site = \"None\"\npartitioned = true",
     )
     .await;
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").incr("n").send().await;
     let ours = |resp: &reqwest::Response| -> Option<String> {
         resp.headers()
             .get_all("set-cookie")
@@ -252,21 +182,14 @@ async fn a_host_prefixed_partitioned_cookie_carries_what_browsers_require_set_an
     }
     assert!(!set.contains("Domain"), "{set}");
     let cookie = format!("__Host-sid={}", cookie_value(&set));
-    let again = plain()
-        .get(s.url("/"))
-        .header("cookie", &cookie)
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let again = s.get(&plain(), "/").cookie(&cookie).incr("n").send().await;
     assert_eq!(seen(again).await.session()["n"], 1, "the cookie is ours");
-    let out = plain()
-        .get(s.url("/logout"))
-        .header("cookie", &cookie)
-        .header("x-test-reply", reply(&[("X-Session-Flush", "1")]))
+    let out = s
+        .get(&plain(), "/logout")
+        .cookie(&cookie)
+        .reply(&[("X-Session-Flush", "1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     let gone = ours(&out).expect("removal cookie");
     assert!(
         gone.starts_with("__Host-sid=") && gone.contains("Max-Age=0"),

@@ -1,15 +1,13 @@
 //! docs/HEADERS.md §1–§2: what the upstream receives and what it may send back; the session's life
 //! through set, delete, flush, cycle and subject.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]
 async fn a_new_visitor_gets_an_empty_session_and_no_cookie() {
     let s = sidecar("").await;
-    let resp = browser().get(s.url("/")).send().await.unwrap();
+    let resp = s.get(&browser(), "/").send().await;
     assert!(set_cookies(&resp).is_empty());
     assert!(resp.headers().get("vary").is_none());
     let seen = seen(resp).await;
@@ -29,13 +27,7 @@ async fn the_visit_counter_counts_across_requests() {
     let s = sidecar("").await;
     let b = browser();
     for n in 1..=3 {
-        let resp = b
-            .get(s.url("/"))
-            .header("x-test-incr", "visits")
-            .send()
-            .await
-            .unwrap();
-        let seen = seen(resp).await;
+        let seen = s.get(&b, "/").incr("visits").seen().await;
         assert_eq!(
             seen.session(),
             if n == 1 {
@@ -52,13 +44,9 @@ async fn the_visit_counter_counts_across_requests() {
 async fn the_session_header_is_ascii_only_json() {
     let s = sidecar("").await;
     let b = browser();
-    let set = reply(&[("X-Session-Set", r#"{"name":"Zoë 😀"}"#)]);
-    b.get(s.url("/"))
-        .header("x-test-reply", set)
-        .send()
-        .await
-        .unwrap();
-    let raw = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let set = [("X-Session-Set", r#"{"name":"Zoë 😀"}"#)];
+    s.get(&b, "/").reply(&set).send().await;
+    let raw = s.get(&b, "/").seen().await;
     let header = raw.header("x-session").unwrap();
     assert!(header.is_ascii());
     assert_eq!(header, r#"{"name":"Zo\u00eb \ud83d\ude00"}"#);
@@ -68,17 +56,15 @@ async fn the_session_header_is_ascii_only_json() {
 #[tokio::test]
 async fn client_session_headers_are_stripped_and_cannot_spoof() {
     let s = sidecar("expose_id = true").await;
-    let resp = plain()
-        .get(s.url("/"))
+    let seen = s
+        .get(&plain(), "/")
         .header("X-Session", r#"{"admin":true}"#)
         .header("X-Session-Status", "existing")
         .header("x-session-id", "abc")
         .header("X-Session-Foo", "1")
         .header("X-Sessionary", "kept")
-        .send()
-        .await
-        .unwrap();
-    let seen = seen(resp).await;
+        .seen()
+        .await;
     assert_eq!(seen.header("x-session"), Some("{}"));
     assert_eq!(seen.status(), "new");
     assert!(seen.header("x-session-id").is_none());
@@ -90,31 +76,21 @@ async fn client_session_headers_are_stripped_and_cannot_spoof() {
 async fn expose_id_sends_the_key_upstream() {
     let s = sidecar("expose_id = true").await;
     let b = browser();
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&b, "/").incr("n").send().await;
     let key = cookie_value(&set_cookies(&resp)[0]);
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.header("x-session-id"), Some(key.as_str()));
 }
 
 #[tokio::test]
 async fn session_response_headers_are_stripped_and_unknown_ones_ignored() {
     let s = sidecar("").await;
-    let r = reply(&[
+    let r = [
         ("X-Session-Set", r#"{"a":1}"#),
         ("X-Session-Foo", "bar"),
         ("X-Other", "kept"),
-    ]);
-    let resp = browser()
-        .get(s.url("/"))
-        .header("x-test-reply", r)
-        .send()
-        .await
-        .unwrap();
+    ];
+    let resp = s.get(&browser(), "/").reply(&r).send().await;
     assert_eq!(resp.status(), 200);
     assert!(
         resp.headers()
@@ -129,23 +105,18 @@ async fn session_response_headers_are_stripped_and_unknown_ones_ignored() {
 async fn a_custom_prefix_owns_exactly_its_names() {
     let s = sidecar("header_prefix = \"X-Sess\"").await;
     let b = browser();
-    let r = reply(&[
+    let r = [
         ("X-Sess-Set", r#"{"a":1}"#),
         ("X-Session-Set", r#"{"b":2}"#),
-    ]);
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-reply", r)
-        .send()
-        .await
-        .unwrap();
+    ];
+    let resp = s.get(&b, "/").reply(&r).send().await;
     assert!(resp.headers().get("x-sess-set").is_none());
     assert_eq!(
         resp.headers().get("x-session-set").unwrap(),
         r#"{"b":2}"#,
         "not ours: passes"
     );
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.header("x-sess"), Some(r#"{"a":1}"#));
     assert_eq!(seen.header("x-sess-status"), Some("existing"));
 }
@@ -154,22 +125,14 @@ async fn a_custom_prefix_owns_exactly_its_names() {
 async fn set_delete_and_full_session_apply_in_order() {
     let s = sidecar("").await;
     let b = browser();
-    let r = reply(&[("X-Session-Set", r#"{"a":1,"b":2,"c":3}"#)]);
-    b.get(s.url("/"))
-        .header("x-test-reply", r)
-        .send()
-        .await
-        .unwrap();
-    let r = reply(&[
+    let r = [("X-Session-Set", r#"{"a":1,"b":2,"c":3}"#)];
+    s.get(&b, "/").reply(&r).send().await;
+    let r = [
         ("X-Session", r#"{"a":10,"b":2,"c":3,"d":4}"#),
         ("X-Session-Delete", r#"["c","missing"]"#),
-    ]);
-    b.get(s.url("/"))
-        .header("x-test-reply", r)
-        .send()
-        .await
-        .unwrap();
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    ];
+    s.get(&b, "/").reply(&r).send().await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.session(), json!({"a": 10, "b": 2, "d": 4}));
 }
 
@@ -177,57 +140,39 @@ async fn set_delete_and_full_session_apply_in_order() {
 async fn flush_logs_out_and_can_start_a_fresh_session_with_a_new_key() {
     let s = sidecar("").await;
     let b = browser();
-    let resp = b
-        .get(s.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[("X-Session-Set", r#"{"user":"ann"}"#)]),
-        )
+    let resp = s
+        .get(&b, "/")
+        .reply(&[("X-Session-Set", r#"{"user":"ann"}"#)])
         .send()
-        .await
-        .unwrap();
+        .await;
     let old = cookie_value(&set_cookies(&resp)[0]);
     // Plain logout: record and cookie go.
-    let resp = b
-        .get(s.url("/logout"))
-        .header("x-test-reply", reply(&[("X-Session-Flush", "true")]))
+    let resp = s
+        .get(&b, "/logout")
+        .reply(&[("X-Session-Flush", "true")])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert!(set_cookies(&resp)[0].contains("Max-Age=0"));
-    assert_eq!(
-        seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
-        "new"
-    );
+    assert_eq!(s.get(&b, "/").seen().await.status(), "new");
     // Logout with a flash message: a fresh session under a new key; the old key is dead.
-    b.get(s.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[("X-Session-Set", r#"{"user":"ann"}"#)]),
-        )
+    s.get(&b, "/")
+        .reply(&[("X-Session-Set", r#"{"user":"ann"}"#)])
         .send()
-        .await
-        .unwrap();
-    let r = reply(&[
+        .await;
+    let r = [
         ("X-Session", r#"{"flash":"bye"}"#),
         ("X-Session-Flush", "1"),
-    ]);
-    let resp = b
-        .get(s.url("/logout"))
-        .header("x-test-reply", r)
-        .send()
-        .await
-        .unwrap();
+    ];
+    let resp = s.get(&b, "/logout").reply(&r).send().await;
     let new = cookie_value(&set_cookies(&resp)[0]);
     assert_ne!(new, old);
-    let seen2 = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen2 = s.get(&b, "/").seen().await;
     assert_eq!(seen2.session(), json!({"flash": "bye"}));
-    let stale = plain()
-        .get(s.url("/"))
-        .header("cookie", format!("sessionid={old}"))
+    let stale = s
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={old}"))
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(seen(stale).await.status(), "new");
 }
 
@@ -235,27 +180,18 @@ async fn flush_logs_out_and_can_start_a_fresh_session_with_a_new_key() {
 async fn flush_and_cycle_accept_only_their_documented_values() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
+    s.get(&b, "/").incr("n").send().await;
+    let resp = s
+        .get(&b, "/")
+        .reply(&[("X-Session-Flush", "FALSE"), ("X-Session-Cycle", "0")])
         .send()
-        .await
-        .unwrap();
-    let resp = b
-        .get(s.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[("X-Session-Flush", "FALSE"), ("X-Session-Cycle", "0")]),
-        )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert!(set_cookies(&resp).is_empty(), "no-ops");
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Cycle", "yes")]))
+    let resp = s
+        .get(&b, "/")
+        .reply(&[("X-Session-Cycle", "yes")])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(resp.status(), 502);
     assert!(resp.text().await.unwrap().contains("X-Session-Cycle"));
 }
@@ -264,43 +200,32 @@ async fn flush_and_cycle_accept_only_their_documented_values() {
 async fn cycle_keeps_the_data_under_a_new_key_and_kills_the_old_one() {
     let s = sidecar("").await;
     let b = browser();
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&b, "/").incr("n").send().await;
     let old = cookie_value(&set_cookies(&resp)[0]);
-    let resp = b
-        .get(s.url("/login"))
-        .header(
-            "x-test-reply",
-            reply(&[("X-Session-Cycle", "1"), ("X-Session-Set", r#"{"user":7}"#)]),
-        )
+    let resp = s
+        .get(&b, "/login")
+        .reply(&[("X-Session-Cycle", "1"), ("X-Session-Set", r#"{"user":7}"#)])
         .send()
-        .await
-        .unwrap();
+        .await;
     let new = cookie_value(&set_cookies(&resp)[0]);
     assert_ne!(old, new);
-    let seen_new = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen_new = s.get(&b, "/").seen().await;
     assert_eq!(seen_new.session(), json!({"n": 1, "user": 7}));
-    let stale = plain()
-        .get(s.url("/"))
-        .header("cookie", format!("sessionid={old}"))
+    let stale = s
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={old}"))
         .send()
-        .await
-        .unwrap();
+        .await;
     // Within retired_grace the old key is new to the app and its answer leaves the browser's
-    // cookie alone (tests/retired.rs); after it, the stale cookie is deleted as any unknown one.
+    // cookie alone (retired.rs); after it, the stale cookie is deleted as any unknown one.
     assert!(set_cookies(&stale).is_empty(), "retired: no cookie");
     assert_eq!(seen(stale).await.status(), "new");
     s.clock.advance(std::time::Duration::from_secs(61));
-    let stale = plain()
-        .get(s.url("/"))
-        .header("cookie", format!("sessionid={old}"))
+    let stale = s
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={old}"))
         .send()
-        .await
-        .unwrap();
+        .await;
     let stale_cookie = set_cookies(&stale);
     assert_eq!(seen(stale).await.status(), "new");
     assert!(
@@ -313,11 +238,10 @@ async fn cycle_keeps_the_data_under_a_new_key_and_kills_the_old_one() {
 async fn bad_change_headers_are_a_502_naming_the_header_and_keep_the_session() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Set", r#"{"keep":1}"#)]))
+    s.get(&b, "/")
+        .reply(&[("X-Session-Set", r#"{"keep":1}"#)])
         .send()
-        .await
-        .unwrap();
+        .await;
     for (name, value) in [
         ("X-Session-Set", "{oops"),
         ("X-Session", "[1,2]"),
@@ -326,13 +250,8 @@ async fn bad_change_headers_are_a_502_naming_the_header_and_keep_the_session() {
         ("X-Session-Flush", "maybe"),
         ("X-Session-Subject", "has space"),
     ] {
-        let r = reply(&[("X-Session-Set", r#"{"lost":1}"#), (name, value)]);
-        let resp = b
-            .get(s.url("/"))
-            .header("x-test-reply", r)
-            .send()
-            .await
-            .unwrap();
+        let r = [("X-Session-Set", r#"{"lost":1}"#), (name, value)];
+        let resp = s.get(&b, "/").reply(&r).send().await;
         assert_eq!(resp.status(), 502, "{name}: {value}");
         assert!(set_cookies(&resp).is_empty());
         assert!(
@@ -346,7 +265,7 @@ async fn bad_change_headers_are_a_502_naming_the_header_and_keep_the_session() {
         let text = resp.text().await.unwrap();
         assert!(text.contains(name), "{text}");
     }
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.session(), json!({"keep": 1}));
 }
 
@@ -354,45 +273,37 @@ async fn bad_change_headers_are_a_502_naming_the_header_and_keep_the_session() {
 async fn a_session_over_the_size_cap_is_refused_with_502() {
     let s = sidecar("max_session_bytes = 100").await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Set", r#"{"keep":1}"#)]))
+    s.get(&b, "/")
+        .reply(&[("X-Session-Set", r#"{"keep":1}"#)])
         .send()
-        .await
-        .unwrap();
+        .await;
     // 30 two-byte characters: 60 bytes of UTF-8 but 180 once escaped, as the header carries it.
     let big = format!(r#"{{"big":"{}"}}"#, "é".repeat(30));
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Set", &big)]))
+    let resp = s
+        .get(&b, "/")
+        .reply(&[("X-Session-Set", &big)])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(resp.status(), 502);
     let text = resp.text().await.unwrap();
     assert!(
         text.contains("max_session_bytes") && text.contains("X-Session-Set"),
         "{text}"
     );
-    let kept = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let kept = s.get(&b, "/").seen().await;
     assert_eq!(kept.session(), json!({"keep": 1}));
     // A logout whose fresh session would be over the cap keeps the old session.
-    let r = reply(&[("X-Session-Flush", "1"), ("X-Session-Set", &big)]);
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-reply", r)
-        .send()
-        .await
-        .unwrap();
+    let r = [("X-Session-Flush", "1"), ("X-Session-Set", &big)];
+    let resp = s.get(&b, "/").reply(&r).send().await;
     assert_eq!(resp.status(), 502);
-    let after = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let after = s.get(&b, "/").seen().await;
     assert_eq!(after.session(), json!({"keep": 1}));
     // A new visitor over the cap gets no session either.
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Set", &big)]))
+    let resp = s
+        .get(&plain(), "/")
+        .reply(&[("X-Session-Set", &big)])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(resp.status(), 502);
 }
 
@@ -400,24 +311,19 @@ async fn a_session_over_the_size_cap_is_refused_with_502() {
 async fn a_5xx_from_the_upstream_applies_nothing_and_passes_through() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    s.get(&b, "/").incr("n").send().await;
     for r in [
-        reply(&[("X-Session-Set", r#"{"n":99}"#)]),
-        reply(&[("X-Session-Flush", "1")]),
-        reply(&[("X-Session-Cycle", "1")]),
-        reply(&[("X-Session-Set", "{garbage")]),
+        [("X-Session-Set", r#"{"n":99}"#)],
+        [("X-Session-Flush", "1")],
+        [("X-Session-Cycle", "1")],
+        [("X-Session-Set", "{garbage")],
     ] {
-        let resp = b
-            .get(s.url("/"))
-            .header("x-test-reply", r)
+        let resp = s
+            .get(&b, "/")
+            .reply(&r)
             .header("x-test-status", "503")
             .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(resp.status(), 503);
         assert!(set_cookies(&resp).is_empty());
         assert!(
@@ -427,59 +333,45 @@ async fn a_5xx_from_the_upstream_applies_nothing_and_passes_through() {
         );
         assert_eq!(resp.headers().get("vary").unwrap(), "Cookie");
     }
-    assert_eq!(
-        seen(b.get(s.url("/")).send().await.unwrap())
-            .await
-            .session(),
-        json!({"n": 1})
-    );
+    assert_eq!(s.get(&b, "/").seen().await.session(), json!({"n": 1}));
 }
 
 #[tokio::test]
 async fn subject_tags_a_session_and_survives_a_cycle_but_not_a_flush() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/login"))
-        .header(
-            "x-test-reply",
-            reply(&[
-                ("X-Session-Set", r#"{"u":1}"#),
-                ("X-Session-Subject", "user-42"),
-            ]),
-        )
+    s.get(&b, "/login")
+        .reply(&[
+            ("X-Session-Set", r#"{"u":1}"#),
+            ("X-Session-Subject", "user-42"),
+        ])
         .send()
-        .await
-        .unwrap();
+        .await;
     let now = s.now();
     assert_eq!(subject_handles(&s.store, "user-42", now).await.len(), 1);
-    let seen1 = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen1 = s.get(&b, "/").seen().await;
     assert_eq!(
         seen1.session(),
         json!({"u": 1}),
         "the subject is not part of the data"
     );
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Cycle", "1")]))
+    let resp = s
+        .get(&b, "/")
+        .reply(&[("X-Session-Cycle", "1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     let key = cookie_value(&set_cookies(&resp)[0]);
     assert_eq!(
         subject_handles(&s.store, "user-42", now).await,
         vec![session_sidecar::session::id::handle(&key)]
     );
-    b.get(s.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[
-                ("X-Session-Flush", "1"),
-                ("X-Session-Set", r#"{"flash":1}"#),
-            ]),
-        )
+    s.get(&b, "/")
+        .reply(&[
+            ("X-Session-Flush", "1"),
+            ("X-Session-Set", r#"{"flash":1}"#),
+        ])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert!(subject_handles(&s.store, "user-42", now).await.is_empty());
 }
 
@@ -487,33 +379,19 @@ async fn subject_tags_a_session_and_survives_a_cycle_but_not_a_flush() {
 async fn a_failing_store_answers_503_and_never_a_fresh_session() {
     let s = sidecar("").await;
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    s.get(&b, "/").incr("n").send().await;
     s.faulty
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let resp = b
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&b, "/").incr("n").send().await;
     assert_eq!(resp.status(), 503);
     assert!(set_cookies(&resp).is_empty());
     assert!(resp.text().await.unwrap().contains("session store"));
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").incr("n").send().await;
     assert_eq!(resp.status(), 503, "a new visitor's write fails closed too");
     s.faulty
         .failing
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    let seen = seen(b.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&b, "/").seen().await;
     assert_eq!(seen.session(), json!({"n": 1}), "the session was kept");
 }

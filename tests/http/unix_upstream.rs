@@ -1,11 +1,9 @@
 //! `upstream = "unix:/path"`: the app listens on a Unix socket (gunicorn `--bind unix:`, uWSGI,
 //! Puma, a container in the same pod), and gets its sessions as over TCP.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn an_app_on_a_unix_socket_gets_its_sessions_over_kept_alive_connections() {
@@ -17,12 +15,7 @@ async fn an_app_on_a_unix_socket_gets_its_sessions_over_kept_alive_connections()
     let s = sidecar_for(unused, &format!("upstream = \"unix:{}\"", sock.display())).await;
     let b = browser();
     for n in 0..5 {
-        let r = b
-            .get(s.url("/cart?item=1"))
-            .header("x-test-incr", "n")
-            .send()
-            .await
-            .unwrap();
+        let r = s.get(&b, "/cart?item=1").incr("n").send().await;
         assert_eq!(r.status(), 200);
         let got = seen(r).await;
         assert_eq!(
@@ -50,12 +43,7 @@ async fn a_missing_socket_is_a_502_and_a_relative_path_is_refused_at_start() {
     let sock = dir.path().join("nobody-listens.sock");
     let unused = "127.0.0.1:9".parse().unwrap();
     let s = sidecar_for(unused, &format!("upstream = \"unix:{}\"", sock.display())).await;
-    let r = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&plain(), "/").incr("n").send().await;
     assert_eq!(r.status(), 502);
     assert!(set_cookies(&r).is_empty());
     assert_eq!(r.text().await.unwrap(), "the application is unreachable\n");

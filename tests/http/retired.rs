@@ -4,11 +4,9 @@
 //! carries no session cookie, so it cannot replace the key the browser now holds, whichever
 //! answer arrives last. The browser here applies `Set-Cookie` in the order answers arrive.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 /// A browser's cookie jar that applies `Set-Cookie` in the order answers arrive, as browsers do.
@@ -35,22 +33,17 @@ impl Jar {
 }
 
 async fn send(s: &Sidecar, path: &str, cookie: &str, answer: &[(&str, &str)]) -> reqwest::Response {
-    let mut req = plain().get(s.url(path)).header("cookie", cookie);
+    let mut visit = s.get(&plain(), path).cookie(cookie);
     if !answer.is_empty() {
-        req = req.header("x-test-reply", reply(answer));
+        visit = visit.reply(answer);
     }
-    req.send().await.unwrap()
+    visit.send().await
 }
 
 async fn metric(s: &Sidecar, name: &str) -> f64 {
-    let text = plain()
-        .get(format!("http://{}/metrics", s.admin))
-        .send()
-        .await
-        .unwrap()
+    let text = get(&plain(), format!("http://{}/metrics", s.admin))
         .text()
-        .await
-        .unwrap();
+        .await;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} not in\n{text}"))
@@ -143,18 +136,11 @@ async fn a_request_in_flight_during_the_login_still_lands_its_change_in_the_new_
     let mut jar = Jar::default();
     jar.apply(&send(&s, "/", "", &[("X-Session-Set", r#"{"n":1}"#)]).await);
     let k1 = jar.cookie();
-    let slow = {
-        let (url, k1) = (s.url("/gate"), k1.clone());
-        tokio::spawn(async move {
-            plain()
-                .get(url)
-                .header("cookie", k1)
-                .header("x-test-reply", reply(&[("X-Session-Set", r#"{"cart":1}"#)]))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let slow = s
+        .get(&plain(), "/gate")
+        .cookie(&k1)
+        .reply(&[("X-Session-Set", r#"{"cart":1}"#)]);
+    let slow = tokio::spawn(slow.send());
     gate.wait_arrival().await;
     jar.apply(&send(&s, "/login", &k1, &[("X-Session-Cycle", "1")]).await);
     gate.open(1);

@@ -1,48 +1,30 @@
 //! docs/HEADERS.md §8: the admin listener — health, readiness, metrics, sessions by key, subjects, and
 //! the token rules — against a real running sidecar.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn admin_url(s: &Sidecar, path: &str) -> String {
     format!("http://{}{}", s.admin, path)
 }
 
+/// A GET of `path` on the admin listener, with no cookies.
+fn admin_get(s: &Sidecar, path: &str) -> Visit {
+    get(&plain(), admin_url(s, path))
+}
+
 #[tokio::test]
 async fn health_and_readiness() {
     let s = sidecar("").await;
-    assert_eq!(
-        plain()
-            .get(admin_url(&s, "/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        plain()
-            .get(admin_url(&s, "/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(admin_get(&s, "/healthz").send().await.status(), 200);
+    assert_eq!(admin_get(&s, "/readyz").send().await.status(), 200);
     s.faulty
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let r = plain().get(admin_url(&s, "/readyz")).send().await.unwrap();
+    let r = admin_get(&s, "/readyz").send().await;
     assert_eq!(r.status(), 503);
     assert_eq!(
-        plain()
-            .get(admin_url(&s, "/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        admin_get(&s, "/healthz").send().await.status(),
         200,
         "alive while the store is not"
     );
@@ -51,42 +33,19 @@ async fn health_and_readiness() {
 #[tokio::test]
 async fn metrics_move_as_traffic_flows() {
     let s = sidecar("").await;
-    let before = plain()
-        .get(admin_url(&s, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let before = admin_get(&s, "/metrics").text().await;
     assert!(
         before.contains("session_sidecar_open_connections"),
         "{before}"
     );
     let b = browser();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
+    s.get(&b, "/").incr("n").send().await;
+    s.get(&b, "/").incr("n").send().await;
+    s.get(&b, "/")
+        .reply(&[("X-Session-Set", "{bad")])
         .send()
-        .await
-        .unwrap();
-    b.get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
-    b.get(s.url("/"))
-        .header("x-test-reply", reply(&[("X-Session-Set", "{bad")]))
-        .send()
-        .await
-        .unwrap();
-    let text = plain()
-        .get(admin_url(&s, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .await;
+    let text = admin_get(&s, "/metrics").text().await;
     for line in [
         "session_sidecar_requests_total{class=\"2xx\"} 2",
         "session_sidecar_requests_total{class=\"5xx\"} 1",
@@ -110,24 +69,18 @@ async fn metrics_move_as_traffic_flows() {
 async fn a_session_can_be_shown_and_ended_by_key_or_cookie_value() {
     let s = sidecar("[security]\nsecret_key = \"admin test secret, long enough for hmac\"").await;
     let b = browser();
-    let r = b
-        .get(s.url("/"))
-        .header(
-            "x-test-reply",
-            reply(&[
-                ("X-Session-Set", r#"{"user":"ann"}"#),
-                ("X-Session-Subject", "ann"),
-            ]),
-        )
+    let r = s
+        .get(&b, "/")
+        .reply(&[
+            ("X-Session-Set", r#"{"user":"ann"}"#),
+            ("X-Session-Subject", "ann"),
+        ])
         .send()
-        .await
-        .unwrap();
+        .await;
     let cookie = cookie_value(&set_cookies(&r)[0]);
-    let keys: Value = plain()
-        .get(admin_url(&s, "/subjects/ann"))
+    let keys: Value = admin_get(&s, "/subjects/ann")
         .send()
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -138,14 +91,7 @@ async fn a_session_can_be_shown_and_ended_by_key_or_cookie_value() {
     assert_eq!(key.len(), 16, "{keys}");
     assert_eq!(keys["sessions"][0]["subject"], json!("ann"));
     for id in [&key, &cookie, &raw_key] {
-        let body = plain()
-            .get(admin_url(&s, &format!("/sessions/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = admin_get(&s, &format!("/sessions/{id}")).text().await;
         assert!(!body.contains(&raw_key), "the key leaked: {body}");
         let shown: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(shown["handle"], json!(key));
@@ -167,11 +113,9 @@ async fn a_session_can_be_shown_and_ended_by_key_or_cookie_value() {
         }
     }
     assert_eq!(
-        plain()
-            .get(admin_url(&s, &format!("/sessions/{}", "0".repeat(64))))
+        admin_get(&s, &format!("/sessions/{}", "0".repeat(64)))
             .send()
             .await
-            .unwrap()
             .status(),
         404
     );
@@ -190,10 +134,7 @@ async fn a_session_can_be_shown_and_ended_by_key_or_cookie_value() {
             .status(),
         404
     );
-    assert_eq!(
-        seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
-        "new"
-    );
+    assert_eq!(s.get(&b, "/").seen().await.status(), "new");
 }
 
 #[tokio::test]
@@ -201,36 +142,25 @@ async fn revoking_a_subject_ends_all_of_its_sessions() {
     let s = sidecar("").await;
     let browsers: Vec<_> = (0..3).map(|_| browser()).collect();
     for b in &browsers {
-        b.get(s.url("/login"))
-            .header(
-                "x-test-reply",
-                reply(&[
-                    ("X-Session-Set", r#"{"u":1}"#),
-                    ("X-Session-Subject", "user-9"),
-                ]),
-            )
+        s.get(b, "/login")
+            .reply(&[
+                ("X-Session-Set", r#"{"u":1}"#),
+                ("X-Session-Subject", "user-9"),
+            ])
             .send()
-            .await
-            .unwrap();
+            .await;
     }
     let other = browser();
-    other
-        .get(s.url("/login"))
-        .header(
-            "x-test-reply",
-            reply(&[
-                ("X-Session-Set", r#"{"u":2}"#),
-                ("X-Session-Subject", "user-10"),
-            ]),
-        )
+    s.get(&other, "/login")
+        .reply(&[
+            ("X-Session-Set", r#"{"u":2}"#),
+            ("X-Session-Subject", "user-10"),
+        ])
+        .send()
+        .await;
+    let listed: Value = admin_get(&s, "/subjects/user-9")
         .send()
         .await
-        .unwrap();
-    let listed: Value = plain()
-        .get(admin_url(&s, "/subjects/user-9"))
-        .send()
-        .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -245,40 +175,16 @@ async fn revoking_a_subject_ends_all_of_its_sessions() {
         .unwrap();
     assert_eq!(revoked["revoked"], json!(3));
     for b in &browsers {
-        assert_eq!(
-            seen(b.get(s.url("/")).send().await.unwrap()).await.status(),
-            "new"
-        );
+        assert_eq!(s.get(b, "/").seen().await.status(), "new");
     }
-    assert_eq!(
-        seen(other.get(s.url("/")).send().await.unwrap())
-            .await
-            .status(),
-        "existing"
-    );
+    assert_eq!(s.get(&other, "/").seen().await.status(), "existing");
 }
 
 #[tokio::test]
 async fn with_a_token_everything_but_health_needs_it() {
     let s = sidecar("[admin]\nlisten = \"\"\ntoken = \"s3cret-token\"").await;
-    assert_eq!(
-        plain()
-            .get(admin_url(&s, "/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        plain()
-            .get(admin_url(&s, "/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(admin_get(&s, "/healthz").send().await.status(), 200);
+    assert_eq!(admin_get(&s, "/readyz").send().await.status(), 200);
     for auth in [
         None,
         Some("Bearer wrong"),
@@ -293,17 +199,11 @@ async fn with_a_token_everything_but_health_needs_it() {
         assert_eq!(r.status(), 401, "{auth:?}");
         assert_eq!(r.text().await.unwrap(), "unauthorized\n", "nothing leaked");
     }
-    let r = plain()
-        .get(admin_url(&s, "/subjects/x"))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_get(&s, "/subjects/x").send().await;
     assert_eq!(r.status(), 401);
-    let ok = plain()
-        .get(admin_url(&s, "/metrics"))
+    let ok = admin_get(&s, "/metrics")
         .header("authorization", "Bearer s3cret-token")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ok.status(), 200);
 }

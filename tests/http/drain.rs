@@ -2,11 +2,9 @@
 //! upgraded connections in flight finish, and a drain with nothing to wait for is clean
 //! whatever the grace (docs/HEADERS.md §6).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn a_zero_grace_with_nothing_in_flight_stops_cleanly() {
     let s = sidecar("shutdown_grace = 0").await;
     let b = browser();
-    assert_eq!(b.get(s.url("/")).send().await.unwrap().status(), 200);
+    assert_eq!(s.get(&b, "/").send().await.status(), 200);
     // An h2c client that never answers the shutdown's ping, beside the browser's keep-alive
     // connection: idle connections are not requests cut.
     let mut h2 = tokio::net::TcpStream::connect(s.addr).await.unwrap();
@@ -33,14 +31,14 @@ async fn readiness_is_503_while_draining_and_the_request_in_flight_finishes() {
     let (app, gate) = gated_app().await;
     let s = sidecar_for(app, "").await;
     let ready = format!("http://{}/readyz", s.admin);
-    assert_eq!(plain().get(&ready).send().await.unwrap().status(), 200);
-    let slow = plain().get(s.url("/gate"));
-    let slow = tokio::spawn(async move { slow.send().await.unwrap().status() });
+    assert_eq!(get(&plain(), &ready).send().await.status(), 200);
+    let slow = s.get(&plain(), "/gate");
+    let slow = tokio::spawn(async move { slow.send().await.status() });
     gate.wait_arrival().await;
     let stopping = tokio::spawn(s.stop());
     let mut draining = false;
     for _ in 0..200 {
-        if plain().get(&ready).send().await.unwrap().status() == 503 {
+        if get(&plain(), &ready).send().await.status() == 503 {
             draining = true;
             break;
         }

@@ -1,30 +1,22 @@
 //! `[limits]`: at most N sessions per subject (a login ends the subject's oldest others), and at
 //! most N new sessions per client address per minute (429 with Retry-After beyond).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// A login of `subject` from a fresh client: its cookie header.
 async fn login(s: &Sidecar, subject: &str) -> String {
-    let r = plain()
-        .get(s.url("/login"))
-        .header("x-test-incr", "n")
-        .header("x-test-reply", reply(&[("X-Session-Subject", subject)]))
+    let r = s
+        .get(&plain(), "/login")
+        .incr("n")
+        .reply(&[("X-Session-Subject", subject)])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     format!("sessionid={}", cookie_value(&set_cookies(&r)[0]))
 }
 
 async fn status(s: &Sidecar, cookie: &str) -> String {
-    let r = plain()
-        .get(s.url("/"))
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&plain(), "/").cookie(cookie).send().await;
     seen(r).await.status().to_string()
 }
 
@@ -48,21 +40,15 @@ async fn a_login_beyond_max_sessions_per_subject_ends_the_oldest_others() {
         "another subject untouched"
     );
     // Tagging an existing session (login after browsing) counts the same way.
-    let r = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let r = s.get(&plain(), "/").incr("n").send().await;
     let browsing = format!("sessionid={}", cookie_value(&set_cookies(&r)[0]));
     s.clock.advance(std::time::Duration::from_secs(1));
-    let r = plain()
-        .get(s.url("/login"))
-        .header("cookie", &browsing)
-        .header("x-test-reply", reply(&[("X-Session-Subject", "alice")]))
+    let r = s
+        .get(&plain(), "/login")
+        .cookie(&browsing)
+        .reply(&[("X-Session-Subject", "alice")])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         status(&s, &browsing).await,
@@ -91,13 +77,11 @@ async fn one_login_at_a_time() {
 async fn new_sessions_per_minute_per_client_address_then_429_with_retry_after() {
     let s = sidecar("trust_forwarded = true\n[limits]\nnew_sessions_per_minute = 3").await;
     let create = async |addr: &str| {
-        plain()
-            .get(s.url("/"))
+        s.get(&plain(), "/")
             .header("x-forwarded-for", addr)
-            .header("x-test-incr", "n")
+            .incr("n")
             .send()
             .await
-            .unwrap()
     };
     let mut cookies = Vec::new();
     for _ in 0..3 {
@@ -116,41 +100,37 @@ async fn new_sessions_per_minute_per_client_address_then_429_with_retry_after() 
     assert!((1..=20).contains(&wait), "one more every 20 s: {wait}");
     assert!(r.text().await.unwrap().contains("too many new sessions"));
     // What creates nothing passes, and the address's existing sessions go on.
-    let r = plain()
-        .get(s.url("/"))
+    let r = s
+        .get(&plain(), "/")
         .header("x-forwarded-for", "203.0.113.9")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
-    let r = plain()
-        .get(s.url("/"))
+    let r = s
+        .get(&plain(), "/")
         .header("x-forwarded-for", "203.0.113.9")
-        .header("cookie", &cookies[0])
-        .header("x-test-incr", "n")
+        .cookie(&cookies[0])
+        .incr("n")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(seen(r).await.session()["n"], 1);
     // Another address has its own allowance; a client's own earlier entries do not count.
     assert_eq!(create("6.6.6.6, 203.0.113.10").await.status(), 200);
     // Untrusted, X-Forwarded-For is the client's claim: the peer's address counts.
     let s = sidecar("[limits]\nnew_sessions_per_minute = 1").await;
-    let r = plain()
-        .get(s.url("/"))
+    let r = s
+        .get(&plain(), "/")
         .header("x-forwarded-for", "198.51.100.1")
-        .header("x-test-incr", "n")
+        .incr("n")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
-    let r = plain()
-        .get(s.url("/"))
+    let r = s
+        .get(&plain(), "/")
         .header("x-forwarded-for", "198.51.100.2")
-        .header("x-test-incr", "n")
+        .incr("n")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 429, "same peer, whatever it claims");
 }

@@ -1,11 +1,9 @@
 //! docs/HEADERS.md §6: transparent proxying — methods, bodies, streaming, hop-by-hop, X-Forwarded-*,
 //! WebSocket upgrades, h2c, keep-alive, skip_paths, and 502/504 from the upstream.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -13,15 +11,14 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 #[tokio::test]
 async fn method_path_query_body_status_and_headers_pass_unchanged() {
     let s = sidecar("").await;
-    let resp = plain()
-        .post(s.url("/a/b%20c?x=1&y=%C3%A9"))
+    let resp = s
+        .request(&plain(), reqwest::Method::POST, "/a/b%20c?x=1&y=%C3%A9")
         .header("x-custom", "v1")
         .header("x-test-status", "201")
-        .header("x-test-reply", reply(&[("X-Reply", "r1")]))
+        .reply(&[("X-Reply", "r1")])
         .body("hello body")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(resp.status(), 201);
     assert_eq!(resp.headers().get("x-reply").unwrap(), "r1");
     let seen: Seen = resp.json().await.unwrap();
@@ -35,16 +32,14 @@ async fn method_path_query_body_status_and_headers_pass_unchanged() {
 #[tokio::test]
 async fn the_host_is_preserved_and_x_forwarded_headers_are_set() {
     let s = sidecar("").await;
-    let resp = plain()
-        .get(s.url("/"))
+    let seen = s
+        .get(&plain(), "/")
         .header("host", "shop.example")
         .header("x-forwarded-for", "203.0.113.9")
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "evil.example")
-        .send()
-        .await
-        .unwrap();
-    let seen = seen(resp).await;
+        .seen()
+        .await;
     assert_eq!(seen.header("host"), Some("shop.example"));
     assert_eq!(
         seen.header("x-forwarded-for"),
@@ -61,15 +56,13 @@ async fn the_host_is_preserved_and_x_forwarded_headers_are_set() {
 #[tokio::test]
 async fn trust_forwarded_keeps_what_the_proxy_in_front_set() {
     let s = sidecar("trust_forwarded = true").await;
-    let resp = plain()
-        .get(s.url("/"))
+    let seen = s
+        .get(&plain(), "/")
         .header("host", "inner:8080")
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "shop.example")
-        .send()
-        .await
-        .unwrap();
-    let seen = seen(resp).await;
+        .seen()
+        .await;
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
     assert_eq!(seen.header("x-forwarded-host"), Some("shop.example"));
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
@@ -152,15 +145,10 @@ async fn h2c_clients_are_served_with_sessions() {
         .cookie_store(true)
         .build()
         .unwrap();
-    let resp = c
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&c, "/").incr("n").send().await;
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(set_cookies(&resp).len(), 1);
-    let seen = seen(c.get(s.url("/")).send().await.unwrap()).await;
+    let seen = s.get(&c, "/").seen().await;
     assert_eq!(seen.status(), "existing");
     assert_eq!(
         seen.version, "HTTP/1.1",
@@ -176,7 +164,7 @@ async fn an_unreachable_upstream_is_a_502_with_a_plain_text_body() {
         l.local_addr().unwrap()
     };
     let s = sidecar_for(dead, "").await;
-    let resp = plain().get(s.url("/")).send().await.unwrap();
+    let resp = s.get(&plain(), "/").send().await;
     assert_eq!(resp.status(), 502);
     assert!(
         resp.headers()
@@ -193,13 +181,12 @@ async fn an_unreachable_upstream_is_a_502_with_a_plain_text_body() {
 #[tokio::test]
 async fn an_upstream_slower_than_the_timeout_is_a_504() {
     let s = sidecar("upstream_timeout = 1").await;
-    let resp = browser()
-        .get(s.url("/"))
+    let resp = s
+        .get(&browser(), "/")
         .header("x-test-delay-ms", "3000")
-        .header("x-test-incr", "n")
+        .incr("n")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(resp.status(), 504);
     assert!(set_cookies(&resp).is_empty());
     assert!(
@@ -213,24 +200,15 @@ async fn an_upstream_slower_than_the_timeout_is_a_504() {
 #[tokio::test]
 async fn skip_paths_get_no_session_work_but_are_still_scrubbed() {
     let s = sidecar("skip_paths = [\"/static/\"]").await;
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").incr("n").send().await;
     let key = cookie_value(&set_cookies(&resp)[0]);
-    let resp = plain()
-        .get(s.url("/static/app.css"))
-        .header("cookie", format!("sessionid={key}; other=1"))
+    let resp = s
+        .get(&plain(), "/static/app.css")
+        .cookie(format!("sessionid={key}; other=1"))
         .header("x-session", r#"{"spoof":1}"#)
-        .header(
-            "x-test-reply",
-            reply(&[("X-Session-Set", r#"{"n":99}"#), ("X-Session-Flush", "1")]),
-        )
+        .reply(&[("X-Session-Set", r#"{"n":99}"#), ("X-Session-Flush", "1")])
         .send()
-        .await
-        .unwrap();
+        .await;
     assert!(set_cookies(&resp).is_empty());
     assert!(resp.headers().get("vary").is_none());
     assert!(
@@ -245,15 +223,11 @@ async fn skip_paths_get_no_session_work_but_are_still_scrubbed() {
         seen1.headers
     );
     assert_eq!(seen1.header("cookie"), Some("other=1"));
-    let after = seen(
-        plain()
-            .get(s.url("/"))
-            .header("cookie", format!("sessionid={key}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let after = s
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={key}"))
+        .seen()
+        .await;
     assert_eq!(
         after.session(),
         serde_json::json!({"n": 1}),
@@ -369,7 +343,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     let s = sidecar_for(app, "workers = 2").await;
     let client = plain();
     for i in 0..50 {
-        let resp = client.get(s.url(&format!("/r{i}"))).send().await.unwrap();
+        let resp = s.get(&client, &format!("/r{i}")).send().await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.text().await.unwrap(), "ok");
     }
@@ -388,7 +362,7 @@ async fn an_upstream_that_closes_idle_connections_costs_no_request() {
     let s = sidecar_for(app, "").await;
     let client = plain();
     for i in 0..30 {
-        let resp = client.get(s.url(&format!("/c{i}"))).send().await.unwrap();
+        let resp = s.get(&client, &format!("/c{i}")).send().await;
         assert_eq!(resp.status(), 200, "request {i}");
         assert_eq!(resp.text().await.unwrap(), "ok");
         if i % 2 == 0 {
@@ -412,7 +386,7 @@ async fn every_worker_serves_and_none_stays_idle_under_parallel_connections() {
             // One client per task: its own connection.
             let client = plain();
             for _ in 0..20 {
-                let resp = client.get(&url).send().await.unwrap();
+                let resp = get(&client, &url).send().await;
                 assert_eq!(resp.status(), 200);
                 resp.bytes().await.unwrap();
             }

@@ -2,35 +2,20 @@
 //! operator throws at the sidecar, it answers clearly, keeps serving everyone else, and keeps
 //! every session as it was.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A session with `{"n": 1}`, as a raw cookie header value.
 async fn session(s: &Sidecar) -> String {
-    let resp = plain()
-        .get(s.url("/"))
-        .header("x-test-incr", "n")
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").incr("n").send().await;
     format!("sessionid={}", cookie_value(&set_cookies(&resp)[0]))
 }
 
 async fn assert_still_serving(s: &Sidecar, cookie: &str) {
-    let seen = seen(
-        plain()
-            .get(s.url("/"))
-            .header("cookie", cookie)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let seen = s.get(&plain(), "/").cookie(cookie).seen().await;
     assert_eq!(seen.status(), "existing");
     assert_eq!(seen.session(), json!({"n": 1}), "the session is as it was");
 }
@@ -41,14 +26,13 @@ async fn assert_still_serving(s: &Sidecar, cookie: &str) {
 async fn a_request_head_over_the_limit_is_431_with_a_plain_text_body() {
     let s = sidecar("max_header_bytes = 4096").await;
     let cookie = session(&s).await;
-    let resp = plain()
-        .get(s.url("/"))
-        .header("cookie", &cookie)
+    let resp = s
+        .get(&plain(), "/")
+        .cookie(&cookie)
         .header("x-big", "a".repeat(5000))
-        .header("x-test-incr", "n")
+        .incr("n")
         .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(resp.status(), 431);
     assert!(set_cookies(&resp).is_empty());
     assert!(
@@ -75,11 +59,11 @@ async fn a_request_head_over_the_limit_is_431_with_a_plain_text_body() {
 async fn too_many_request_headers_is_431() {
     let s = sidecar("max_headers = 20").await;
     let cookie = session(&s).await;
-    let mut req = plain().get(s.url("/")).header("cookie", &cookie);
+    let mut visit = s.get(&plain(), "/").cookie(&cookie);
     for i in 0..25 {
-        req = req.header(format!("x-h{i}"), "v");
+        visit = visit.header(format!("x-h{i}"), "v");
     }
-    let resp = req.send().await.unwrap();
+    let resp = visit.send().await;
     assert_eq!(resp.status(), 431);
     assert!(resp.text().await.unwrap().contains("request headers"));
     assert_still_serving(&s, &cookie).await;
@@ -158,47 +142,31 @@ async fn oversized_garbled_and_duplicate_session_cookies() {
     let s = sidecar("").await;
     let cookie = session(&s).await;
     // Oversized: never looked up, the visitor is new and the stale cookie is deleted.
-    let resp = plain()
-        .get(s.url("/"))
-        .header("cookie", format!("sessionid={}", "a".repeat(4000)))
+    let resp = s
+        .get(&plain(), "/")
+        .cookie(format!("sessionid={}", "a".repeat(4000)))
         .send()
-        .await
-        .unwrap();
+        .await;
     assert!(set_cookies(&resp)[0].contains("Max-Age=0"));
     assert_eq!(seen(resp).await.status(), "new");
     // Garbled: bytes that are not text.
     let garbled =
         reqwest::header::HeaderValue::from_bytes(b"sessionid=\xff\xfe\x80; other=1").unwrap();
-    let resp = plain()
-        .get(s.url("/"))
-        .header("cookie", garbled)
-        .send()
-        .await
-        .unwrap();
+    let resp = s.get(&plain(), "/").cookie(garbled).send().await;
     assert_eq!(resp.status(), 200);
     assert_eq!(seen(resp).await.status(), "new");
     // Duplicates: the first one that verifies wins; a stale one before it does no harm.
     let dup = format!("sessionid={}; {cookie}", "f".repeat(64));
-    let seen1 = seen(
-        plain()
-            .get(s.url("/"))
-            .header("cookie", dup)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let seen1 = s.get(&plain(), "/").cookie(dup).seen().await;
     assert_eq!(seen1.status(), "existing");
     assert!(seen1.header("cookie").is_none(), "both copies removed");
     // Two Cookie header lines, as HTTP/2 clients send them.
-    let resp = plain()
-        .get(s.url("/"))
-        .header("cookie", "a=1")
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
-    let seen2 = seen(resp).await;
+    let seen2 = s
+        .get(&plain(), "/")
+        .cookie("a=1")
+        .cookie(&cookie)
+        .seen()
+        .await;
     assert_eq!(seen2.status(), "existing");
     assert_eq!(seen2.header("cookie"), Some("a=1"));
 }
@@ -268,7 +236,7 @@ async fn expect_100_continue_is_honoured() {
 async fn garbage_instead_of_http_from_the_upstream_is_a_502() {
     let app = raw_upstream(b"this is not HTTP at all\r\n\r\n".to_vec()).await;
     let s = sidecar_for(app, "").await;
-    let resp = plain().get(s.url("/")).send().await.unwrap();
+    let resp = s.get(&plain(), "/").send().await;
     assert_eq!(resp.status(), 502);
     let text = resp.text().await.unwrap();
     assert!(text.contains("answer was broken"), "{text}");
@@ -281,7 +249,7 @@ async fn a_huge_response_head_from_the_upstream_is_a_502() {
     answer.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
     let app = raw_upstream(answer).await;
     let s = sidecar_for(app, "").await;
-    let resp = browser().get(s.url("/")).send().await.unwrap();
+    let resp = s.get(&browser(), "/").send().await;
     assert_eq!(resp.status(), 502);
     assert!(set_cookies(&resp).is_empty());
     assert!(
@@ -300,13 +268,13 @@ async fn an_upstream_that_resets_mid_body_cuts_that_response_only() {
     let app =
         raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial".to_vec()).await;
     let s = sidecar_for(app, "").await;
-    let resp = plain().get(s.url("/")).send().await.unwrap();
+    let resp = s.get(&plain(), "/").send().await;
     assert_eq!(resp.status(), 200, "the head had already been forwarded");
     assert!(
         resp.bytes().await.is_err(),
         "the client sees the body cut, not a short success"
     );
-    let again = plain().get(s.url("/")).send().await.unwrap();
+    let again = s.get(&plain(), "/").send().await;
     assert_eq!(again.status(), 200);
 }
 
@@ -314,7 +282,7 @@ async fn an_upstream_that_resets_mid_body_cuts_that_response_only() {
 async fn informational_responses_from_the_upstream_are_passed_over() {
     let app = raw_upstream(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Session-Set: {\"hinted\":1}\r\n\r\nok".to_vec()).await;
     let s = sidecar_for(app, "").await;
-    let resp = plain().get(s.url("/")).send().await.unwrap();
+    let resp = s.get(&plain(), "/").send().await;
     assert_eq!(resp.status(), 200);
     assert_eq!(set_cookies(&resp).len(), 1);
     assert_eq!(resp.text().await.unwrap(), "ok");
@@ -330,11 +298,11 @@ async fn a_store_that_fails_at_run_time_answers_503_for_reads_and_writes() {
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
     for incr in [false, true] {
-        let mut req = plain().get(s.url("/")).header("cookie", &cookie);
+        let mut visit = s.get(&plain(), "/").cookie(&cookie);
         if incr {
-            req = req.header("x-test-incr", "n");
+            visit = visit.incr("n");
         }
-        let resp = req.send().await.unwrap();
+        let resp = visit.send().await;
         assert_eq!(resp.status(), 503);
         assert!(set_cookies(&resp).is_empty());
     }
@@ -393,13 +361,12 @@ async fn a_full_disk_answers_503_and_never_claims_a_change_was_kept() {
     let mut refused = 0;
     for i in 0..20 {
         let set = format!(r#"{{"big{i}":"{}"}}"#, "x".repeat(4000));
-        let resp = plain()
-            .get(s.url("/"))
-            .header("cookie", &cookie)
-            .header("x-test-reply", reply(&[("X-Session-Set", &set)]))
+        let resp = s
+            .get(&plain(), "/")
+            .cookie(&cookie)
+            .reply(&[("X-Session-Set", &set)])
             .send()
-            .await
-            .unwrap();
+            .await;
         match resp.status().as_u16() {
             200 => {}
             503 => {
