@@ -103,6 +103,21 @@ pub fn ours<'a>(name: &'a str, prefix: &str) -> Ours<'a> {
     }
 }
 
+/// Removes `name` (lower case) in every spelling CGI reads as the same: `_` for `-`.
+pub fn remove_spellings(headers: &mut HeaderMap, name: &str) {
+    let same = |n: &HeaderName| {
+        n.as_str().len() == name.len()
+            && n.as_str()
+                .bytes()
+                .zip(name.bytes())
+                .all(|(a, b)| a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_')))
+    };
+    let found: Vec<HeaderName> = headers.keys().filter(|n| same(n)).cloned().collect();
+    for n in found {
+        headers.remove(n);
+    }
+}
+
 /// Whether `name` belongs to the sidecar in any spelling.
 pub fn is_ours(name: &str, prefix: &str) -> bool {
     ours(name, prefix) != Ours::No

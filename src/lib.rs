@@ -25,6 +25,7 @@ mod proxy;
 mod reload;
 mod server;
 mod settings;
+mod signing;
 mod upstream;
 
 use std::future::Future;

@@ -352,3 +352,77 @@ async fn revoke_ends_the_subjects_sessions_on_a_redis_cluster() {
     );
     holds_revoke(&a, &b).await;
 }
+
+/// `X-Session-Subject` reaches the app with the session's subject, and with `[identity]` the
+/// app's own user header carries it too; no client spelling of either gets through, on a skip
+/// path neither.
+#[tokio::test]
+async fn the_subject_reaches_the_app_and_the_identity_header_carries_it() {
+    let s = sidecar("skip_paths = [\"/static/\"]\n[identity]\nheader = \"X-WEBAUTH-USER\"").await;
+    let client = browser();
+    let forged = [
+        ("X-WEBAUTH-USER", "admin"),
+        ("X_Webauth_User", "admin"),
+        ("x-session-subject", "admin"),
+        ("X_SESSION_SUBJECT", "admin"),
+    ];
+    let users = |seen: &Seen| {
+        (
+            seen.headers.get("x-webauth-user").cloned(),
+            seen.headers.get("x-session-subject").cloned(),
+        )
+    };
+    let first = s.get(&client, "/").headers(&forged).seen().await;
+    assert_eq!(users(&first), (None, None), "{:?}", first.headers);
+    assert!(!first.headers.contains_key("x_webauth_user"));
+
+    s.get(&client, "/")
+        .reply(&[
+            ("X-Session-Subject", "alice"),
+            ("X-Session-Set", r#"{"u": 1}"#),
+        ])
+        .send()
+        .await;
+    let seen = s.get(&client, "/").headers(&forged).seen().await;
+    let alice = Some(vec!["alice".to_string()]);
+    assert_eq!(users(&seen), (alice.clone(), alice), "{:?}", seen.headers);
+    // The subject is not part of the data.
+    assert_eq!(seen.session(), json!({"u": 1}));
+
+    let skipped = s
+        .get(&client, "/static/app.css")
+        .headers(&forged)
+        .seen()
+        .await;
+    assert_eq!(users(&skipped), (None, None), "{:?}", skipped.headers);
+
+    // Untagged: neither header.
+    s.get(&client, "/")
+        .reply(&[("X-Session-Subject", "")])
+        .send()
+        .await;
+    let seen = s.get(&client, "/").headers(&forged).seen().await;
+    assert_eq!(users(&seen), (None, None), "{:?}", seen.headers);
+}
+
+/// Without `[identity]`, the subject still reaches the app as `X-Session-Subject`, and a
+/// client's own `X-WEBAUTH-USER` is the app's business (passed on).
+#[tokio::test]
+async fn without_identity_only_the_session_header_carries_the_subject() {
+    let s = sidecar("").await;
+    let client = browser();
+    s.get(&client, "/")
+        .reply(&[
+            ("X-Session-Subject", "bob"),
+            ("X-Session-Set", r#"{"u": 1}"#),
+        ])
+        .send()
+        .await;
+    let seen = s
+        .get(&client, "/")
+        .header("X-WEBAUTH-USER", "someone")
+        .seen()
+        .await;
+    assert_eq!(seen.header("x-session-subject"), Some("bob"));
+    assert_eq!(seen.header("x-webauth-user"), Some("someone"));
+}

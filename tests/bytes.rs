@@ -35,7 +35,14 @@ fn foreign_piece() -> impl Strategy<Value = Vec<u8>> {
 /// A header name in some spelling of the sidecar's prefix, or a foreign one.
 fn header_name() -> impl Strategy<Value = String> {
     let ours = (
-        prop::sample::select(vec!["x-session", "X_Session", "x_SESSION", "X-SESSION"]),
+        prop::sample::select(vec![
+            "x-session",
+            "X_Session",
+            "x_SESSION",
+            "X-SESSION",
+            "x-webauth",
+            "X_WEBAUTH",
+        ]),
         prop::sample::select(vec![
             "",
             "-set",
@@ -44,6 +51,8 @@ fn header_name() -> impl Strategy<Value = String> {
             "_expiry-age",
             "_id",
             "-foo",
+            "-user",
+            "_USER",
         ]),
     )
         .prop_map(|(p, s)| format!("{p}{s}"));
@@ -65,9 +74,13 @@ fn scrub(h: &mut HeaderMap, jar: &SessionCookie) -> session_sidecar::cookie::Pre
             peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
             trust_forwarded: false,
             upgrade: false,
+            identity: Some(&IDENTITY),
         },
     )
 }
+
+/// The `[identity]` header the scrub is given: an app's own user header (Grafana's).
+static IDENTITY: HeaderName = HeaderName::from_static("x-webauth-user");
 
 proptest! {
     #[test]
@@ -112,7 +125,8 @@ proptest! {
                 continue;
             };
             let cgi = n.as_str().replace('_', "-");
-            if !(cgi == "x-session" || cgi.starts_with("x-session-") || is_hop_or_forwarding(n.as_str())) {
+            if !(cgi == "x-session" || cgi.starts_with("x-session-") || cgi == "x-webauth-user"
+                 || is_hop_or_forwarding(n.as_str())) {
                 foreign.push((n.clone(), v.clone()));
             }
             h.append(n, v);
@@ -120,6 +134,7 @@ proptest! {
         scrub(&mut h, &jar());
         for name in h.keys() {
             prop_assert!(!is_ours(name.as_str(), "x-session"), "{} survived", name);
+            prop_assert!(name.as_str().replace('_', "-") != "x-webauth-user", "{} survived", name);
         }
         for (n, v) in foreign {
             prop_assert!(h.get_all(&n).iter().any(|x| x == v), "{} was lost", n);

@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
             peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
             trust_forwarded: flags & 2 == 2,
             upgrade: flags & 4 == 4,
+            identity: None,
         },
     );
     for (name, value) in &h {

@@ -224,6 +224,10 @@ pub struct Config {
     pub store: StoreConfig,
     pub secret_key: Option<String>,
     pub secret_key_fallbacks: Vec<String>,
+    /// `[security] upstream_signing_key`: requests to the app carry `X-Session-Signature`.
+    pub upstream_signing_key: Option<String>,
+    /// `[identity] header`, lower-cased: the app's user header, set from the subject.
+    pub identity_header: Option<http::HeaderName>,
     pub admin: AdminConfig,
     pub csrf: CsrfConfig,
     /// `[limits] max_sessions_per_subject`, when set.
@@ -287,6 +291,9 @@ pub fn effective_toml(
         mask(k);
     }
     raw.security.secret_key_fallbacks.iter_mut().for_each(mask);
+    if let Some(k) = raw.security.upstream_signing_key.as_mut() {
+        mask(k);
+    }
     raw.store.url = crate::session::redact(&raw.store.url);
     for url in raw
         .store

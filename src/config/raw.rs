@@ -64,6 +64,18 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub csrf: RawCsrf,
     pub limits: RawLimits,
+    pub identity: RawIdentity,
+}
+
+/// `[identity]`: the subject handed to an app that takes its user from a proxy header
+/// (Grafana's `X-WEBAUTH-USER`, Gitea's reverse-proxy auth, `REMOTE_USER` through a front
+/// server).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentity {
+    /// The request header that carries the session's subject ("": none). Every client spelling
+    /// of it is removed.
+    pub header: String,
 }
 
 /// Per-user and per-client limits (docs/PROTECTING.md).
@@ -173,6 +185,10 @@ pub struct RawSecurity {
     /// A file holding the secret (Docker and Kubernetes secrets); one trailing newline is dropped.
     pub secret_key_file: Option<String>,
     pub secret_key_fallbacks: Vec<String>,
+    /// A key shared with the app: every request to it carries `X-Session-Signature`.
+    pub upstream_signing_key: Option<String>,
+    /// The key in a file, as `secret_key_file`.
+    pub upstream_signing_key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -212,6 +228,7 @@ impl Default for RawConfig {
             admin: RawAdmin::default(),
             csrf: RawCsrf::default(),
             limits: RawLimits::default(),
+            identity: RawIdentity::default(),
         }
     }
 }

@@ -420,3 +420,62 @@ fn legacy_names_apply_only_to_redis() {
     .unwrap();
     assert!(c.store.legacy_names);
 }
+
+#[test]
+fn the_upstream_signing_key_is_32_bytes_or_more_inline_or_in_a_file_and_masked() {
+    let e = Config::from_toml("[security]\nupstream_signing_key = \"short\"").unwrap_err();
+    assert!(
+        e.to_string().contains("security.upstream_signing_key"),
+        "{e}"
+    );
+    let key = "s".repeat(40);
+    let c = Config::from_toml(&format!("[security]\nupstream_signing_key = \"{key}\"")).unwrap();
+    assert_eq!(c.upstream_signing_key.as_deref(), Some(key.as_str()));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k");
+    std::fs::write(&file, format!("{key}\n")).unwrap();
+    let c = Config::from_toml(&format!(
+        "[security]\nupstream_signing_key_file = {:?}",
+        file.display().to_string()
+    ))
+    .unwrap();
+    assert_eq!(c.upstream_signing_key.as_deref(), Some(key.as_str()));
+    let both = format!(
+        "[security]\nupstream_signing_key = \"{key}\"\nupstream_signing_key_file = {:?}",
+        file.display().to_string()
+    );
+    assert!(Config::from_toml(&both).is_err());
+    let env = vec![(
+        "SESSION_SIDECAR_SECURITY__UPSTREAM_SIGNING_KEY".to_string(),
+        key.clone(),
+    )];
+    let c = Config::from_toml_with_env("", env).unwrap();
+    assert!(c.upstream_signing_key.is_some());
+    let shown = effective_toml(
+        &format!("[security]\nupstream_signing_key = \"{key}\""),
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap();
+    assert!(!shown.contains(&key), "{shown}");
+}
+
+#[test]
+fn the_identity_header_is_an_apps_own_header() {
+    let c = Config::from_toml("[identity]\nheader = \"X-WEBAUTH-USER\"").unwrap();
+    assert_eq!(c.identity_header.unwrap().as_str(), "x-webauth-user");
+    assert!(Config::from_toml("").unwrap().identity_header.is_none());
+    for bad in [
+        "X-Session-User",
+        "x_session_user",
+        "Cookie",
+        "Host",
+        "Authorization",
+        "X-Forwarded-User",
+        "Connection",
+        "a b",
+        "é",
+    ] {
+        let e = Config::from_toml(&format!("[identity]\nheader = {bad:?}")).unwrap_err();
+        assert!(e.to_string().contains("identity.header"), "{bad}: {e}");
+    }
+}

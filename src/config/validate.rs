@@ -103,6 +103,23 @@ impl RawConfig {
                 ),
             ));
         }
+        let upstream_signing_key = from_file(
+            "security.upstream_signing_key",
+            sec.upstream_signing_key.take(),
+            sec.upstream_signing_key_file.as_deref(),
+        )?;
+        if let Some(k) = &upstream_signing_key
+            && k.len() < MIN_SECRET_BYTES
+        {
+            return Err(invalid(
+                "security.upstream_signing_key",
+                format!(
+                    "is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
+                    k.len()
+                ),
+            ));
+        }
+        let identity_header = identity_header(&self.identity.header, &header_prefix)?;
         if sec.secret_key.is_none() && !sec.secret_key_fallbacks.is_empty() {
             return Err(invalid(
                 "security.secret_key_fallbacks",
@@ -167,6 +184,8 @@ impl RawConfig {
             store,
             secret_key: sec.secret_key,
             secret_key_fallbacks: sec.secret_key_fallbacks,
+            upstream_signing_key,
+            identity_header,
             admin,
             csrf,
             max_sessions_per_subject: (self.limits.max_sessions_per_subject > 0)
@@ -174,6 +193,40 @@ impl RawConfig {
             new_sessions_per_minute: std::num::NonZeroU32::new(self.limits.new_sessions_per_minute),
         })
     }
+}
+
+/// `[identity] header`: a header name of the app's own, not one the sidecar or HTTP already
+/// gives a meaning to.
+fn identity_header(name: &str, prefix: &str) -> Result<Option<http::HeaderName>, ConfigError> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: &str| invalid("identity.header", format!("{name:?} {why}"));
+    let header = http::HeaderName::from_bytes(name.as_bytes())
+        .ok()
+        .filter(|_| is_token(name))
+        .ok_or_else(|| bad("is not a valid header name"))?;
+    if crate::headers::is_ours(header.as_str(), prefix) {
+        return Err(bad(
+            "is one of the sidecar's own session headers (header_prefix)",
+        ));
+    }
+    let reserved = crate::headers::HOP_BY_HOP.contains(&header)
+        || crate::headers::UNTRUSTED_FORWARDING.contains(&header)
+        || [
+            http::header::HOST,
+            http::header::COOKIE,
+            http::header::AUTHORIZATION,
+            http::header::CONTENT_LENGTH,
+            http::header::CONTENT_TYPE,
+            http::header::UPGRADE,
+        ]
+        .contains(&header)
+        || header.as_str().starts_with("x-forwarded-");
+    if reserved {
+        return Err(bad("already means something to HTTP or to the proxy chain"));
+    }
+    Ok(Some(header))
 }
 
 fn validate_upgrades(list: &[String]) -> Result<Vec<String>, ConfigError> {

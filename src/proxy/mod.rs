@@ -23,6 +23,7 @@ use crate::metrics::{HeaderLabel, Metrics, Status};
 use crate::session::{Clock, Millis, json};
 use crate::session::{CommitError, CookieOp, Gate, Loaded, Outcome, Sessions};
 use crate::settings::Settings;
+use crate::signing::Signer;
 use crate::upstream::{RequestBody, ResponseBody, Upstream};
 
 mod scrub;
@@ -76,6 +77,26 @@ struct Names {
     expiry_age: HeaderName,
     id: HeaderName,
     csrf: HeaderName,
+    subject: HeaderName,
+    signature: HeaderName,
+    /// `[identity] header`: the app's own user header, set from the subject.
+    identity: Option<HeaderName>,
+}
+
+impl Names {
+    /// What `X-Session-Signature` covers: every header the sidecar may add.
+    fn signed(&self) -> Vec<&HeaderName> {
+        let mut names = vec![
+            &self.data,
+            &self.status,
+            &self.expiry_age,
+            &self.id,
+            &self.csrf,
+            &self.subject,
+        ];
+        names.extend(&self.identity);
+        names
+    }
 }
 
 /// One worker's request handler. What a reload may change lives in a [`Pipeline`], swapped
@@ -126,6 +147,8 @@ pub struct Pipeline {
     cookie: Arc<SessionCookie>,
     upstream: Upstream,
     names: Names,
+    /// `[security] upstream_signing_key`.
+    signer: Option<Signer>,
     /// `[limits] new_sessions_per_minute`, shared by every worker.
     creation_limit: Option<Arc<crate::limits::CreationLimit>>,
     shared: Shared,
@@ -146,8 +169,12 @@ impl Pipeline {
             expiry_age: header_name(p, "-expiry-age"),
             id: header_name(p, "-id"),
             csrf: header_name(p, "-csrf"),
+            subject: header_name(p, "-subject"),
+            signature: header_name(p, "-signature"),
+            identity: config.identity_header.clone(),
         };
         Pipeline {
+            signer: config.upstream_signing_key.as_deref().map(Signer::new),
             cookie: settings.cookie.clone(),
             upstream,
             sessions: settings.sessions.clone(),
@@ -298,6 +325,7 @@ impl Pipeline {
                 peer: peer.ip(),
                 trust_forwarded: self.config.trust_forwarded,
                 upgrade: vouched,
+                identity: self.names.identity.as_ref(),
             },
         );
         self.warn_if_insecure(&parts.headers);
@@ -355,6 +383,10 @@ impl Pipeline {
                 .insert(&self.names.csrf, HeaderValue::from_str(&t).expect("hex"));
         }
         self.inject(&mut parts.headers, &loaded, now, info);
+        if let Some(signer) = &self.signer {
+            let signature = signer.sign(&parts.headers, &self.names.signed(), now / 1000);
+            parts.headers.insert(&self.names.signature, signature);
+        }
         Ok((Request::from_parts(parts, body), loaded, client))
     }
 
@@ -380,6 +412,17 @@ impl Pipeline {
             && let Some(key) = loaded.key()
         {
             h.insert(&self.names.id, HeaderValue::from_str(key).expect("hex key"));
+        }
+        // Subjects are visible ASCII (docs/HEADERS.md §2); one that is not is not handed on.
+        if let Some(subject) = loaded
+            .record()
+            .and_then(|r| r.subject.as_deref())
+            .and_then(|s| HeaderValue::from_str(s).ok())
+        {
+            if let Some(identity) = &self.names.identity {
+                h.insert(identity, subject.clone());
+            }
+            h.insert(&self.names.subject, subject);
         }
     }
 

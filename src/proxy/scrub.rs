@@ -16,11 +16,14 @@ pub struct Scrub<'a> {
     pub trust_forwarded: bool,
     /// The request is an upgrade the sidecar vouches for: keep `Upgrade`/`Connection`.
     pub upgrade: bool,
+    /// `[identity] header`: removed in every spelling, as the sidecar's own are.
+    pub identity: Option<&'a http::HeaderName>,
 }
 
 /// The whole request-head path before the session is looked at, as one function (so that it
 /// can be fuzzed as one): take our cookie out, remove every header of ours in any spelling,
-/// drop hop-by-hop headers, set `X-Forwarded-*`, keep `Host`.
+/// drop hop-by-hop headers, set `X-Forwarded-*`, keep `Host`; and the `[identity]` header, in
+/// every spelling.
 pub fn scrub_request_head(
     headers: &mut http::HeaderMap,
     authority: Option<&http::uri::Authority>,
@@ -29,6 +32,9 @@ pub fn scrub_request_head(
 ) -> Presented {
     let presented = cookie.take(headers);
     headers::take_ours(headers, how.prefix);
+    if let Some(identity) = how.identity {
+        headers::remove_spellings(headers, identity.as_str());
+    }
     let host = headers
         .get(HOST)
         .and_then(|h| h.to_str().ok())
