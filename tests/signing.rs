@@ -187,7 +187,7 @@ async fn the_documented_checks_accept_the_sidecars_headers_and_nothing_else() {
     }
 
     // Sent straight to the app's port, forged headers carry no signature the app accepts.
-    let forged = get(&plain(), &format!("http://{}/", s.app))
+    let forged = get(&plain(), format!("http://{}/", s.app))
         .header("x-session", r#"{"user":"admin"}"#)
         .header("x-session-subject", "admin")
         .header("x-session-signature", &genuine["x-session-signature"])
