@@ -89,7 +89,7 @@ proptest! {
         headers in prop::collection::vec(
             (prop_oneof![Just(""), Just("-set"), Just("-delete"), Just("-flush"), Just("-cycle"),
                          Just("-expiry"), Just("-subject"), Just("-incr"), Just("-append"),
-                         Just("-foo")],
+                         Just("-revoke"), Just("-foo")],
              prop::collection::vec(any::<u8>(), 0..64)),
             0..6),
         snapshot in data(),

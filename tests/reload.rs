@@ -414,3 +414,67 @@ async fn a_new_sweep_interval_is_taken_live_and_frequent_reloads_do_not_postpone
     p.signal("-TERM");
     let _ = tokio::task::spawn_blocking(move || p.wait()).await;
 }
+
+/// The `X-Session-Signature` the app got, checked with `key` as docs/SIGNING.md says.
+fn signed_with(seen: &Seen, key: &str) -> bool {
+    use hmac::Mac;
+    let Some(sig) = seen.header("x-session-signature") else {
+        return false;
+    };
+    let fields: std::collections::HashMap<&str, &str> = sig
+        .split(';')
+        .skip(1)
+        .filter_map(|p| p.trim().split_once('='))
+        .collect();
+    let mut msg = format!("v1\n{}\n", fields["t"]);
+    for name in fields["h"].split(' ') {
+        msg += &format!("{name}:{}\n", seen.header(name).unwrap());
+    }
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(msg.as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex == fields["s"]
+}
+
+#[tokio::test]
+async fn the_upstream_signing_key_and_the_identity_header_change_live() {
+    let app = start_app(echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(&write(dir.path(), app, "", NO_ADMIN));
+    let mut conn = Connection::open(p.addr).await;
+    let seen =
+        |resp: http::Response<Bytes>| -> Seen { serde_json::from_slice(resp.body()).unwrap() };
+    let first = seen(conn.get("/", &[("x-webauth-user", "admin")]).await);
+    assert!(first.header("x-session-signature").is_none());
+    assert_eq!(
+        first.header("x-webauth-user"),
+        Some("admin"),
+        "not ours yet"
+    );
+
+    let with = |key: &str| {
+        format!(
+            "[security]\nupstream_signing_key = {key:?}\n[identity]\nheader = \"X-WEBAUTH-USER\""
+        )
+    };
+    reload(&p, dir.path(), app, &with(OLD_SECRET), 1).await;
+    let signed = seen(conn.get("/", &[("x-webauth-user", "admin")]).await);
+    assert!(signed_with(&signed, OLD_SECRET), "{:?}", signed.headers);
+    assert_eq!(
+        signed.header("x-webauth-user"),
+        None,
+        "a client's spelling is removed"
+    );
+
+    reload(&p, dir.path(), app, &with(NEW_SECRET), 2).await;
+    let rotated = seen(conn.get("/", &[]).await);
+    assert!(signed_with(&rotated, NEW_SECRET), "{:?}", rotated.headers);
+    assert!(!signed_with(&rotated, OLD_SECRET));
+    p.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || p.wait()).await;
+}

@@ -7,7 +7,9 @@ use session_sidecar::headers::parse_changes;
 use session_sidecar::session::changes;
 use session_sidecar::session::{Data, Record};
 
-const SUFFIXES: [&str; 8] = ["", "-set", "-delete", "-flush", "-cycle", "-expiry", "-subject", "-x"];
+const SUFFIXES: [&str; 11] = [
+    "", "-set", "-delete", "-flush", "-cycle", "-expiry", "-subject", "-incr", "-append", "-revoke", "-x",
+];
 
 fuzz_target!(|data: &[u8]| {
     let mut pairs = Vec::new();
