@@ -20,14 +20,16 @@ use crate::drain::Tracker;
 use crate::error::{Body, ProxyError};
 use crate::headers::{self, Ours};
 use crate::metrics::{HeaderLabel, Metrics, Status};
-use crate::session::{Clock, Millis, json};
+use crate::session::{Clock, Millis};
 use crate::session::{CommitError, CookieOp, Gate, Loaded, Outcome, Sessions};
 use crate::settings::Settings;
 use crate::signing::Signer;
 use crate::upstream::{RequestBody, ResponseBody, Upstream};
 
+mod inject;
 mod scrub;
 
+use inject::{Names, header_name};
 use scrub::own_host;
 pub use scrub::{Scrub, scrub_request_head};
 
@@ -68,35 +70,6 @@ struct Answered {
     body: ResponseBody,
     upgrades: Option<(OnUpgrade, OnUpgrade)>,
     taken: Vec<(HeaderName, HeaderValue)>,
-}
-
-/// The request headers the sidecar adds, named with the configured prefix.
-struct Names {
-    data: HeaderName,
-    status: HeaderName,
-    expiry_age: HeaderName,
-    id: HeaderName,
-    csrf: HeaderName,
-    subject: HeaderName,
-    signature: HeaderName,
-    /// `[identity] header`: the app's own user header, set from the subject.
-    identity: Option<HeaderName>,
-}
-
-impl Names {
-    /// What `X-Session-Signature` covers: every header the sidecar may add.
-    fn signed(&self) -> Vec<&HeaderName> {
-        let mut names = vec![
-            &self.data,
-            &self.status,
-            &self.expiry_age,
-            &self.id,
-            &self.csrf,
-            &self.subject,
-        ];
-        names.extend(&self.identity);
-        names
-    }
 }
 
 /// One worker's request handler. What a reload may change lives in a [`Pipeline`], swapped
@@ -152,11 +125,6 @@ pub struct Pipeline {
     /// `[limits] new_sessions_per_minute`, shared by every worker.
     creation_limit: Option<Arc<crate::limits::CreationLimit>>,
     shared: Shared,
-}
-
-fn header_name(prefix: &str, suffix: &str) -> HeaderName {
-    HeaderName::from_bytes(format!("{prefix}{suffix}").as_bytes())
-        .expect("the prefix was validated as a header name")
 }
 
 impl Pipeline {
@@ -383,47 +351,7 @@ impl Pipeline {
                 .insert(&self.names.csrf, HeaderValue::from_str(&t).expect("hex"));
         }
         self.inject(&mut parts.headers, &loaded, now, info);
-        if let Some(signer) = &self.signer {
-            let signature = signer.sign(&parts.headers, &self.names.signed(), now / 1000);
-            parts.headers.insert(&self.names.signature, signature);
-        }
         Ok((Request::from_parts(parts, body), loaded, client))
-    }
-
-    /// The session headers the app receives (docs/HEADERS.md §1).
-    fn inject(&self, h: &mut http::HeaderMap, loaded: &Loaded, now: Millis, info: &mut Access) {
-        h.insert(
-            &self.names.data,
-            HeaderValue::from_str(&json::encode_ascii(loaded.data()))
-                .expect("the encoder writes visible ASCII only"),
-        );
-        let status = if loaded.is_existing() {
-            "existing"
-        } else {
-            "new"
-        };
-        info.session = status;
-        h.insert(&self.names.status, HeaderValue::from_static(status));
-        h.insert(
-            &self.names.expiry_age,
-            HeaderValue::from(self.sessions.expiry_age(loaded, now)),
-        );
-        if self.config.expose_id
-            && let Some(key) = loaded.key()
-        {
-            h.insert(&self.names.id, HeaderValue::from_str(key).expect("hex key"));
-        }
-        // Subjects are visible ASCII (docs/HEADERS.md §2); one that is not is not handed on.
-        if let Some(subject) = loaded
-            .record()
-            .and_then(|r| r.subject.as_deref())
-            .and_then(|s| HeaderValue::from_str(s).ok())
-        {
-            if let Some(identity) = &self.names.identity {
-                h.insert(identity, subject.clone());
-            }
-            h.insert(&self.names.subject, subject);
-        }
     }
 
     /// Forward: the request to the app, and our headers taken out of its answer (and any
