@@ -241,6 +241,15 @@ async fn holds_revoke(a: &Sidecar, b: &Sidecar) {
     log_in(&laptop, b, "alice").await;
     log_in(&tablet, a, "alice").await;
     log_in(&bob, b, "bob").await;
+    // Each browser's app sees its own subject, whichever sidecar it goes through.
+    for (client, via, who) in [
+        (&phone, a, "alice"),
+        (&laptop, b, "alice"),
+        (&bob, a, "bob"),
+    ] {
+        let seen = via.get(client, "/").seen().await;
+        assert_eq!(seen.header("x-session-subject"), Some(who));
+    }
 
     // After a password change: the phone keeps its session (under a new key), alice's others end,
     // bob's does not.

@@ -110,13 +110,28 @@ fn signed_names(headers: &BTreeMap<String, String>) -> Vec<String> {
     h.split(' ').map(str::to_string).collect()
 }
 
+const SIGNED: &str = "expose_id = true\n[security]\nupstream_signing_key = \
+    \"the upstream signing key, 32 bytes or more\"\n\
+    [identity]\nheader = \"X-WEBAUTH-USER\"\n[csrf]\ntoken = true\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_checks_accept_the_sidecars_headers_and_nothing_else() {
-    let s = sidecar(&format!(
-        "expose_id = true\n[security]\nupstream_signing_key = {KEY:?}\n\
-         [identity]\nheader = \"X-WEBAUTH-USER\"\n[csrf]\ntoken = true\n"
-    ))
-    .await;
+    holds_the_signature(&sidecar(SIGNED).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signature_holds_on_redis_and_a_redis_cluster() {
+    let (Some(server), Some(cluster)) = (RedisServer::start(), RedisCluster::start()) else {
+        return;
+    };
+    for store in [server.store_toml("sig:"), cluster.store_toml("sig:")] {
+        let app = start_app(echo).await;
+        holds_the_signature(&sidecar_for(app, &format!("{SIGNED}{store}")).await).await;
+    }
+}
+
+/// Every clause of docs/SIGNING.md against the sidecar `s` (signed with [`KEY`]).
+async fn holds_the_signature(s: &Sidecar) {
     let client = browser();
     // A logged-in visitor: data, subject, id, CSRF token and the identity header are all signed.
     let r = s
@@ -128,7 +143,7 @@ async fn the_documented_checks_accept_the_sidecars_headers_and_nothing_else() {
         .send()
         .await;
     assert_eq!(r.status(), 200);
-    let genuine = received(&s, &client).await;
+    let genuine = received(s, &client).await;
     assert_eq!(
         signed_names(&genuine),
         [
@@ -144,7 +159,7 @@ async fn the_documented_checks_accept_the_sidecars_headers_and_nothing_else() {
     );
     assert_eq!(genuine["x-webauth-user"], "alice");
     // A new visitor's request is signed too.
-    let fresh = received(&s, &plain()).await;
+    let fresh = received(s, &plain()).await;
     assert_eq!(
         signed_names(&fresh),
         [
@@ -181,7 +196,7 @@ async fn the_documented_checks_accept_the_sidecars_headers_and_nothing_else() {
 
     // Outside the window: the sidecar's clock two minutes ahead, then behind.
     s.clock.advance(Duration::from_secs(120));
-    let ahead = received(&s, &client).await;
+    let ahead = received(s, &client).await;
     for lang in ["python", "php", "perl"] {
         assert!(!accepts(lang, KEY, &ahead), "{lang}: signed 2 min ahead");
     }
