@@ -908,7 +908,12 @@ async fn run(seed: u64, steps: usize, browsers: usize) -> (usize, Counts) {
                 chosen.truncate(rng.gen_range(2..=browsers.clamp(2, 4)));
                 let mut sent = Vec::new();
                 for c in chosen {
-                    let o = op(&mut rng);
+                    // A revoke ends other browsers' sessions: which of these requests lands
+                    // first would decide the outcome, and the model commits them in turn.
+                    let o = match op(&mut rng) {
+                        Op::Revoke(_) => Op::Noop,
+                        o => o,
+                    };
                     let loaded = r.load(c);
                     let answer = tokio::spawn(r.request(c, &o, "/many"));
                     sent.push((c, o, loaded, answer));
