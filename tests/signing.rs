@@ -1,6 +1,6 @@
-//! docs/SIGNING.md: `X-Session-Signature`. The checks the page prints for Python, PHP and Perl are
-//! copied out of it and run for real, each in its own language, on the headers an app behind the
-//! sidecar received: they pass, and they fail on a tampered header, a missing one, a wrong key,
+//! docs/SIGNING.md: `X-Session-Signature`. The checks the page prints for Python, PHP, Perl, Node
+//! and Java are copied out of it and run for real, each in its own language, on the headers an app
+//! behind the sidecar received: they pass, and they fail on a tampered header, a missing one, a wrong key,
 //! a time outside the window, and headers sent straight to the app's port.
 
 mod common;
@@ -12,6 +12,9 @@ use std::time::Duration;
 use common::*;
 
 const KEY: &str = "the upstream signing key, 32 bytes or more";
+
+/// Every language docs/SIGNING.md gives the check in.
+const LANGS: [&str; 5] = ["python", "php", "perl", "node", "java"];
 
 /// The fenced block after `<!-- check:{lang} -->` in docs/SIGNING.md.
 fn documented(lang: &str) -> String {
@@ -71,6 +74,28 @@ fn accepts(lang: &str, key: &str, headers: &BTreeMap<String, String>) -> bool {
                 key.into(),
             ],
         ),
+        "node" => (
+            "node",
+            vec![
+                "-e".into(),
+                format!(
+                    "{check}\nconst h = {{}};\n\
+                     for (const [n, v] of Object.entries(process.env))\n\
+                       if (n.startsWith('HTTP_')) h[n.slice(5).toLowerCase().replace(/_/g, '-')] = v;\n\
+                     process.exit(sessionSignatureOk(h, process.argv[1]) ? 0 : 1);\n"
+                ),
+                key.into(),
+            ],
+        ),
+        "java" => (
+            "java",
+            vec![
+                "-cp".into(),
+                java_class().display().to_string(),
+                "Check".into(),
+                key.into(),
+            ],
+        ),
         other => panic!("{other}"),
     };
     let out = Command::new(program)
@@ -88,6 +113,41 @@ fn accepts(lang: &str, key: &str, headers: &BTreeMap<String, String>) -> bool {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+}
+
+/// The Java check compiled once into a class `Check` whose `main` reads the request headers from
+/// `HTTP_*` variables, as a CGI gateway would hand them on; the directory holding it.
+fn java_class() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let check = documented("java");
+        let (imports, body): (Vec<&str>, Vec<&str>) =
+            check.lines().partition(|l| l.starts_with("import "));
+        let source = format!(
+            "{}\npublic class Check {{\n{}\n\
+             public static void main(String[] a) throws Exception {{\n\
+               Map<String, String> env = System.getenv();\n\
+               Function<String, String> h = n -> env.get(\"HTTP_\" + n.toUpperCase().replace('-', '_'));\n\
+               System.exit(sessionSignatureOk(h, a[0].getBytes(StandardCharsets.UTF_8), 60) ? 0 : 1);\n\
+             }}\n}}\n",
+            imports.join("\n"),
+            body.join("\n")
+        );
+        std::fs::write(dir.path().join("Check.java"), source).unwrap();
+        let javac = Command::new("javac")
+            .arg("Check.java")
+            .current_dir(dir.path())
+            .output()
+            .expect("javac (CI installs default-jdk-headless)");
+        assert!(
+            javac.status.success(),
+            "{}",
+            String::from_utf8_lossy(&javac.stderr)
+        );
+        dir
+    })
+    .path()
 }
 
 /// The session headers the app received for one request through `s`.
@@ -178,7 +238,7 @@ async fn holds_the_signature(s: &Sidecar) {
     straight.remove("x-session-signature");
     let mut other_user = genuine.clone();
     other_user.insert("x-webauth-user".into(), "admin".into());
-    for lang in ["python", "php", "perl"] {
+    for lang in LANGS {
         assert!(accepts(lang, KEY, &genuine), "{lang}: {genuine:?}");
         assert!(accepts(lang, KEY, &fresh), "{lang}: {fresh:?}");
         assert!(!accepts(lang, KEY, &tampered), "{lang}: tampered data");
@@ -197,7 +257,7 @@ async fn holds_the_signature(s: &Sidecar) {
     // Outside the window: the sidecar's clock two minutes ahead, then behind.
     s.clock.advance(Duration::from_secs(120));
     let ahead = received(s, &client).await;
-    for lang in ["python", "php", "perl"] {
+    for lang in LANGS {
         assert!(!accepts(lang, KEY, &ahead), "{lang}: signed 2 min ahead");
     }
 
@@ -214,7 +274,7 @@ async fn holds_the_signature(s: &Sidecar) {
         .filter(|(n, _)| n.starts_with("x-session"))
         .map(|(n, v)| (n.clone(), v[0].clone()))
         .collect();
-    for lang in ["python", "php", "perl"] {
+    for lang in LANGS {
         assert!(!accepts(lang, KEY, &forged), "{lang}: forged {forged:?}");
     }
 }
