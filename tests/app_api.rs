@@ -195,6 +195,9 @@ async fn increments_through_two_sidecars_on_one_redis_all_count() {
     assert_eq!(session(&client, &b).await["n"], json!(21));
 }
 
+/// The `[identity]` table the revoke tests' sidecars run with.
+const IDENTITY: &str = "[identity]\nheader = \"X-WEBAUTH-USER\"\n";
+
 /// `X-Session-Subject` in the app's answer: logs `client` in as `who` on `s`.
 async fn log_in(client: &reqwest::Client, s: &Sidecar, who: &str) {
     let user = format!(r#"{{"user": "{who}"}}"#);
@@ -241,14 +244,20 @@ async fn holds_revoke(a: &Sidecar, b: &Sidecar) {
     log_in(&laptop, b, "alice").await;
     log_in(&tablet, a, "alice").await;
     log_in(&bob, b, "bob").await;
-    // Each browser's app sees its own subject, whichever sidecar it goes through.
+    // Each browser's app sees its own subject, whichever sidecar it goes through, and in the
+    // `[identity]` header too, whatever the browser forges.
     for (client, via, who) in [
         (&phone, a, "alice"),
         (&laptop, b, "alice"),
         (&bob, a, "bob"),
     ] {
-        let seen = via.get(client, "/").seen().await;
+        let seen = via
+            .get(client, "/")
+            .header("X-WEBAUTH-USER", "root")
+            .seen()
+            .await;
         assert_eq!(seen.header("x-session-subject"), Some(who));
+        assert_eq!(seen.header("x-webauth-user"), Some(who));
     }
 
     // After a password change: the phone keeps its session (under a new key), alice's others end,
@@ -330,7 +339,7 @@ async fn holds_revoke(a: &Sidecar, b: &Sidecar) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_ends_the_subjects_other_sessions_on_sled() {
-    let s = sidecar("").await;
+    let s = sidecar(IDENTITY).await;
     holds_revoke(&s, &s).await;
 }
 
@@ -340,7 +349,7 @@ async fn revoke_ends_the_subjects_sessions_through_every_sidecar_on_redis() {
         return;
     };
     let app = start_app(echo).await;
-    let store = server.store_toml("revoke:");
+    let store = format!("{IDENTITY}{}", server.store_toml("revoke:"));
     let (a, b) = (
         sidecar_for(app, &store).await,
         sidecar_for(app, &store).await,
@@ -354,7 +363,7 @@ async fn revoke_ends_the_subjects_sessions_on_a_redis_cluster() {
         return;
     };
     let app = start_app(echo).await;
-    let store = cluster.store_toml("revoke:");
+    let store = format!("{IDENTITY}{}", cluster.store_toml("revoke:"));
     let (a, b) = (
         sidecar_for(app, &store).await,
         sidecar_for(app, &store).await,
