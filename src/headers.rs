@@ -81,6 +81,11 @@ pub enum Ours<'a> {
     Other,
 }
 
+/// Whether two bytes of header names read the same to CGI: `_` and `-` are one.
+fn same_byte(a: u8, b: u8) -> bool {
+    a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_'))
+}
+
 /// Whether `name` (lower-case, as `HeaderName` keeps it) belongs to the sidecar, comparing as
 /// CGI does: `_` reads as `-` (docs/HEADERS.md §0).
 pub fn ours<'a>(name: &'a str, prefix: &str) -> Ours<'a> {
@@ -88,8 +93,7 @@ pub fn ours<'a>(name: &'a str, prefix: &str) -> Ours<'a> {
     if n.len() < p.len() {
         return Ours::No;
     }
-    let same = |a: u8, b: u8| a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_'));
-    if !n.iter().zip(p).all(|(&a, &b)| same(a, b)) {
+    if !n.iter().zip(p).all(|(&a, &b)| same_byte(a, b)) {
         return Ours::No;
     }
     let rest = &name[p.len()..];
@@ -110,7 +114,7 @@ pub fn remove_spellings(headers: &mut HeaderMap, name: &str) {
             && n.as_str()
                 .bytes()
                 .zip(name.bytes())
-                .all(|(a, b)| a == b || (matches!(a, b'-' | b'_') && matches!(b, b'-' | b'_')))
+                .all(|(a, b)| same_byte(a, b))
     };
     let found: Vec<HeaderName> = headers.keys().filter(|n| same(n)).cloned().collect();
     for n in found {

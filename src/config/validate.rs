@@ -92,33 +92,16 @@ impl RawConfig {
                 "must not be empty (omit it instead)",
             ));
         }
-        if let Some(k) = &sec.secret_key
-            && k.len() < MIN_SECRET_BYTES
-        {
-            return Err(invalid(
-                "security.secret_key",
-                format!(
-                    "is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
-                    k.len()
-                ),
-            ));
-        }
+        long_enough("security.secret_key", sec.secret_key.as_deref())?;
         let upstream_signing_key = from_file(
             "security.upstream_signing_key",
             sec.upstream_signing_key.take(),
             sec.upstream_signing_key_file.as_deref(),
         )?;
-        if let Some(k) = &upstream_signing_key
-            && k.len() < MIN_SECRET_BYTES
-        {
-            return Err(invalid(
-                "security.upstream_signing_key",
-                format!(
-                    "is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
-                    k.len()
-                ),
-            ));
-        }
+        long_enough(
+            "security.upstream_signing_key",
+            upstream_signing_key.as_deref(),
+        )?;
         let identity_header = identity_header(&self.identity.header, &header_prefix)?;
         if sec.secret_key.is_none() && !sec.secret_key_fallbacks.is_empty() {
             return Err(invalid(
@@ -192,6 +175,20 @@ impl RawConfig {
                 .then_some(self.limits.max_sessions_per_subject),
             new_sessions_per_minute: std::num::NonZeroU32::new(self.limits.new_sessions_per_minute),
         })
+    }
+}
+
+/// A secret of at least [`MIN_SECRET_BYTES`], when given.
+fn long_enough(key: &str, secret: Option<&str>) -> Result<(), ConfigError> {
+    match secret {
+        Some(k) if k.len() < MIN_SECRET_BYTES => Err(invalid(
+            key,
+            format!(
+                "is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
+                k.len()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
