@@ -296,3 +296,25 @@ async fn without_a_key_the_app_gets_no_signature() {
         seen.headers
     );
 }
+
+/// On a skip path the app gets no session headers, so no signature either (docs/SIGNING.md).
+#[tokio::test]
+async fn a_skip_path_carries_neither_session_headers_nor_a_signature() {
+    let s = sidecar(&format!(
+        "skip_paths = [\"/static/\"]\n[security]\nupstream_signing_key = {KEY:?}"
+    ))
+    .await;
+    let seen = s.get(&plain(), "/static/app.css").seen().await;
+    assert!(
+        !seen.headers.keys().any(|n| n.starts_with("x-session")),
+        "{:?}",
+        seen.headers
+    );
+    assert!(
+        s.get(&plain(), "/")
+            .seen()
+            .await
+            .header("x-session-signature")
+            .is_some()
+    );
+}
