@@ -595,6 +595,12 @@ impl Pipeline {
     ) -> Response<Body> {
         let switching = rparts.status == StatusCode::SWITCHING_PROTOCOLS && upgrades.is_some();
         headers::strip_hop_by_hop(&mut rparts.headers, switching);
+        // The app's HTTP version is the upstream hop's business, not the client's: an app
+        // answering HTTP/1.0 (Python's http.server, many CGI servers) must not make the client's
+        // answer HTTP/1.0 and close its connection. hyper answers each client in its own version
+        // (HTTP/1.0 to a 1.0 client, HTTP/2 to h2c) and frames a body of unknown length by it:
+        // chunked for HTTP/1.1, close-delimited for 1.0.
+        rparts.version = http::Version::HTTP_11;
         if let Some((client, upstream)) = upgrades.filter(|_| switching) {
             let guard = self.shared.tracker.splice();
             let tracker = self.shared.tracker.clone();

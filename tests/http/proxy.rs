@@ -396,3 +396,121 @@ async fn every_worker_serves_and_none_stays_idle_under_parallel_connections() {
         t.await.unwrap();
     }
 }
+
+/// One HTTP/1.1 response read off a kept-alive connection: the status line, the head's lines
+/// (lowercased names) and the body, framed by `Content-Length` or chunked encoding.
+async fn read_framed<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> (String, Vec<(String, String)>, Vec<u8>) {
+    let mut status = String::new();
+    r.read_line(&mut status).await.unwrap();
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        let (name, value) = line.split_once(':').unwrap();
+        head.push((name.to_ascii_lowercase(), value.trim().to_string()));
+    }
+    let find = |n: &str| head.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut body = Vec::new();
+    if let Some(len) = find("content-length") {
+        body.resize(len.parse().unwrap(), 0);
+        r.read_exact(&mut body).await.unwrap();
+    } else {
+        assert_eq!(find("transfer-encoding").as_deref(), Some("chunked"), "{head:?}");
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).await.unwrap();
+            let size = usize::from_str_radix(size.trim_end(), 16).unwrap();
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk).await.unwrap();
+            assert_eq!(&chunk[size..], b"\r\n");
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    }
+    (status, head, body)
+}
+
+/// Python's http.server, many CGI servers and the example app answer HTTP/1.0, often with no
+/// length (the body ends when they close). The client is answered in its own version: an
+/// HTTP/1.1 client gets HTTP/1.1 with the body chunked and keeps its connection; an HTTP/1.0
+/// client gets HTTP/1.0 with the body ending at the close. Both get every byte, and the app's
+/// session change lands.
+#[tokio::test]
+async fn an_http_1_0_app_answering_until_close_does_not_cost_the_client_its_version_or_connection(
+) {
+    let body: Vec<u8> = (0..70_000u32)
+        .map(|i| b"0\r\n\r\nabc\x00\xff"[i as usize % 10])
+        .collect();
+    let mut answer =
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nX-Session-Set: {\"seen\":1}\r\n\r\n"
+            .to_vec();
+    answer.extend_from_slice(&body);
+    let app = raw_upstream(answer).await;
+    let s = sidecar_for(app, "").await;
+
+    let stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    for i in 0..3 {
+        w.write_all(format!("GET /page{i} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (status, head, got) = read_framed(&mut r).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "request {i}: {status}");
+        assert!(
+            !head.iter().any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close")),
+            "request {i} closes the client's connection: {head:?}"
+        );
+        assert!(
+            head.iter().any(|(k, v)| k == "set-cookie" && v.starts_with("sessionid=")),
+            "request {i}: the app's change made no session: {head:?}"
+        );
+        assert_eq!(got.len(), body.len(), "request {i}");
+        assert!(got == body, "request {i}: body bytes differ");
+    }
+
+    // An HTTP/1.0 client: HTTP/1.0 back, the body delimited by the close, every byte of it.
+    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    stream
+        .write_all(b"GET /old HTTP/1.0\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.0 200"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert!(out[split + 4..] == body[..], "HTTP/1.0 client: body bytes differ");
+}
+
+/// The example app (Python's http.server, HTTP/1.0 with a Content-Length) behind the sidecar:
+/// a browser's kept-alive connection serves the visit counter twice, in HTTP/1.1.
+#[tokio::test]
+async fn the_http_1_0_example_app_keeps_the_browsers_connection() {
+    let (_app, s) = python_demo("").await;
+    let stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut cookie = String::new();
+    for n in 1..=2 {
+        w.write_all(format!("GET / HTTP/1.1\r\nHost: h\r\n{cookie}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (status, head, body) = read_framed(&mut r).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let body = String::from_utf8(body).unwrap();
+        let times = if n == 1 { "1 time" } else { "2 times" };
+        assert!(body.contains(&format!("visited this page {times}")), "{body}");
+        if let Some((_, v)) = head.iter().find(|(k, _)| k == "set-cookie") {
+            cookie = format!("Cookie: {}\r\n", v.split(';').next().unwrap());
+        }
+    }
+}
