@@ -66,11 +66,16 @@ async fn the_python_legacy_app_counts_visits_keeps_a_cart_and_logs_in_and_out() 
 #[tokio::test]
 async fn the_rust_legacy_app_counts_visits_behind_the_sidecar() {
     let port = free_port();
-    let exe =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/legacy_app");
+    // `cargo test` builds the examples beside the test binaries: <target>/<profile>/deps/this
+    // and <target>/<profile>/examples/legacy_app, wherever CARGO_TARGET_DIR puts <target>.
+    let profile_dir = std::env::current_exe().unwrap();
+    let profile_dir = profile_dir.parent().and_then(|deps| deps.parent()).unwrap();
+    let exe = profile_dir.join("examples/legacy_app");
     if !exe.exists() {
+        // Run on its own (the test binary started by hand): build it into the same target.
         let ok = Command::new(env!("CARGO"))
-            .args(["build", "--example", "legacy_app"])
+            .args(["build", "--example", "legacy_app", "--target-dir"])
+            .arg(profile_dir.parent().unwrap())
             .status()
             .unwrap();
         assert!(ok.success());
