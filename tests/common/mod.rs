@@ -9,13 +9,15 @@
 //! - `redis`, `sentinel`, `cluster`: real Redis servers, a Sentinel set, a cluster;
 //! - `cuts`: `iptables` cuts between a process and a port, and the partition scenario;
 //! - `faulty`: a store that fails on demand;
-//! - `binary`, `relay`: the real binary as operators start it, a relay that delays bytes.
+//! - `binary`, `relay`: the real binary as operators start it, a relay that delays bytes;
+//! - `chromium`: a real headless browser, driven through its DevTools protocol.
 //!
 //! Every test binary compiles all of this and uses some of it, hence the allowances below.
 #![allow(dead_code)]
 
 mod apps;
 pub mod binary;
+pub mod chromium;
 mod client;
 mod cluster;
 mod cuts;
