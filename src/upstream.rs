@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::header::{CONTENT_LENGTH, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -370,6 +371,17 @@ impl Upstream {
         );
         parts.version = Version::HTTP_11;
         if body.is_end_stream() {
+            // RFC 9110 §8.6: a request whose method gives content a meaning states its length,
+            // even 0. A client may leave it out of an empty POST (`curl -X POST`, a script's
+            // fetch) and HTTP/1.1 still frames that as empty, but lighttpd (and other strict
+            // servers) answer it 411 Length Required; browsers always send it.
+            if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+                && !parts.headers.contains_key(CONTENT_LENGTH)
+            {
+                parts
+                    .headers
+                    .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+            }
             let body = Watched {
                 inner: body,
                 progress: None,

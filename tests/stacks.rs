@@ -30,10 +30,7 @@ const SIGNING_KEY: &str = "stacks-test-signing-key-0123456789abcdef";
 /// What each stack needs installed: its run script checks nothing, the test says what is missing.
 fn needs(stack: &str) -> &'static [&'static str] {
     match stack {
-        "php-apache" => &[
-            "/usr/sbin/apache2",
-            "/usr/lib/apache2/modules/libphp8.2.so",
-        ],
+        "php-apache" => &["/usr/sbin/apache2", "/usr/lib/apache2/modules/libphp8.2.so"],
         "php-builtin" => &["/usr/bin/php"],
         "perl-cgi" => &["/usr/sbin/lighttpd", "/usr/bin/perl"],
         "java-tomcat" => &["/usr/share/tomcat10/bin/catalina.sh", "/usr/bin/javac"],
@@ -97,7 +94,10 @@ impl Server {
         let direct = plain();
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("{name} exited ({status}) before answering:\n{}", server.log());
+                panic!(
+                    "{name} exited ({status}) before answering:\n{}",
+                    server.log()
+                );
             }
             if let Ok(r) = direct.get(server.url("/status")).send().await {
                 assert_eq!(
@@ -152,7 +152,13 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let kill = |signal: &str| {
+            let _ = Command::new("kill")
+                .args([signal, "--", &group])
+                .stderr(Stdio::null())
+                .status();
+        };
+        kill("-TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -160,7 +166,7 @@ impl Drop for Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        kill("-KILL");
         let _ = self.child.wait();
     }
 }
@@ -195,7 +201,10 @@ struct Answer {
 impl Driver<'_> {
     async fn send(&self, req: reqwest::RequestBuilder) -> Answer {
         self.sent.fetch_add(1, Ordering::Relaxed);
-        let resp = req.send().await.unwrap_or_else(|e| panic!("{}: {e}", self.stack));
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", self.stack));
         let status = resp.status();
         let cookies = set_cookies(&resp);
         for name in resp.headers().keys() {
@@ -232,7 +241,13 @@ impl Driver<'_> {
     /// The CSRF token of the page's form field, as a browser would read it.
     async fn form_token(&self, client: &reqwest::Client) -> String {
         let a = self.get(client, "/form").await;
-        assert_eq!(a.status, StatusCode::OK, "{}: /form: {}", self.stack, a.body);
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "{}: /form: {}",
+            self.stack,
+            a.body
+        );
         let at = a
             .body
             .find("name=\"csrfmiddlewaretoken\"")
@@ -271,7 +286,12 @@ async fn scenario(server: &Server, sidecar: &Proc) -> u64 {
 
     // The cart: two tabs of one browser adding at once keep every item.
     let adds: Vec<_> = (0..6)
-        .map(|i| format!("/cart/add?item={}{i}", if i % 2 == 0 { "pen" } else { "ink" }))
+        .map(|i| {
+            format!(
+                "/cart/add?item={}{i}",
+                if i % 2 == 0 { "pen" } else { "ink" }
+            )
+        })
         .collect();
     let added = futures_util::future::join_all(adds.iter().map(|p| d.get(&ann, p))).await;
     for (a, p) in added.iter().zip(&adds) {
@@ -304,7 +324,9 @@ async fn scenario(server: &Server, sidecar: &Proc) -> u64 {
 
     // Login: a new key (session fixation), the subject, the user.
     let before = first.cookies[0].clone();
-    let login = d.expect(&ann, "/login?user=ann", "logged in as ann\n").await;
+    let login = d
+        .expect(&ann, "/login?user=ann", "logged in as ann\n")
+        .await;
     assert_eq!(login.cookies.len(), 1, "{}: login set no cookie", d.stack);
     assert_ne!(
         cookie_value(&login.cookies[0]),
@@ -316,8 +338,10 @@ async fn scenario(server: &Server, sidecar: &Proc) -> u64 {
 
     // A second device of ann's; a password change on the first ends it and renews the first's key.
     let phone = browser();
-    d.expect(&phone, "/login?user=ann", "logged in as ann\n").await;
-    d.expect(&phone, "/whoami", "user: ann\nsubject: ann\n").await;
+    d.expect(&phone, "/login?user=ann", "logged in as ann\n")
+        .await;
+    d.expect(&phone, "/whoami", "user: ann\nsubject: ann\n")
+        .await;
     let token = d.form_token(&ann).await;
     let changed = d
         .send(
@@ -339,10 +363,10 @@ async fn scenario(server: &Server, sidecar: &Proc) -> u64 {
     // The CSRF-protected form: accepted with the field, refused by the sidecar without it.
     let token = d.form_token(&ann).await;
     let posted = d
-        .send(
-            ann.post(sidecar.url("/form"))
-                .form(&[("csrfmiddlewaretoken", token.as_str()), ("comment", "hello")]),
-        )
+        .send(ann.post(sidecar.url("/form")).form(&[
+            ("csrfmiddlewaretoken", token.as_str()),
+            ("comment", "hello"),
+        ]))
         .await;
     assert_eq!(
         (posted.status, posted.body.as_str()),
@@ -391,7 +415,9 @@ async fn scenario(server: &Server, sidecar: &Proc) -> u64 {
 
     // Expiry: what the app sets is what the cookie and the next request say.
     let timed = browser();
-    let set = d.expect(&timed, "/expiry?seconds=300", "expiry: 300\n").await;
+    let set = d
+        .expect(&timed, "/expiry?seconds=300", "expiry: 300\n")
+        .await;
     assert!(
         set.cookies.iter().any(|c| c.contains("Max-Age=300")),
         "{}: {:?}",
@@ -422,9 +448,14 @@ async fn scenario(server: &Server, sidecar: &Proc) -> u64 {
     // and keeps the session as it was.
     let big = browser();
     for bytes in [7000, 8170] {
-        d.expect(&big, &format!("/big?bytes={bytes}"), &format!("stored {bytes}\n"))
+        d.expect(
+            &big,
+            &format!("/big?bytes={bytes}"),
+            &format!("stored {bytes}\n"),
+        )
+        .await;
+        d.expect(&big, "/big/size", &format!("big: {bytes}\n"))
             .await;
-        d.expect(&big, "/big/size", &format!("big: {bytes}\n")).await;
     }
     let refused = d.get(&big, "/big?bytes=9000").await;
     assert_eq!(
@@ -455,9 +486,46 @@ async fn scenario(server: &Server, sidecar: &Proc) -> u64 {
         d.stack
     );
 
+    // Load: eight browsers at once, each counting twenty visits and adding ten cart items from
+    // concurrent requests; every count and every item lands.
+    let crowd: Vec<_> = (0..8).map(|_| browser()).collect();
+    let rounds = crowd.iter().enumerate().map(|(b, client)| {
+        let d = &d;
+        async move {
+            d.expect(client, "/", &count_line(1)).await;
+            let paths: Vec<_> = (0..10)
+                .map(|i| format!("/cart/add?item=b{b}i{i}"))
+                .collect();
+            let visits = (0..19).map(|_| d.get(client, "/"));
+            let adds = paths.iter().map(|p| d.get(client, p));
+            let (visits, adds) = futures_util::future::join(
+                futures_util::future::join_all(visits),
+                futures_util::future::join_all(adds),
+            )
+            .await;
+            for a in visits.iter().chain(&adds) {
+                assert_eq!(a.status, StatusCode::OK, "{}: {}", d.stack, a.body);
+            }
+            d.expect(client, "/", &count_line(21)).await;
+            let cart = d.get(client, "/cart").await.body;
+            let items = cart
+                .trim_end()
+                .trim_start_matches("cart: ")
+                .split(',')
+                .count();
+            assert_eq!(items, 10, "{}: browser {b}: {cart}", d.stack);
+        }
+    });
+    futures_util::future::join_all(rounds).await;
+
     // HEAD: the counter page's head, no body.
     let head = d.send(ann.head(sidecar.url("/"))).await;
-    assert_eq!((head.status, head.body.as_str()), (StatusCode::OK, ""), "{}", d.stack);
+    assert_eq!(
+        (head.status, head.body.as_str()),
+        (StatusCode::OK, ""),
+        "{}",
+        d.stack
+    );
 
     // Straight to the app's port, around the sidecar: forged headers (with and without a made-up
     // signature) are refused by the helper's signature check.
@@ -589,7 +657,10 @@ async fn in_chromium(name: &'static str) {
     let page = tab.open(&sidecar.url("/whoami")).await;
     assert!(page.contains("user: ann"), "{name}: {page}");
     let cookies = chromium.cookies().await;
-    let ours: Vec<_> = cookies.iter().filter(|c| c["name"] == "sessionid").collect();
+    let ours: Vec<_> = cookies
+        .iter()
+        .filter(|c| c["name"] == "sessionid")
+        .collect();
     assert_eq!(ours.len(), 1, "{name}: {cookies:?}");
     assert_eq!(ours[0]["httpOnly"], true, "{name}");
     let page = tab.reload().await;

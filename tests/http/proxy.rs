@@ -420,7 +420,11 @@ async fn read_framed<R: tokio::io::AsyncBufRead + Unpin>(
         body.resize(len.parse().unwrap(), 0);
         r.read_exact(&mut body).await.unwrap();
     } else {
-        assert_eq!(find("transfer-encoding").as_deref(), Some("chunked"), "{head:?}");
+        assert_eq!(
+            find("transfer-encoding").as_deref(),
+            Some("chunked"),
+            "{head:?}"
+        );
         loop {
             let mut size = String::new();
             r.read_line(&mut size).await.unwrap();
@@ -443,8 +447,8 @@ async fn read_framed<R: tokio::io::AsyncBufRead + Unpin>(
 /// client gets HTTP/1.0 with the body ending at the close. Both get every byte, and the app's
 /// session change lands.
 #[tokio::test]
-async fn an_http_1_0_app_answering_until_close_does_not_cost_the_client_its_version_or_connection(
-) {
+async fn an_http_1_0_app_answering_until_close_does_not_cost_the_client_its_version_or_connection()
+{
     let body: Vec<u8> = (0..70_000u32)
         .map(|i| b"0\r\n\r\nabc\x00\xff"[i as usize % 10])
         .collect();
@@ -465,11 +469,14 @@ async fn an_http_1_0_app_answering_until_close_does_not_cost_the_client_its_vers
         let (status, head, got) = read_framed(&mut r).await;
         assert!(status.starts_with("HTTP/1.1 200"), "request {i}: {status}");
         assert!(
-            !head.iter().any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close")),
+            !head
+                .iter()
+                .any(|(k, v)| k == "connection" && v.eq_ignore_ascii_case("close")),
             "request {i} closes the client's connection: {head:?}"
         );
         assert!(
-            head.iter().any(|(k, v)| k == "set-cookie" && v.starts_with("sessionid=")),
+            head.iter()
+                .any(|(k, v)| k == "set-cookie" && v.starts_with("sessionid=")),
             "request {i}: the app's change made no session: {head:?}"
         );
         assert_eq!(got.len(), body.len(), "request {i}");
@@ -488,7 +495,10 @@ async fn an_http_1_0_app_answering_until_close_does_not_cost_the_client_its_vers
     let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
     assert!(head.starts_with("http/1.0 200"), "{head}");
     assert!(!head.contains("transfer-encoding"), "{head}");
-    assert!(out[split + 4..] == body[..], "HTTP/1.0 client: body bytes differ");
+    assert!(
+        out[split + 4..] == body[..],
+        "HTTP/1.0 client: body bytes differ"
+    );
 }
 
 /// The example app (Python's http.server, HTTP/1.0 with a Content-Length) behind the sidecar:
@@ -508,9 +518,39 @@ async fn the_http_1_0_example_app_keeps_the_browsers_connection() {
         assert!(status.starts_with("HTTP/1.1 200"), "{status}");
         let body = String::from_utf8(body).unwrap();
         let times = if n == 1 { "1 time" } else { "2 times" };
-        assert!(body.contains(&format!("visited this page {times}")), "{body}");
+        assert!(
+            body.contains(&format!("visited this page {times}")),
+            "{body}"
+        );
         if let Some((_, v)) = head.iter().find(|(k, _)| k == "set-cookie") {
             cookie = format!("Cookie: {}\r\n", v.split(';').next().unwrap());
         }
+    }
+}
+
+/// A POST, PUT or PATCH without a body may come without `Content-Length` (`curl -X POST`, a
+/// script's fetch); it goes up with `Content-Length: 0`, as RFC 9110 §8.6 asks of a request whose
+/// method gives content a meaning, because lighttpd and other strict servers answer it 411. A GET
+/// gains nothing, and a stated length is kept.
+#[tokio::test]
+async fn an_empty_post_without_a_length_goes_up_with_content_length_zero() {
+    let s = sidecar("").await;
+    for (method, sent, expected) in [
+        ("POST", "", Some("0")),
+        ("PUT", "", Some("0")),
+        ("PATCH", "", Some("0")),
+        ("POST", "Content-Length: 0\r\n", Some("0")),
+        ("GET", "", None),
+        ("DELETE", "", None),
+    ] {
+        let out = raw(
+            s.addr,
+            &format!("{method} /p HTTP/1.1\r\nHost: h\r\nConnection: close\r\n{sent}\r\n"),
+        )
+        .await;
+        let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+        let body = &body[body.find('{').unwrap()..=body.rfind('}').unwrap()];
+        let seen: Seen = serde_json::from_str(body).unwrap();
+        assert_eq!(seen.header("content-length"), expected, "{method} {sent:?}");
     }
 }
