@@ -172,6 +172,18 @@ mod tests {
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
+    #[test]
+    fn a_bad_header_is_named_once_in_the_log() {
+        let e = ProxyError::BadHeader(crate::headers::BadHeader {
+            header: "X-Session-Set".into(),
+            problem: "the session would be 9010 bytes".into(),
+        });
+        assert_eq!(
+            chain(&e),
+            "the application sent a bad session header: X-Session-Set: the session would be 9010 bytes"
+        );
+    }
+
     #[tokio::test]
     async fn the_log_gets_every_source_and_the_client_only_the_gist() {
         let refused =
