@@ -314,6 +314,30 @@ async fn holds_revoke(a: &Sidecar, b: &Sidecar) {
     );
     assert_eq!(status(&laptop, b).await, "new");
 
+    // The answer names the subject (an untagged session logging out "carol" everywhere, or one
+    // that also sends `X-Session-Flush`): carol's sessions end, and the fresh session holding
+    // the flash is untagged, as after any logout.
+    for flush in [false, true] {
+        let (carol, guest) = (browser(), browser());
+        log_in(&carol, b, "carol").await;
+        let (st, _) = ask(&guest, a, &[("X-Session-Set", r#"{"n": 1}"#)]).await;
+        assert_eq!(st, 200);
+        let mut reply = vec![
+            ("X-Session-Subject", "carol"),
+            ("X-Session-Revoke", "all"),
+            ("X-Session-Set", r#"{"flash": "bye"}"#),
+        ];
+        if flush {
+            reply.push(("X-Session-Flush", "1"));
+        }
+        let (st, body) = ask(&guest, a, &reply).await;
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(status(&carol, b).await, "new", "flush: {flush}");
+        let seen = a.get(&guest, "/").seen().await;
+        assert_eq!(seen.session(), json!({"flash": "bye"}), "flush: {flush}");
+        assert_eq!(seen.header("x-session-subject"), None, "flush: {flush}");
+    }
+
     // A session without a subject has no others: nothing ends.
     let guest = browser();
     let (st, _) = ask(&guest, a, &[("X-Session-Set", r#"{"cart": []}"#)]).await;

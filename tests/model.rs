@@ -64,6 +64,9 @@ enum Op {
     LoginAs(String),
     /// `X-Session-Revoke`: `all` (true) or `others`.
     Revoke(bool),
+    /// "Log out everywhere" naming the subject: `X-Session-Subject`, `X-Session-Revoke: all`
+    /// and a flash for the fresh (untagged) session.
+    RevokeAllAs(String),
     Noop,
 }
 
@@ -98,6 +101,11 @@ impl Op {
                 "X-Session-Revoke",
                 if *all { "all" } else { "others" }.into(),
             )],
+            Op::RevokeAllAs(who) => vec![
+                h("X-Session-Subject", who.clone()),
+                h("X-Session-Revoke", "all".into()),
+                h("X-Session-Set", one("flash", &json!("bye"))),
+            ],
             Op::Noop => vec![],
         }
     }
@@ -132,6 +140,11 @@ impl Op {
             Op::Revoke(all) => Change {
                 revoke: Some(*all),
                 ..Change::default()
+            },
+            Op::RevokeAllAs(who) => Change {
+                revoke: Some(true),
+                subject: Some(who.clone()),
+                ..Change::ops(set(&"flash".to_string(), &json!("bye")))
             },
             Op::Flush => Change {
                 flush: true,
@@ -275,7 +288,8 @@ fn op(rng: &mut StdRng) -> Op {
     match rng.gen_range(0..28) {
         24 | 25 => Op::LoginAs(["alice", "bob"][rng.gen_range(0..2)].to_string()),
         26 => Op::Revoke(false),
-        27 => Op::Revoke(true),
+        27 if rng.gen_bool(0.5) => Op::Revoke(true),
+        27 => Op::RevokeAllAs(["alice", "bob"][rng.gen_range(0..2)].to_string()),
         20 | 21 => Op::Incr(key(rng), rng.gen_range(-3..10)),
         22 | 23 => Op::Append(key(rng), items(rng)),
         0..=6 => Op::Set(key(rng), value(rng)),
@@ -378,7 +392,8 @@ enum Cookie {
 struct Answer {
     status: u16,
     cookie: Cookie,
-    seen: Option<(String, Value)>,
+    /// The status, the data and the subject the app was shown.
+    seen: Option<(String, Value, Option<String>)>,
 }
 
 impl Answer {
@@ -393,7 +408,8 @@ impl Answer {
         };
         let seen = if status == 200 {
             let s: Seen = resp.json().await.unwrap();
-            Some((s.status().to_string(), s.session()))
+            let subject = s.header("x-session-subject").map(str::to_string);
+            Some((s.status().to_string(), s.session(), subject))
         } else {
             None
         };
@@ -504,8 +520,12 @@ impl Model {
     fn commit(&mut self, loaded: &Loaded, op: &Op, now: i64, a: &Answer) -> Result<(), String> {
         let mut change = op.change(&loaded.sent());
         let flushed = change.flush;
+        // The subject the answer names; under `all` it names whose sessions end and tags
+        // nothing: the fresh session is logged out too.
+        let named = change.subject.clone();
         if change.revoke == Some(true) {
             change.flush = true;
+            change.subject = None;
         }
         self.commit_change(loaded, &change, now, a)?;
         let Some(all) = change.revoke else {
@@ -514,7 +534,7 @@ impl Model {
         if a.status != 200 || matches!(loaded, Loaded::Retired) {
             return Ok(());
         }
-        let before = change.subject.clone().or(match loaded {
+        let before = named.clone().or(match loaded {
             Loaded::Live { subject, .. } => subject.clone(),
             _ => None,
         });
@@ -555,14 +575,14 @@ impl Model {
         now: i64,
         a: &Answer,
     ) -> Result<(), String> {
-        if let Some((status, data)) = &a.seen {
-            let expected = match loaded {
-                Loaded::Live { .. } => "existing",
-                _ => "new",
+        if let Some((status, data, subject)) = &a.seen {
+            let (expected, tag) = match loaded {
+                Loaded::Live { subject, .. } => ("existing", subject.clone()),
+                _ => ("new", None),
             };
-            if (status.as_str(), data) != (expected, &json!(loaded.sent())) {
+            if (status.as_str(), data, subject) != (expected, &json!(loaded.sent()), &tag) {
                 return Err(format!(
-                    "the app was shown {status} {data}, the model says {expected} {}",
+                    "the app was shown {status} {data} {subject:?}, the model says {expected} {} {tag:?}",
                     json!(loaded.sent())
                 ));
             }
@@ -911,7 +931,7 @@ async fn run(seed: u64, steps: usize, browsers: usize) -> (usize, Counts) {
                     // A revoke ends other browsers' sessions: which of these requests lands
                     // first would decide the outcome, and the model commits them in turn.
                     let o = match op(&mut rng) {
-                        Op::Revoke(_) => Op::Noop,
+                        Op::Revoke(_) | Op::RevokeAllAs(_) => Op::Noop,
                         o => o,
                     };
                     let loaded = r.load(c);

@@ -269,12 +269,15 @@ impl Sessions {
             Some(tag) => tag.clone(),
             None => loaded.record().and_then(|r| r.subject.clone()),
         };
-        // `Revoke: all` ends this session as a flush does.
+        // `Revoke: all` ends this session as a flush does; a subject in the answer names whose
+        // sessions end, and does not tag the fresh session its data starts: that one is
+        // logged out too.
         let flushed;
         let change = match change.revoke {
-            Some(Revoke::All) if !change.flush => {
+            Some(Revoke::All) => {
                 flushed = Change {
                     flush: true,
+                    subject: None,
                     ..change.clone()
                 };
                 &flushed
