@@ -19,8 +19,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::PathAndQuery;
 use http::header::{CONTENT_LENGTH, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -33,8 +33,12 @@ use crate::error::{ConnectFailure, ProxyError};
 
 /// An idle connection is closed after this long unused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle connections a worker keeps; more are closed when their response ends.
-const MAX_IDLE: usize = 256;
+/// Idle connections a worker keeps; more are closed when their response ends (nginx's usual
+/// `keepalive 32`). An app server that serves a fixed number of connections (waitress: 100, a
+/// process-per-connection server) accepts nothing new while all of them sit idle in a pool, so
+/// after a burst beyond its limit a deep pool would leave the connections still queued in its
+/// backlog unserved until the upstream timeout: the pool gives the surplus back at once.
+const MAX_IDLE: usize = 32;
 
 type Sender = SendRequest<Watched>;
 

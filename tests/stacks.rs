@@ -1,7 +1,8 @@
 //! The sidecar in front of the servers legacy apps run on, each from Debian's packages, each
 //! running the same example app (examples/stacks/) with its language's helper (helpers/): PHP
 //! under Apache's mod_php and PHP's built-in server, Perl CGI under lighttpd, a servlet on
-//! Tomcat, a WSGI app under gunicorn, a Rack app under puma, Node's `http` module. One scenario
+//! Tomcat, a WSGI app under gunicorn and under waitress, a Rack app under puma, Node's `http`
+//! module. One scenario
 //! drives every stack through the real sidecar binary over real HTTP (the seed texts' visit
 //! counter, cart, login, logout with a flash, test cookie, CSRF-protected form; a session near
 //! the size limit; client spellings with underscores; a forged request straight to the app's
@@ -35,6 +36,7 @@ fn needs(stack: &str) -> &'static [&'static str] {
         "perl-cgi" => &["/usr/sbin/lighttpd", "/usr/bin/perl"],
         "java-tomcat" => &["/usr/share/tomcat10/bin/catalina.sh", "/usr/bin/javac"],
         "python-gunicorn" => &["/usr/bin/gunicorn"],
+        "python-waitress" => &["/usr/lib/python3/dist-packages/waitress"],
         "ruby-puma" => &["/usr/bin/puma"],
         "node-http" => &["/usr/bin/node"],
         other => panic!("unknown stack {other}"),
@@ -311,6 +313,13 @@ async fn scenario(server: &Server, sidecar: &Proc) -> u64 {
         .map(|p| p.rsplit('=').next().unwrap().to_string())
         .collect();
     assert_eq!(items, want, "{}: the cart lost an item", d.stack);
+
+    // Several calls on keys in one request mean what they say in program order, whatever order
+    // the server sends the headers in (waitress sorts them by name).
+    let seq = browser();
+    d.expect(&seq, "/sequence", "sequence done\n").await;
+    d.expect(&seq, "/sequence/check", "n: 15\nseq: a,b\ngone: none\n")
+        .await;
 
     // Django's test cookie: a browser that keeps cookies, and a client that keeps none.
     let fresh = browser();
@@ -615,6 +624,12 @@ async fn java_servlet_on_tomcat() {
 #[tokio::test(flavor = "multi_thread")]
 async fn python_wsgi_under_gunicorn() {
     run("python-gunicorn").await;
+}
+
+/// Waitress sorts response headers by name: the helper's changes must mean the same in any order.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_wsgi_under_waitress() {
+    run("python-waitress").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
