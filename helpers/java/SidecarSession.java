@@ -325,7 +325,8 @@ public final class SidecarSession {
         if (revoke != null) {
             // The others, then this one: all of them. (A Flush beside Revoke: others would make
             // the sidecar revoke with the fresh session's subject, which has none.)
-            noPendingSubject("flush() after revokeOthers()");
+            // (A subject set earlier in this request names whose sessions end; the fresh session
+            // stays untagged.)
             forgetSession();
             revoke = "all";
         } else {
@@ -400,8 +401,9 @@ public final class SidecarSession {
      *  this call go into a fresh, untagged session. */
     public void revokeAll() {
         changing();
+        // X-Session-Subject beside X-Session-Revoke: all names whose sessions end (a subject set
+        // earlier in this request) and tags nothing: the fresh session is untagged.
         boolean afterFlush = flush && newSubject == null;
-        if (!afterFlush) noPendingSubject("revokeAll()");
         forgetSession();
         if (!afterFlush) revoke = "all";   // after a flush there is no subject left to end
     }
@@ -414,16 +416,6 @@ public final class SidecarSession {
         data.clear();
         expiry = null;   // as in Django, the expiry was the old session's
         subject = null;
-    }
-
-    // X-Session-Subject beside X-Session-Revoke: all names the subject whose sessions end, and
-    // the sidecar also tags the fresh session with it: one answer cannot say "tag, end them all,
-    // go on untagged". Refuse rather than tag the fresh session unasked.
-    private void noPendingSubject(String what) {
-        if (newSubject != null) {
-            throw new IllegalStateException(what + " after setSubject() in the same request: "
-                + "end the sessions in one request, tag in another");
-        }
     }
 
     // Once the headers are out, a change would be lost silently: refuse it.

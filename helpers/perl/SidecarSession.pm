@@ -255,7 +255,19 @@ sub _drop_data {
 }
 
 # Logout: the old session ends; what is set afterwards goes into a fresh one.
-sub flush { my ($self) = @_; $self->_drop_data; $self->{flush} = 1; $self }
+sub flush {
+    my ($self) = @_;
+    if (defined $self->{revoke}) {
+        # After revoke_others: the others, then this one, is all of them (X-Session-Revoke:
+        # all ends this session too). A Flush beside Revoke: others would end the others of the
+        # fresh session's subject, which has none.
+        $self->revoke_all;
+    } else {
+        $self->_drop_data;
+        $self->{flush} = 1;
+    }
+    $self
+}
 
 # Login: the same data under a new key.
 sub cycle { my ($self) = @_; $self->{cycle} = 1; $self }
@@ -265,6 +277,10 @@ sub set_subject {
     $subject = '' unless defined $subject;
     croak 'set_subject: 1-200 visible ASCII characters, or "" to remove'
         unless $subject =~ /\A[\x21-\x7e]{0,200}\z/;
+    # The sidecar revokes with the subject the session has at the end of the answer: a tag
+    # after a revoke would change whose sessions end. Tag first, or in the next request.
+    croak 'set_subject after revoke_others/revoke_all: tag the session first'
+        if defined $self->{revoke};
     $self->{new_subject} = $subject;
     $self->{subject} = length $subject ? $subject : undef;
     return $self;
@@ -297,7 +313,16 @@ sub revoke_others { my ($self) = @_; $self->{revoke} //= 'others'; $self }
 
 # Logout everywhere: end all the subject's sessions, this one too; what is set afterwards
 # goes into a fresh, untagged session.
-sub revoke_all { my ($self) = @_; $self->_drop_data; $self->{revoke} = 'all'; $self }
+sub revoke_all {
+    my ($self) = @_;
+    # A subject set earlier in this request names whose sessions end (the sidecar reads it so
+    # beside Revoke: all, and leaves the fresh session untagged).
+    my $named = $self->{new_subject};
+    $self->_drop_data;
+    $self->{new_subject} = $named;
+    $self->{revoke} = 'all';
+    $self
+}
 
 # --- emitting ------------------------------------------------------------------------------
 

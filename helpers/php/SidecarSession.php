@@ -256,11 +256,9 @@ final class SidecarSession
     public function flush(): void
     {
         if ($this->revoke === 'others') {
-            if ($this->newSubject !== null) {
-                throw new LogicException('SidecarSession::flush(): revokeOthers() after setSubject() '
-                    . 'and before flush() cannot be said in one answer; flush() first');
-            }
-            $this->revoke = 'all';   // the others, then this one: all of them
+            // The others, then this one: all of them. A subject set earlier in this request
+            // names whose sessions end; the fresh session stays untagged.
+            $this->revoke = 'all';
         }
         $this->dropData();
         $this->flush = true;

@@ -204,8 +204,15 @@ class SidecarSession
 
   # Logout: the old session ends; what is set afterwards goes into a fresh one.
   def flush
-    drop_data
-    @flush = true
+    if @revoke
+      # After revoke_others: the others, then this one, is all of them (X-Session-Revoke: all
+      # ends this session too). A Flush beside Revoke: others would end the others of the fresh
+      # session's subject, which has none.
+      revoke_all
+    else
+      drop_data
+      @flush = true
+    end
     self
   end
 
@@ -221,6 +228,9 @@ class SidecarSession
     unless subject.match?(/\A[\x21-\x7e]{0,200}\z/)
       raise ArgumentError, 'set_subject: 1-200 visible ASCII characters, or "" to remove'
     end
+    # The sidecar revokes with the subject the session has at the end of the answer: a tag
+    # after a revoke would change whose sessions end. Tag first, or in the next request.
+    raise "set_subject after revoke_others/revoke_all: tag the session first" if @revoke
     @new_subject = subject
     @subject = subject.empty? ? nil : subject
     self
@@ -253,7 +263,11 @@ class SidecarSession
   # Logout everywhere: end all the subject's sessions, this one too; what is set afterwards
   # goes into a fresh, untagged session.
   def revoke_all
+    # A subject set earlier in this request names whose sessions end (the sidecar reads it so
+    # beside Revoke: all, and leaves the fresh session untagged).
+    named = @new_subject
     drop_data
+    @new_subject = named
     @revoke = "all"
     self
   end
