@@ -358,9 +358,14 @@ async fn a_full_disk_answers_503_and_never_claims_a_change_was_kept() {
     let block = vec![1u8; 1 << 20];
     while std::io::Write::write_all(&mut f, &block).is_ok() {}
     drop(f);
+    // A change is refused once it cannot be kept: the write-ahead log writes into space it took
+    // ahead (up to 1 MiB), so the first refusal may take a few hundred writes.
     let mut refused = 0;
-    for i in 0..20 {
-        let set = format!(r#"{{"big{i}":"{}"}}"#, "x".repeat(4000));
+    for i in 0..2000 {
+        if refused > 0 {
+            break;
+        }
+        let set = format!(r#"{{"big":"{i}{}"}}"#, "x".repeat(4000));
         let resp = s
             .get(&plain(), "/")
             .cookie(&cookie)

@@ -1,26 +1,43 @@
-//! Group commit: one flush for every caller queued since the last one began.
+//! Group commit: one log write and one `fdatasync` for every caller queued since the last one
+//! began; checkpoints; recovery.
 //!
 //! sled's own flush makes its log "durable" with `sync_file_range` on Linux, which flushes
 //! neither the drive's write cache nor the file's metadata (sled issues 1452 and 1351): it
-//! survives a process kill, not a power cut. So after sled's flush the committer `fdatasync`s
-//! the log file itself, and `fsync`s blob files sled wrote since (sled writes those without
-//! any sync) and the directories that gained entries. A reply goes out only after all of that.
+//! survives a process kill, not a power cut. A change is acknowledged once the write-ahead log
+//! (`wal`) holding it is `fdatasync`ed. At a checkpoint, sled's flush is followed by an
+//! `fdatasync` of sled's log file, an `fsync` of blob files sled wrote since (sled writes those
+//! without any sync) and of the directories that gained entries; only then is the log that
+//! sled's files now hold given up.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::wal::{self, Log, Op, Writer};
+
 pub(super) type Reply = oneshot::Sender<Result<(), String>>;
+
+/// What a caller asks of the commit thread.
+pub(super) enum Ask {
+    /// Make what this caller changed durable (the log).
+    Commit,
+    /// That, and a checkpoint: sled's own files durable too (the readiness probe).
+    Checkpoint,
+}
 
 /// The group-commit thread and the way to reach it; dropping the sender ends the thread.
 pub(super) struct Committer {
-    pub(super) sender: mpsc::UnboundedSender<Reply>,
+    pub(super) sender: mpsc::UnboundedSender<(Ask, Reply)>,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// A checkpoint at least this often while changes come.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 
 /// What it takes to make sled's files durable beyond its own flush.
 struct Disk {
@@ -86,10 +103,109 @@ impl Disk {
     }
 }
 
-/// The group-commit thread: one flush for everyone who asked since the last one began.
-pub(super) fn spawn_committer(db: sled::Db, dir: &Path) -> std::io::Result<Committer> {
-    let mut disk = Disk::open(dir)?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+/// sled's files durable: its flush, then what that flush does not do.
+fn make_durable(db: &sled::Db, disk: &mut Disk) -> Result<(), String> {
+    db.flush().map_err(|e| e.to_string())?;
+    disk.sync().map_err(|e| format!("fdatasync: {e}"))
+}
+
+/// Applies the write-ahead log a crash left to sled's trees, in order, and makes the result
+/// durable; the newest generation found (0: no log).
+pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<u64, String> {
+    let files = wal::read_all(dir).map_err(|e| e.to_string())?;
+    let Some(&(last, _)) = files.last() else {
+        return Ok(0);
+    };
+    let mut trees = Vec::new();
+    for name in wal::TREES {
+        trees.push(db.open_tree(name).map_err(|e| e.to_string())?);
+    }
+    let mut applied = 0usize;
+    for (generation, bytes) in &files {
+        for payload in wal::payloads(bytes) {
+            let ops = wal::ops(payload)
+                .ok_or_else(|| format!("a record of generation {generation} does not parse"))?;
+            for op in ops {
+                let done = match op {
+                    Op::Insert(t, k, v) => trees[t as usize].insert(k, v).map(|_| ()),
+                    Op::Remove(t, k) => trees[t as usize].remove(k).map(|_| ()),
+                    Op::Clear(t) => trees[t as usize].clear(),
+                };
+                done.map_err(|e| e.to_string())?;
+                applied += 1;
+            }
+        }
+    }
+    let mut disk = Disk::open(dir).map_err(|e| e.to_string())?;
+    make_durable(db, &mut disk)?;
+    tracing::info!(operations = applied, "replayed the write-ahead log");
+    Ok(last)
+}
+
+/// The commit thread's state: the log's writer, sled's files, and when the last checkpoint was.
+struct Thread {
+    db: sled::Db,
+    disk: Disk,
+    log: Arc<Log>,
+    writer: Writer,
+    checkpointed: Instant,
+    /// A checkpoint switched files and has not yet finished: the next one must not switch
+    /// again (the older file's records are not yet in sled's durable files).
+    unfinished: bool,
+}
+
+impl Thread {
+    /// One group: what the callers logged goes to the log, synced; a checkpoint when asked or
+    /// due. The log's result answers `Commit`, the checkpoint's `Checkpoint`.
+    fn group(&mut self, checkpoint_asked: bool) -> (Result<(), String>, Result<(), String>) {
+        let committed = self
+            .writer
+            .commit(self.log.take())
+            .map_err(|e| format!("writing the write-ahead log: {e}"));
+        let due = self.writer.used() > wal::CHECKPOINT_BYTES
+            || (self.writer.used() > 0 && self.checkpointed.elapsed() > CHECKPOINT_EVERY);
+        let checkpoint = if checkpoint_asked || due || self.unfinished {
+            committed.clone().and_then(|()| self.checkpoint())
+        } else {
+            Ok(())
+        };
+        (committed, checkpoint)
+    }
+
+    fn checkpoint(&mut self) -> Result<(), String> {
+        if !self.unfinished {
+            self.writer
+                .switch()
+                .map_err(|e| format!("starting a write-ahead log file: {e}"))?;
+            self.unfinished = true;
+        }
+        make_durable(&self.db, &mut self.disk)?;
+        self.writer
+            .clear_other()
+            .map_err(|e| format!("clearing a write-ahead log file: {e}"))?;
+        self.unfinished = false;
+        self.checkpointed = Instant::now();
+        Ok(())
+    }
+}
+
+/// The group-commit thread: one log write and sync for everyone who asked since the last one
+/// began; records go to a log whose generations follow `last` (what recovery found).
+pub(super) fn spawn_committer(
+    db: sled::Db,
+    dir: &Path,
+    log: Arc<Log>,
+    last: u64,
+) -> std::io::Result<Committer> {
+    let mut state = Thread {
+        db,
+        disk: Disk::open(dir)?,
+        log,
+        writer: Writer::open(dir, last)?,
+        checkpointed: Instant::now(),
+        unfinished: false,
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Ask, Reply)>();
     let thread = std::thread::Builder::new()
         .name("sled-commit".into())
         .spawn(move || {
@@ -98,14 +214,19 @@ pub(super) fn spawn_committer(db: sled::Db, dir: &Path) -> std::io::Result<Commi
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
-                let result = db
-                    .flush()
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| disk.sync().map_err(|e| format!("fdatasync: {e}")));
-                for reply in batch {
-                    let _ = reply.send(result.clone());
+                let asked = batch.iter().any(|(a, _)| matches!(a, Ask::Checkpoint));
+                let (committed, checkpointed) = state.group(asked);
+                for (ask, reply) in batch {
+                    let _ = reply.send(match ask {
+                        Ask::Commit => committed.clone(),
+                        Ask::Checkpoint => checkpointed.clone(),
+                    });
                 }
+            }
+            // The store is closing: what is logged, then a checkpoint, so that the next start
+            // has nothing to replay.
+            if let (Err(e), _) | (_, Err(e)) = state.group(true) {
+                tracing::error!(error = %e, "the last checkpoint failed: the next start replays the write-ahead log");
             }
         })?;
     Ok(Committer {

@@ -15,9 +15,11 @@
 //! key's lock stripe: otherwise a swap's clean-up could remove the entry a later swap of the same
 //! key had just written (untag racing a tag: a session "log out everywhere" would miss).
 //!
-//! Durability: `Store::sync` hands the caller to a committer thread that runs one flush for
-//! every caller queued meanwhile (group commit): sled's flush, then `fdatasync` of its files,
-//! which sled's own flush does not do (see `commit`).
+//! Durability: every change to the trees is also appended to a write-ahead log of operations
+//! (`wal`), under the key's stripe; `Store::sync` hands the caller to a committer thread that
+//! writes what every caller queued meanwhile logged and `fdatasync`s the log file: one device
+//! flush per group (group commit). sled's own files are made durable at checkpoints (sled's
+//! flush, then `fdatasync` of its files, see `commit`); at open, the log is replayed over them.
 
 use std::sync::Arc;
 
@@ -27,10 +29,12 @@ use tokio::sync::oneshot;
 
 mod commit;
 mod index;
+mod wal;
 
-use commit::{Committer, spawn_committer};
+use commit::{Ask, Committer, spawn_committer};
 pub use index::BUCKET_MS;
 use index::{index_end, index_key, subject_key};
+use wal::Log;
 
 use super::engine::{Cells, Engine, Indexed};
 use super::entry::{Codec, Head};
@@ -56,6 +60,8 @@ pub struct SledCells {
     db: sled::Db,
     current: Trees,
     legacy: Trees,
+    /// The operations not yet in the write-ahead log (durable stores only).
+    log: Option<Arc<Log>>,
     committer: Option<Committer>,
     /// Lock stripes, by key hash: one key's index writes and swap happen as one step.
     stripes: Box<[std::sync::Mutex<()>]>,
@@ -64,12 +70,77 @@ pub struct SledCells {
 
 /// A cell tree and its two indexes.
 struct Trees {
-    records: sled::Tree,
-    index: sled::Tree,
-    subjects: sled::Tree,
+    records: Logged,
+    index: Logged,
+    subjects: Logged,
+}
+
+/// A tree whose changes also go to the write-ahead log, when the store is durable. Its methods
+/// that change the tree shadow sled's; reads go to the tree itself. A change and its log entry
+/// must happen under the key's stripe (`SledCells::stripe`), so that one key's entries are in
+/// the order sled applied them.
+struct Logged {
+    tree: sled::Tree,
+    /// The tree's number in the log (`wal::TREES`).
+    id: u8,
+    log: Option<Arc<Log>>,
+}
+
+impl std::ops::Deref for Logged {
+    type Target = sled::Tree;
+    fn deref(&self) -> &sled::Tree {
+        &self.tree
+    }
+}
+
+impl Logged {
+    fn insert(&self, key: impl AsRef<[u8]>, value: &[u8]) -> sled::Result<()> {
+        self.tree.insert(key.as_ref(), value)?;
+        if let Some(log) = &self.log {
+            log.insert(self.id, key.as_ref(), value);
+        }
+        Ok(())
+    }
+
+    fn remove(&self, key: impl AsRef<[u8]>) -> sled::Result<()> {
+        self.tree.remove(key.as_ref())?;
+        if let Some(log) = &self.log {
+            log.remove(self.id, key.as_ref());
+        }
+        Ok(())
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> sled::Result<Result<(), sled::CompareAndSwapError>> {
+        let swapped = self.tree.compare_and_swap(key, expected, new)?;
+        if swapped.is_ok()
+            && let Some(log) = &self.log
+        {
+            match new {
+                Some(value) => log.insert(self.id, key.as_bytes(), value),
+                None => log.remove(self.id, key.as_bytes()),
+            }
+        }
+        Ok(swapped)
+    }
+
+    fn clear(&self) -> sled::Result<()> {
+        self.tree.clear()?;
+        if let Some(log) = &self.log {
+            log.clear(self.id);
+        }
+        Ok(())
+    }
 }
 
 const STRIPES: usize = 64;
+
+/// A sweep writes its part of the write-ahead log whenever this much is pending.
+const SWEEP_LOG_BYTES: usize = 1 << 20;
 
 fn backend(e: impl Into<BoxError>) -> StoreError {
     StoreError::Backend("sled", e.into())
@@ -100,31 +171,48 @@ impl SledStore {
                     }
                 }
             })?;
-        let tree = |name: &str| {
-            db.open_tree(name).map_err(|e| StoreError::Open {
-                path: path.clone(),
-                reason: e.to_string(),
+        let open_error = |reason: String| StoreError::Open {
+            path: path.clone(),
+            reason,
+        };
+        // A crash leaves changes in the write-ahead log that sled's files may lack: they are
+        // applied before anything reads the trees.
+        let last = commit::recover(&db, &cfg.path)
+            .map_err(|e| open_error(format!("replaying the write-ahead log: {e}")))?;
+        let log = cfg.durable.then(|| Arc::new(Log::default()));
+        let committer = match &log {
+            Some(log) => Some(
+                spawn_committer(db.clone(), &cfg.path, log.clone(), last)
+                    .map_err(|e| open_error(format!("preparing durable commits: {e}")))?,
+            ),
+            None => {
+                // `durable = false` after a durable run: the log is replayed and checkpointed.
+                wal::remove_files(&cfg.path)
+                    .map_err(|e| open_error(format!("removing the write-ahead log: {e}")))?;
+                None
+            }
+        };
+        let tree = |id: u8| {
+            Ok(Logged {
+                tree: db
+                    .open_tree(wal::TREES[id as usize])
+                    .map_err(|e| open_error(e.to_string()))?,
+                id,
+                log: log.clone(),
             })
         };
-        let committer = cfg
-            .durable
-            .then(|| spawn_committer(db.clone(), &cfg.path))
-            .transpose()
-            .map_err(|e| StoreError::Open {
-                path: path.clone(),
-                reason: format!("preparing durable commits: {e}"),
-            })?;
         let cells = SledCells {
             current: Trees {
-                records: tree("sessions")?,
-                index: tree("deadlines")?,
-                subjects: tree("tagged")?,
+                records: tree(1)?,
+                index: tree(2)?,
+                subjects: tree(3)?,
             },
             legacy: Trees {
-                records: tree("records")?,
-                index: tree("expiry")?,
-                subjects: tree("subjects")?,
+                records: tree(4)?,
+                index: tree(5)?,
+                subjects: tree(6)?,
             },
+            log,
             db,
             committer,
             stripes: (0..STRIPES).map(|_| std::sync::Mutex::new(())).collect(),
@@ -171,6 +259,31 @@ impl SledCells {
         self.stripes[h as usize % STRIPES]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `ask` to the commit thread and waits for its answer.
+    async fn ask(&self, ask: Ask) -> Result<(), StoreError> {
+        let Some(committer) = &self.committer else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        committer
+            .sender
+            .send((ask, tx))
+            .map_err(|_| backend("the commit thread has stopped"))?;
+        rx.await
+            .map_err(|_| backend("the commit thread has stopped"))?
+            .map_err(backend)
+    }
+
+    /// An index change of `cell` outside its swap, under its stripe (see [`Logged`]).
+    fn under_stripe<T>(
+        &self,
+        cell: &Cell,
+        change: impl FnOnce() -> sled::Result<T>,
+    ) -> Result<T, StoreError> {
+        let _stripe = self.stripe(&cell.name);
+        change().map_err(backend)
     }
 
     /// The swap of [`Cells::swap`], synchronously, under the cell's stripe.
@@ -249,14 +362,15 @@ impl SledCells {
         let name = String::from_utf8_lossy(&entry_key[8..]).into_owned();
         let cell = Cell { name, legacy };
         let trees = self.trees(&cell);
+        let drop_entry = || self.under_stripe(&cell, || trees.index.remove(entry_key));
         let Some(raw) = trees.records.get(&cell.name).map_err(backend)? else {
-            return trees.index.remove(entry_key).map(|_| ()).map_err(backend);
+            return drop_entry();
         };
         let head = match Head::read(&raw) {
             Ok(head) => head,
             Err(e) => {
                 tracing::error!(handle = %cell.handle(), error = %e, "unreadable session record left in place; its index entry is dropped");
-                return trees.index.remove(entry_key).map(|_| ()).map_err(backend);
+                return drop_entry();
             }
         };
         let deadline = match head {
@@ -282,14 +396,16 @@ impl SledCells {
                     Head::Moved { .. } => swept.forwards += 1,
                 }
             }
-            return trees.index.remove(entry_key).map(|_| ()).map_err(backend);
+            return drop_entry();
         }
         // Not expired yet: keep the entry if it is the record's current one; otherwise it is
         // stale (the record moved on) and the current one must exist instead.
         let current = index_key(deadline, &cell.name);
         if current[..] != entry_key[..] {
-            trees.index.insert(current, &[]).map_err(backend)?;
-            trees.index.remove(entry_key).map_err(backend)?;
+            self.under_stripe(&cell, || {
+                trees.index.insert(current, &[])?;
+                trees.index.remove(entry_key)
+            })?;
         }
         Ok(())
     }
@@ -324,6 +440,11 @@ impl SledCells {
                 self.sweep_one(legacy, &entry_key, now, swept)?;
                 start = entry_key.to_vec();
                 start.push(0);
+            }
+            // Nobody waits for a sweep's removals to be durable, but they must not pile up in
+            // memory either: a large sweep writes its log as it goes.
+            if self.log.as_ref().is_some_and(|l| l.len() > SWEEP_LOG_BYTES) {
+                self.sync().await?;
             }
             // sled's calls block; a long sweep must leave the worker to the requests between
             // batches.
@@ -413,11 +534,11 @@ impl Cells for SledCells {
     }
 
     async fn forget_member(&self, tag: &str, cell: &Cell) -> Result<(), StoreError> {
-        self.trees(cell)
-            .subjects
-            .remove(subject_key(tag, &cell.name))
-            .map(|_| ())
-            .map_err(backend)
+        self.under_stripe(cell, || {
+            self.trees(cell)
+                .subjects
+                .remove(subject_key(tag, &cell.name))
+        })
     }
 
     async fn sweep(&self, now: Millis) -> Result<Swept, StoreError> {
@@ -426,25 +547,18 @@ impl Cells for SledCells {
         self.sweep_index(true, now, &mut swept).await?;
         // Every cell of the release before is gone: whatever its indexes still hold (entries a
         // crash left, subjects in clear) goes too.
-        if self.legacy.records.is_empty() {
+        if self.legacy.records.is_empty()
+            && !(self.legacy.index.is_empty() && self.legacy.subjects.is_empty())
+        {
             self.legacy.index.clear().map_err(backend)?;
             self.legacy.subjects.clear().map_err(backend)?;
         }
+        self.sync().await?;
         Ok(swept)
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        let Some(committer) = &self.committer else {
-            return Ok(());
-        };
-        let (tx, rx) = oneshot::channel();
-        committer
-            .sender
-            .send(tx)
-            .map_err(|_| backend("the commit thread has stopped"))?;
-        rx.await
-            .map_err(|_| backend("the commit thread has stopped"))?
-            .map_err(backend)
+        self.ask(Ask::Commit).await
     }
 
     /// A read answers from sled's cache even when its disk is gone, so readiness is a real
@@ -459,7 +573,9 @@ impl Cells for SledCells {
             .insert(b"readiness-probe", &now.to_be_bytes())
             .map_err(backend)?;
         if self.committer.is_some() {
-            self.sync().await
+            // Not only the log: a checkpoint writes sled's own files too, so a volume that
+            // cannot take them is found while the log still has room.
+            self.ask(Ask::Checkpoint).await
         } else {
             self.db.flush_async().await.map(|_| ()).map_err(backend)
         }
@@ -467,15 +583,16 @@ impl Cells for SledCells {
 }
 
 impl Drop for SledCells {
-    /// Flushes, and joins the commit thread so its handle on the database (and the directory
-    /// lock) is gone when the store is.
+    /// Joins the commit thread (after its last checkpoint), so that its handle on the database
+    /// (and the directory lock) is gone when the store is, and flushes.
     fn drop(&mut self) {
-        let _ = self.db.flush();
+        // The commit thread's last act is a checkpoint: the next start has no log to replay.
         if let Some(mut c) = self.committer.take() {
             drop(c.sender);
             if let Some(t) = c.thread.take() {
                 let _ = t.join();
             }
         }
+        let _ = self.db.flush();
     }
 }
