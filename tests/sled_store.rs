@@ -369,3 +369,71 @@ async fn every_change_acknowledged_since_the_last_checkpoint_survives_a_power_cu
     // The subject's index came back with the records: all ten tagged sessions are found.
     assert_eq!(store.subject_sessions("ann", now).await.unwrap().len(), 10);
 }
+
+/// A kill -9 can leave sled's files ahead of the write-ahead log: sled writes its buffers out
+/// when it likes, so a change applied (and logged only in memory) before the crash may be in
+/// sled's files. Here that change re-tags a session, which drops its entry in the old subject's
+/// index; the log's last word on the session is an earlier change that kept the old tag. Replay
+/// puts that state back (the re-tag was never acknowledged) — and its index entry with it, or
+/// "log out everywhere" of the old subject would miss a session tagged with it.
+#[tokio::test]
+async fn a_session_replayed_over_a_later_unlogged_change_is_found_by_its_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let path = dir.path().join("sessions");
+    let now = SystemClock.now();
+    let store = SledStore::open(&cfg.store.sled(), policy(), 8192).unwrap();
+    let key = id::generate();
+    let mut r = Record::new(now);
+    r.data.insert("n".into(), json!(1));
+    r.deadline = now + 3_600_000;
+    assert!(store.create(&key, &r).await.unwrap());
+    let change = |n: i64, subject: Option<&str>| Change {
+        ops: vec![Op::Set("n".into(), json!(n))],
+        subject: subject.map(|s| Some(s.to_string())),
+        ..Change::default()
+    };
+    store
+        .update(Update::new(&key, &change(2, Some("ann")), now))
+        .await
+        .unwrap();
+    store.sync().await.unwrap();
+    // The tag and its index entry are now in sled's durable files; the log starts afresh.
+    store.ping().await.unwrap();
+    // A change that keeps the tag: the log's last word on the session.
+    store
+        .update(Update::new(&key, &change(3, None), now))
+        .await
+        .unwrap();
+    store.sync().await.unwrap();
+    let logged = tempfile::tempdir().unwrap();
+    for name in ["wal-a", "wal-b"] {
+        std::fs::copy(path.join(name), logged.path().join(name)).unwrap();
+    }
+    // The re-tag reaches sled's files (a checkpoint stands in for sled's own write-out) but,
+    // as far as the crash image goes, not the log.
+    store
+        .update(Update::new(&key, &change(4, Some("bob")), now))
+        .await
+        .unwrap();
+    store.sync().await.unwrap();
+    store.ping().await.unwrap();
+    drop(store);
+    sled_lets_go(&path);
+    for name in ["wal-a", "wal-b"] {
+        std::fs::copy(logged.path().join(name), path.join(name)).unwrap();
+    }
+
+    let store = SledStore::open(&cfg.store.sled(), policy(), 8192).unwrap();
+    let r = store.load(&key, now).await.unwrap().unwrap();
+    assert_eq!(
+        (r.data["n"].as_i64(), r.subject.as_deref()),
+        (Some(3), Some("ann"))
+    );
+    let found = store.subject_sessions("ann", now).await.unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "the replayed session is missing from its subject's index"
+    );
+}

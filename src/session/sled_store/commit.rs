@@ -9,7 +9,7 @@
 //! without any sync) and of the directories that gained entries; only then is the log that
 //! sled's files now hold given up.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::index::{index_key, subject_key};
 use super::wal::{self, Log, Op, Writer};
 
 pub(super) type Reply = oneshot::Sender<Result<(), String>>;
@@ -109,8 +110,17 @@ fn make_durable(db: &sled::Db, disk: &mut Disk) -> Result<(), String> {
     disk.sync().map_err(|e| format!("fdatasync: {e}"))
 }
 
-/// Applies the write-ahead log a crash left to sled's trees, in order, and makes the result
-/// durable; the newest generation found (0: no log).
+/// The records trees and their two index trees, by their numbers in the log (`wal::TREES`):
+/// the current ones, then the release before's.
+const RECORD_TREES: [(u8, u8, u8); 2] = [(1, 2, 3), (4, 5, 6)];
+
+/// What a record's index entries say of it: its deadline and its tag.
+type Indexes = (i64, Option<String>);
+
+/// Applies the write-ahead log a crash left to sled's trees, in order; writes again the index
+/// entries of every record the log leaves in place (see `wal`: sled's files may hold a later,
+/// unlogged change's index updates); makes the result durable. The newest generation found
+/// (0: no log).
 pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<u64, String> {
     let files = wal::read_all(dir).map_err(|e| e.to_string())?;
     let Some(&(last, _)) = files.last() else {
@@ -120,6 +130,8 @@ pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<u64, String> {
     for name in wal::TREES {
         trees.push(db.open_tree(name).map_err(|e| e.to_string())?);
     }
+    // The last logged state of every record the log touches: (deadline, tag) while it is there.
+    let mut records: HashMap<(u8, Vec<u8>), Option<Indexes>> = HashMap::new();
     let mut applied = 0usize;
     for (generation, bytes) in &files {
         for payload in wal::payloads(bytes) {
@@ -128,17 +140,46 @@ pub(super) fn recover(db: &sled::Db, dir: &Path) -> Result<u64, String> {
             for op in ops {
                 let done = match op {
                     Op::Insert(t, k, v) => trees[t as usize].insert(k, v).map(|_| ()),
-                    Op::Remove(t, k) => trees[t as usize].remove(k).map(|_| ()),
-                    Op::Clear(t) => trees[t as usize].clear(),
+                    Op::InsertRecord(t, k, v, deadline, tag) => {
+                        records.insert((t, k.to_vec()), Some((deadline, tag.map(str::to_string))));
+                        trees[t as usize].insert(k, v).map(|_| ())
+                    }
+                    Op::Remove(t, k) => {
+                        records.insert((t, k.to_vec()), None);
+                        trees[t as usize].remove(k).map(|_| ())
+                    }
+                    Op::Clear(t) => {
+                        records.retain(|(tree, _), _| *tree != t);
+                        trees[t as usize].clear()
+                    }
                 };
                 done.map_err(|e| e.to_string())?;
                 applied += 1;
             }
         }
     }
+    let mut reindexed = 0usize;
+    for ((tree, key), state) in &records {
+        let (Some((deadline, tag)), Some(&(_, index, subjects))) =
+            (state, RECORD_TREES.iter().find(|(r, _, _)| r == tree))
+        else {
+            continue;
+        };
+        let key = String::from_utf8_lossy(key);
+        let insert = |t: u8, k: Vec<u8>| trees[t as usize].insert(k, &[]).map(|_| ());
+        insert(index, index_key(*deadline, &key)).map_err(|e| e.to_string())?;
+        if let Some(tag) = tag {
+            insert(subjects, subject_key(tag, &key)).map_err(|e| e.to_string())?;
+        }
+        reindexed += 1;
+    }
     let mut disk = Disk::open(dir).map_err(|e| e.to_string())?;
     make_durable(db, &mut disk)?;
-    tracing::info!(operations = applied, "replayed the write-ahead log");
+    tracing::info!(
+        operations = applied,
+        records = reindexed,
+        "replayed the write-ahead log"
+    );
     Ok(last)
 }
 

@@ -76,9 +76,9 @@ struct Trees {
 }
 
 /// A tree whose changes also go to the write-ahead log, when the store is durable. Its methods
-/// that change the tree shadow sled's; reads go to the tree itself. A change and its log entry
-/// must happen under the key's stripe (`SledCells::stripe`), so that one key's entries are in
-/// the order sled applied them.
+/// that change the tree shadow sled's; reads go to the tree itself. A change is logged before
+/// sled applies it, under the key's stripe (`SledCells::stripe`): one key's entries are in the
+/// order sled applied them, and whoever sees a change logs after it (see `wal`).
 struct Logged {
     tree: sled::Tree,
     /// The tree's number in the log (`wal::TREES`).
@@ -95,33 +95,54 @@ impl std::ops::Deref for Logged {
 
 impl Logged {
     fn insert(&self, key: impl AsRef<[u8]>, value: &[u8]) -> sled::Result<()> {
-        self.tree.insert(key.as_ref(), value)?;
         if let Some(log) = &self.log {
             log.insert(self.id, key.as_ref(), value);
         }
-        Ok(())
+        self.tree.insert(key.as_ref(), value).map(|_| ())
     }
 
     fn remove(&self, key: impl AsRef<[u8]>) -> sled::Result<()> {
-        self.tree.remove(key.as_ref())?;
         if let Some(log) = &self.log {
             log.remove(self.id, key.as_ref());
         }
-        Ok(())
+        self.tree.remove(key.as_ref()).map(|_| ())
     }
 
+    /// sled's compare-and-swap of a record, `new` with what its indexes say of it.
     fn compare_and_swap(
         &self,
         key: &str,
         expected: Option<&[u8]>,
-        new: Option<&[u8]>,
+        new: Option<(&[u8], &Indexed)>,
     ) -> sled::Result<Result<(), sled::CompareAndSwapError>> {
-        let swapped = self.tree.compare_and_swap(key, expected, new)?;
-        if swapped.is_ok()
-            && let Some(log) = &self.log
-        {
-            match new {
-                Some(value) => log.insert(self.id, key.as_bytes(), value),
+        let bytes = new.map(|(b, _)| b);
+        let Some(log) = &self.log else {
+            return self.tree.compare_and_swap(key, expected, bytes);
+        };
+        // Under the key's stripe nobody else changes it: whether the swap happens is known
+        // before it does, and the log gets it first.
+        let current = self.tree.get(key)?;
+        if current.as_deref() != expected {
+            return Ok(Err(sled::CompareAndSwapError {
+                current,
+                proposed: bytes.map(sled::IVec::from),
+            }));
+        }
+        match new {
+            Some((value, indexed)) => log.insert_record(
+                self.id,
+                key.as_bytes(),
+                value,
+                indexed.deadline,
+                indexed.tag.as_deref(),
+            ),
+            None => log.remove(self.id, key.as_bytes()),
+        }
+        let swapped = self.tree.compare_and_swap(key, expected, bytes)?;
+        if let Err(lost) = &swapped {
+            // Not under a stripe after all: the log must still say what the tree holds.
+            match &lost.current {
+                Some(v) => log.insert(self.id, key.as_bytes(), v),
                 None => log.remove(self.id, key.as_bytes()),
             }
         }
@@ -129,11 +150,10 @@ impl Logged {
     }
 
     fn clear(&self) -> sled::Result<()> {
-        self.tree.clear()?;
         if let Some(log) = &self.log {
             log.clear(self.id);
         }
-        Ok(())
+        self.tree.clear()
     }
 }
 
@@ -302,7 +322,7 @@ impl SledCells {
         }
         let swapped = trees
             .records
-            .compare_and_swap(key, expected, new.map(|(bytes, _)| bytes))
+            .compare_and_swap(key, expected, new)
             .map_err(backend)?
             .is_ok();
         if swapped && let Some(o) = old {

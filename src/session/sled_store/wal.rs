@@ -10,11 +10,20 @@
 //! `fdatasync` of its files), after which the log they cover is no longer needed.
 //!
 //! **Order.** Operations are post-images: insert this key with this value, remove this key, clear
-//! this tree. A change and its append happen under the key's lock stripe (`SledCells::stripe`),
-//! so the log holds one key's operations in the order sled applied them; operations on different
-//! keys commute. Replaying the log over sled's files, whatever state between the last checkpoint
-//! and the crash those files are in, leaves every key as the last operation logged for it says:
-//! every acknowledged change, and an unacknowledged one that happened to be logged.
+//! this tree. Each is appended *before* sled applies it, under the key's lock stripe
+//! (`SledCells::stripe`), so the log holds one key's operations in the order sled applied them,
+//! and whoever sees an operation's effect (and acts on it: drops an index entry of a session it
+//! found ended) logs after it. Replaying the log over sled's files gives every key the last
+//! operation logged for it: every acknowledged change.
+//!
+//! sled's files may hold more than the log: sled writes its own buffers out whenever it likes,
+//! so a change that was applied (and logged only in memory) before a crash may be in sled's
+//! files while an earlier change of the same record is the last one in the log file. Replay
+//! then puts that earlier record back — a change nobody was told was kept is undone — but the
+//! later change's index updates (a subject's entry dropped at a re-tag) may stay. So a record's
+//! insert carries what its indexes say of it (deadline, tag), and recovery writes those index
+//! entries again for every record the replay leaves in place: an index entry may be extra (the
+//! sweeper and the subject lookup drop those), never missing.
 //!
 //! **Files.** Two, `wal-a` and `wal-b`, used in turn. Each starts with a header: a magic number
 //! and the generation it holds (0: nothing). Records follow: `generation (u64) | length (u32) |
@@ -67,6 +76,9 @@ pub(super) const TREES: [&str; 7] = [
 const INSERT: u8 = 0;
 const REMOVE: u8 = 1;
 const CLEAR: u8 = 2;
+/// A record's insert with what its indexes say of it (deadline, tag): recovery writes those
+/// index entries again, whatever later, unlogged changes sled's files hold.
+const INSERT_RECORD: u8 = 3;
 
 /// The operations applied to sled since the last group commit took them.
 #[derive(Default)]
@@ -99,6 +111,33 @@ impl Log {
         self.push(tree, CLEAR, &[], None);
     }
 
+    /// A record's insert, with its expiry deadline and its tag (the subject digest), if any.
+    pub(super) fn insert_record(
+        &self,
+        tree: u8,
+        key: &[u8],
+        value: &[u8],
+        deadline: i64,
+        tag: Option<&str>,
+    ) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.push(tree);
+        p.push(INSERT_RECORD);
+        for part in [key, value] {
+            p.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            p.extend_from_slice(part);
+        }
+        p.extend_from_slice(&deadline.to_le_bytes());
+        match tag {
+            Some(t) => {
+                p.push(1);
+                p.extend_from_slice(&(t.len() as u32).to_le_bytes());
+                p.extend_from_slice(t.as_bytes());
+            }
+            None => p.push(0),
+        }
+    }
+
     /// Bytes pending.
     pub(super) fn len(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -114,6 +153,8 @@ impl Log {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Op<'a> {
     Insert(u8, &'a [u8], &'a [u8]),
+    /// tree, key, value, deadline, tag
+    InsertRecord(u8, &'a [u8], &'a [u8], i64, Option<&'a str>),
     Remove(u8, &'a [u8]),
     Clear(u8),
 }
@@ -142,6 +183,20 @@ pub(super) fn ops(mut payload: &[u8]) -> Option<Vec<Op<'_>>> {
             INSERT => {
                 let n = len(&mut payload)?;
                 Op::Insert(tree, key, take(&mut payload, n)?)
+            }
+            INSERT_RECORD => {
+                let n = len(&mut payload)?;
+                let value = take(&mut payload, n)?;
+                let deadline = i64::from_le_bytes(take(&mut payload, 8)?.try_into().ok()?);
+                let tag = match take(&mut payload, 1)?[0] {
+                    0 => None,
+                    1 => {
+                        let n = len(&mut payload)?;
+                        Some(std::str::from_utf8(take(&mut payload, n)?).ok()?)
+                    }
+                    _ => return None,
+                };
+                Op::InsertRecord(tree, key, value, deadline, tag)
             }
             REMOVE => Op::Remove(tree, key),
             CLEAR => Op::Clear(tree),
@@ -403,6 +458,8 @@ mod tests {
         log.remove(3, b"tag/key");
         log.clear(5);
         log.insert(0, b"", b"");
+        log.insert_record(1, b"cell", b"record", -7, Some("tag"));
+        log.insert_record(4, b"old", b"", i64::MAX, None);
         let bytes = log.take();
         assert_eq!(
             ops(&bytes).unwrap(),
@@ -411,6 +468,8 @@ mod tests {
                 Op::Remove(3, b"tag/key"),
                 Op::Clear(5),
                 Op::Insert(0, b"", b""),
+                Op::InsertRecord(1, b"cell", b"record", -7, Some("tag")),
+                Op::InsertRecord(4, b"old", b"", i64::MAX, None),
             ]
         );
         assert!(log.take().is_empty());
