@@ -717,9 +717,9 @@ def write_outputs(results, smoke):
     with open(data, "w") as f:
         for i, s in enumerate(results["scenarios"]):
             lua = s.get("median", {}).get("lua peer", {}).get("rps")
-            short = s["name"].replace(" (skip_paths)", "").replace(", no write", "").replace(
-                "visit counter (read + durable write)", "counter, durable").replace("visit counter, ", "counter, ").replace(
-                ", secret_key", " (signed)")
+            short = s["name"].replace(" (skip_paths)", "").replace("session read, no write", "read").replace(
+                "visit counter (read + durable write)", "counter").replace(
+                "visit counter, durable = false", "counter, not durable").replace(", secret_key", " +key")
             f.write(f"{i} \"{short}\" {s['nginx']['rps']:.0f} {s['sidecar']['rps']:.0f} {s['ratio']:.2f} "
                     f"{f'{lua:.0f}' if lua else 'NaN'}\n")
     png = os.path.join(BENCH, f"chart{suffix}.png")
