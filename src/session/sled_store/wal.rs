@@ -89,13 +89,10 @@ pub(super) struct Log {
 impl Log {
     fn push(&self, tree: u8, kind: u8, key: &[u8], value: Option<&[u8]>) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.push(tree);
-        p.push(kind);
-        p.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        p.extend_from_slice(key);
+        p.extend_from_slice(&[tree, kind]);
+        field(&mut p, key);
         if let Some(v) = value {
-            p.extend_from_slice(&(v.len() as u32).to_le_bytes());
-            p.extend_from_slice(v);
+            field(&mut p, v);
         }
     }
 
@@ -121,18 +118,14 @@ impl Log {
         tag: Option<&str>,
     ) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.push(tree);
-        p.push(INSERT_RECORD);
-        for part in [key, value] {
-            p.extend_from_slice(&(part.len() as u32).to_le_bytes());
-            p.extend_from_slice(part);
-        }
+        p.extend_from_slice(&[tree, INSERT_RECORD]);
+        field(&mut p, key);
+        field(&mut p, value);
         p.extend_from_slice(&deadline.to_le_bytes());
         match tag {
             Some(t) => {
                 p.push(1);
-                p.extend_from_slice(&(t.len() as u32).to_le_bytes());
-                p.extend_from_slice(t.as_bytes());
+                field(&mut p, t.as_bytes());
             }
             None => p.push(0),
         }
@@ -147,6 +140,12 @@ impl Log {
     pub(super) fn take(&self) -> Vec<u8> {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
+}
+
+/// A length-prefixed field of an operation: its length (u32), then its bytes.
+fn field(p: &mut Vec<u8>, bytes: &[u8]) {
+    p.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    p.extend_from_slice(bytes);
 }
 
 /// One operation read back from a payload.
@@ -374,13 +373,17 @@ impl Writer {
 
     /// Zero-fills the current file up to past `end`, so that records land in allocated blocks.
     fn grow(&mut self, end: u64) -> io::Result<()> {
-        let size = &mut self.sizes[self.current];
-        if end <= *size {
+        self.fill(self.current, end.div_ceil(GROW) * GROW)
+    }
+
+    /// Zero-fills file `which` up to `target` bytes, if it is shorter.
+    fn fill(&mut self, which: usize, target: u64) -> io::Result<()> {
+        let size = &mut self.sizes[which];
+        if target <= *size {
             return Ok(());
         }
-        let target = end.div_ceil(GROW) * GROW;
         let zeros = vec![0u8; GROW as usize];
-        let file = &self.files[self.current];
+        let file = &self.files[which];
         while *size < target {
             let n = (target - *size).min(GROW);
             file.write_all_at(&zeros[..n as usize], *size)?;
@@ -397,12 +400,8 @@ impl Writer {
         let mut header = [0u8; HEADER as usize];
         header[..8].copy_from_slice(MAGIC);
         header[8..].copy_from_slice(&generation.to_le_bytes());
+        self.fill(next, GROW)?;
         let file = &self.files[next];
-        if self.sizes[next] < GROW {
-            let zeros = vec![0u8; (GROW - self.sizes[next]) as usize];
-            file.write_all_at(&zeros, self.sizes[next])?;
-            self.sizes[next] = GROW;
-        }
         // The header and the first record slot: a record of the generation before that was
         // there must not read as the first record of this one (its generation differs, so it
         // would not, but a zeroed slot makes the end plain).
