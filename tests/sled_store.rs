@@ -91,6 +91,36 @@ async fn a_store_written_by_the_previous_format_serves_its_sessions() {
     assert_eq!(r.data["n"], 42);
 }
 
+/// A session found under both names, its digest's and its key in clear, is what a write that
+/// moves it leaves for a moment (the new cell first, then the old one removed, or the new one
+/// taken back if the old one changed meanwhile), and what a crash between the two steps leaves
+/// for good. The sweeper's move must not remove the old cell under such a write (the write
+/// would then take back the only copy): it leaves it one pass, and removes it at the next.
+#[tokio::test]
+async fn the_sweeper_leaves_a_cell_being_moved_by_a_write_to_that_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemClock.now();
+    let far = now + 10 * 24 * 3600 * 1000;
+    let key = id::generate();
+    {
+        let store = SledStore::open(&config(dir.path()).store.sled(), policy(), 8192).unwrap();
+        let mut r = Record::new(now);
+        r.data.insert("n".into(), json!(7));
+        r.deadline = far;
+        assert!(store.create(&key, &r).await.unwrap());
+    }
+    sled_lets_go(&dir.path().join("sessions"));
+    plant(dir.path(), &[(&key, far, format_1(far, r#"{"n":6}"#))]);
+    let store = SledStore::open(&config(dir.path()).store.sled(), policy(), 8192).unwrap();
+    assert_eq!(store.len(), 2);
+    assert_eq!(store.sweep(now).await.unwrap().renamed, 0);
+    assert_eq!(store.len(), 2, "the old cell is left to the write moving it");
+    store.sweep(now).await.unwrap();
+    assert_eq!(store.len(), 1, "the old cell is gone at the next pass");
+    let r = store.load(&key, now).await.unwrap().unwrap();
+    assert_eq!(r.data["n"], 7, "the digest's cell wins");
+}
+
 #[tokio::test]
 async fn one_corrupt_record_does_not_stop_the_sweeper() {
     let dir = tempfile::tempdir().unwrap();

@@ -111,6 +111,31 @@ pub struct Engine<C> {
     /// Swapped by a reload; an operation reads it once and keeps what it read.
     pub policy: ArcSwap<Policy>,
     pub max_bytes: usize,
+    /// Cells of the release before that the last migration pass found beside their digest's
+    /// cell, left for the next pass (see [`Engine::migrate`]).
+    held: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl<C> Engine<C> {
+    pub fn new(cells: C, policy: Arc<Policy>, max_bytes: usize) -> Engine<C> {
+        Engine {
+            cells,
+            policy: ArcSwap::new(policy),
+            max_bytes,
+            held: Default::default(),
+        }
+    }
+
+    /// Whether the legacy cell `name`, found beside its digest's cell, is held back this pass:
+    /// the first time it is; the next time it may go.
+    fn held_back(&self, name: &str) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.remove(name) {
+            return false;
+        }
+        held.insert(name.to_string());
+        true
+    }
 }
 
 fn corrupt(e: String) -> StoreError {
@@ -163,8 +188,10 @@ impl<C: Cells> Engine<C> {
 
     /// The cell holding `key`'s entry and its bytes: the digest-named cell, else the one the
     /// release before named by the key (read only when the first is missing).
+    /// A cell that moves meanwhile is written to its digest's cell before it leaves the old
+    /// one: when both reads miss, the digest's cell is read once more.
     async fn find(&self, key: &str) -> Result<Option<(Cell, Vec<u8>)>, StoreError> {
-        for cell in [Cell::of(key), Cell::legacy(key)] {
+        for cell in [Cell::of(key), Cell::legacy(key), Cell::of(key)] {
             if let Some(raw) = self.cells.get(&cell).await? {
                 return Ok(Some((cell, raw)));
             }
@@ -352,8 +379,13 @@ impl<C: Cells> Engine<C> {
                     session: true,
                 },
             };
-            // Already moved (a crash between the two steps): the digest's cell wins.
+            // Already moved: the digest's cell wins. Both cells are there while a write moves
+            // the session (the new cell first, then the old one removed, or the new one taken
+            // back if the old one changed meanwhile): removing the old one under that write
+            // would make it take back the only copy. So the old cell goes at the next pass if
+            // both are still there then: what a crash between the two steps left.
             let keep = match self.cells.get(&Cell::of(&cell.name)).await? {
+                Some(_) if self.held_back(&cell.name) => return Ok(false),
                 Some(_) => None,
                 None => keep,
             };

@@ -531,8 +531,8 @@ impl RedisStore {
             notices,
             cfg.connect_timeout + cfg.command_timeout,
         ));
-        Ok(Engine {
-            cells: RedisCells {
+        Ok(Engine::new(
+            RedisCells {
                 link,
                 prefix: cfg.key_prefix.clone(),
                 swap: Script::new(SWAP),
@@ -543,9 +543,9 @@ impl RedisStore {
                 },
                 legacy_gone: std::sync::atomic::AtomicBool::new(false),
             },
-            policy: ArcSwap::new(policy),
+            policy,
             max_bytes,
-        })
+        ))
     }
 }
 

@@ -30,15 +30,17 @@ use tokio::sync::oneshot;
 mod commit;
 mod index;
 mod wal;
+mod writes;
 
 use commit::{Ask, Committer, spawn_committer};
 pub use index::BUCKET_MS;
 use index::{index_end, index_key, subject_key};
 use wal::Log;
+use writes::Writes;
 
 use super::engine::{Cells, Engine, Indexed};
 use super::entry::{Codec, Head};
-use super::store::{BoxError, Cell, StoreError, Swept};
+use super::store::{BoxError, Cell, Mark, StoreError, Swept};
 use super::{Millis, Policy};
 
 /// What the embedded store needs to open.
@@ -66,6 +68,8 @@ pub struct SledCells {
     /// Lock stripes, by key hash: one key's index writes and swap happen as one step.
     stripes: Box<[std::sync::Mutex<()>]>,
     codec: ArcSwap<Codec>,
+    /// Every write counted, for the liveness check of read-only requests (`writes`).
+    writes: Writes,
 }
 
 /// A cell tree and its two indexes.
@@ -237,12 +241,9 @@ impl SledStore {
             committer,
             stripes: (0..STRIPES).map(|_| std::sync::Mutex::new(())).collect(),
             codec: ArcSwap::from_pointee(Codec::plain()),
+            writes: Writes::default(),
         };
-        Ok(Engine {
-            cells,
-            policy: ArcSwap::new(policy),
-            max_bytes,
-        })
+        Ok(Engine::new(cells, policy, max_bytes))
     }
 
     /// Records written from now on are sealed with `codec` (unsealed ones still read).
@@ -325,8 +326,11 @@ impl SledCells {
             .compare_and_swap(key, expected, new)
             .map_err(backend)?
             .is_ok();
-        if swapped && let Some(o) = old {
-            trees.unindex_old(key, o, new.map(|(_, n)| n))?;
+        if swapped {
+            self.writes.wrote(cell);
+            if let Some(o) = old {
+                trees.unindex_old(key, o, new.map(|(_, n)| n))?;
+            }
         }
         Ok(swapped)
     }
@@ -477,6 +481,14 @@ impl SledCells {
 impl Cells for SledCells {
     fn codec(&self) -> &ArcSwap<Codec> {
         &self.codec
+    }
+
+    fn mark(&self) -> Option<Mark> {
+        Some(self.writes.mark())
+    }
+
+    fn unchanged_since(&self, handle: &str, mark: Mark) -> bool {
+        self.writes.unchanged_since(handle, mark)
     }
 
     async fn get(&self, cell: &Cell) -> Result<Option<Vec<u8>>, StoreError> {
