@@ -92,12 +92,26 @@ def wait_port(port, proc=None, timeout=30):
 
 
 def cpu_seconds(pids):
-    total = 0
+    return sum(cpu_split(pids)[:2])
+
+
+def cpu_split(pids):
+    """User and system CPU seconds of the processes, and their threads' context switches."""
+    user = system = switches = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / TICK
+        user += int(fields[11])
+        system += int(fields[12])
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            switches += int(line.split()[1])
+            except OSError:
+                pass  # a thread that ended meanwhile
+    return user / TICK, system / TICK, switches
 
 
 def rss_mib(pid):
@@ -366,9 +380,14 @@ def main():
             for r in range(args.rounds):
                 for who, port, pids in contenders:
                     cookies = cookie_files.get(who, cookie_files.get("sidecar")) if sessions else None
-                    before = cpu_seconds(pids)
+                    before = cpu_split(pids)
                     res = wrk(port, path, args.seconds, cookies)
-                    res["cpu_us_per_req"] = (cpu_seconds(pids) - before) / max(res["requests"], 1) * 1e6
+                    after = cpu_split(pids)
+                    n = max(res["requests"], 1)
+                    res["cpu_user_us_per_req"] = (after[0] - before[0]) / n * 1e6
+                    res["cpu_sys_us_per_req"] = (after[1] - before[1]) / n * 1e6
+                    res["cpu_us_per_req"] = res["cpu_user_us_per_req"] + res["cpu_sys_us_per_req"]
+                    res["switches_per_req"] = (after[2] - before[2]) / n
                     rounds[who].append(res)
                     print(f"{name:52} round {r + 1} {who:11} {res['rps']:>9.0f} req/s  p50 {res['p50_ms']:.3f} ms"
                           f"  p99 {res['p99_ms']:.3f} ms  {res['cpu_us_per_req']:.1f} µs CPU/req", flush=True)
@@ -675,13 +694,21 @@ def write_outputs(results, smoke):
         lines.append(f"| {s['name']} | {f'{up:.0f}' if up else '-'} | {n['rps']:.0f} | {c['rps']:.0f} | "
                      f"{s['ratio']:.2f} ({target}{met}) | {others or '-'} | "
                      f"{c['p50_ms']:.3f} / {c['p99_ms']:.3f} | {n['p50_ms']:.3f} / {n['p99_ms']:.3f} | {fixed} |")
-    lines += ["", "CPU time per request (µs, all of each contender's processes and threads, median of the rounds):",
+    lines += ["", "CPU time per request (µs, all of each contender's processes and threads, median of the rounds; "
+              "in brackets user + system, then the threads' context switches per request):",
               "", "| scenario | sidecar | nginx proxy_pass | in-memory Lua peer |", "|---|---|---|---|"]
+
+    def cpu_cell(m):
+        if not m:
+            return "-"
+        if "cpu_user_us_per_req" not in m:
+            return f"{m['cpu_us_per_req']:.1f}"
+        return (f"{m['cpu_us_per_req']:.1f} ({m['cpu_user_us_per_req']:.1f} + {m['cpu_sys_us_per_req']:.1f}; "
+                f"{m['switches_per_req']:.2f} cs)")
     for s in results["scenarios"]:
         med = s.get("median", {"nginx": s["nginx"], "sidecar": s["sidecar"]})
-        lua = med.get("lua peer", {}).get("cpu_us_per_req")
-        lines.append(f"| {s['name']} | {med['sidecar']['cpu_us_per_req']:.1f} | {med['nginx']['cpu_us_per_req']:.1f} "
-                     f"| {f'{lua:.1f}' if lua else '-'} |")
+        lines.append(f"| {s['name']} | {cpu_cell(med['sidecar'])} | {cpu_cell(med['nginx'])} "
+                     f"| {cpu_cell(med.get('lua peer'))} |")
     if "fixed_rate" in results:
         fr = results["fixed_rate"]
         lines.append("")
