@@ -254,13 +254,26 @@ def make_sessions(port, n):
     return cookies
 
 
+def cpu_ticks():
+    """This machine's CPU ticks so far: all of them, and those the hypervisor stole."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields[:8]), fields[7]
+
+
+def steal_pct(before, after):
+    return 100.0 * (after[1] - before[1]) / max(after[0] - before[0], 1)
+
+
 def wrk(port, path, seconds, cookie_file=None):
     args = ["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency"]
     if cookie_file:
         args += ["-s", os.path.join(BENCH, "sessions.lua"), f"http://127.0.0.1:{port}{path}", "--", cookie_file, path]
     else:
         args += [f"http://127.0.0.1:{port}{path}"]
+    ticks = cpu_ticks()
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    stolen = steal_pct(ticks, cpu_ticks())
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -271,12 +284,10 @@ def wrk(port, path, seconds, cookie_file=None):
         return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
 
     return {"rps": rps, "requests": total, "p50_ms": pct(50), "p99_ms": pct(99),
-            "non2xx": int(errors.group(1)) if errors else 0}
+            "non2xx": int(errors.group(1)) if errors else 0, "steal_pct": stolen}
 
 
 def oha(port, path, rate, seconds, cookie=None):
-    args = ["oha", "--no-tui", "-j", "-q", str(rate), "-z", f"{seconds}s", "-c", "32", "--latency-correction",
-            "--disable-keepalive=false" if False else "-c", "32", f"http://127.0.0.1:{port}{path}"]
     args = ["oha", "--no-tui", "--output-format", "json", "-q", str(rate), "-z", f"{seconds}s", "-c", "32",
             "--latency-correction"]
     if cookie:
@@ -694,6 +705,12 @@ def write_outputs(results, smoke):
         lines.append(f"| {s['name']} | {f'{up:.0f}' if up else '-'} | {n['rps']:.0f} | {c['rps']:.0f} | "
                      f"{s['ratio']:.2f} ({target}{met}) | {others or '-'} | "
                      f"{c['p50_ms']:.3f} / {c['p99_ms']:.3f} | {n['p50_ms']:.3f} / {n['p99_ms']:.3f} | {fixed} |")
+    stolen = [m["steal_pct"] for sc in results["scenarios"]
+              for m in sc.get("median", {}).values() if "steal_pct" in m]
+    if stolen:
+        lines += ["", f"CPU time the hypervisor took from this machine during the closed-loop runs (steal, the "
+                  f"median of each contender's rounds): {statistics.median(stolen):.1f} % typical, "
+                  f"{max(stolen):.1f} % at most; figures measured under heavy steal swing with it."]
     lines += ["", "CPU time per request (µs, all of each contender's processes and threads, median of the rounds; "
               "in brackets user + system, then the threads' context switches per request):",
               "", "| scenario | sidecar | nginx proxy_pass | in-memory Lua peer |", "|---|---|---|---|"]
