@@ -114,7 +114,11 @@ async fn the_sweeper_leaves_a_cell_being_moved_by_a_write_to_that_write() {
     let store = SledStore::open(&config(dir.path()).store.sled(), policy(), 8192).unwrap();
     assert_eq!(store.len(), 2);
     assert_eq!(store.sweep(now).await.unwrap().renamed, 0);
-    assert_eq!(store.len(), 2, "the old cell is left to the write moving it");
+    assert_eq!(
+        store.len(),
+        2,
+        "the old cell is left to the write moving it"
+    );
     store.sweep(now).await.unwrap();
     assert_eq!(store.len(), 1, "the old cell is gone at the next pass");
     let r = store.load(&key, now).await.unwrap().unwrap();
