@@ -187,9 +187,9 @@ impl<C: Cells> Engine<C> {
     }
 
     /// The cell holding `key`'s entry and its bytes: the digest-named cell, else the one the
-    /// release before named by the key (read only when the first is missing).
-    /// A cell that moves meanwhile is written to its digest's cell before it leaves the old
-    /// one: when both reads miss, the digest's cell is read once more.
+    /// release before named by the key (read only when the first is missing). A cell that moves
+    /// meanwhile is written to its digest's cell before it leaves the old one: when both reads
+    /// miss, the digest's cell is read once more.
     async fn find(&self, key: &str) -> Result<Option<(Cell, Vec<u8>)>, StoreError> {
         for cell in [Cell::of(key), Cell::legacy(key), Cell::of(key)] {
             if let Some(raw) = self.cells.get(&cell).await? {
