@@ -163,6 +163,12 @@ impl Logged {
 
 const STRIPES: usize = 64;
 
+/// Which of `slots` slots `name` falls in (the lock stripes, the write count's slots).
+fn slot(name: &str, slots: usize) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(name) as usize % slots
+}
+
 /// A sweep writes its part of the write-ahead log whenever this much is pending.
 const SWEEP_LOG_BYTES: usize = 1 << 20;
 
@@ -274,10 +280,8 @@ impl SledCells {
     }
 
     fn stripe(&self, name: &str) -> std::sync::MutexGuard<'_, ()> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(name);
         // A panic while holding a stripe leaves nothing half-done that the lock protects.
-        self.stripes[h as usize % STRIPES]
+        self.stripes[slot(name, STRIPES)]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }

@@ -9,9 +9,9 @@
 //! the check to the store, which answers it as before. Handles share slots, so a write of
 //! another session can do the same, never the reverse.
 
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
+use super::slot;
 use crate::session::store::{Cell, Mark};
 
 /// Slots the handles are spread over.
@@ -35,8 +35,7 @@ impl Default for Writes {
 
 impl Writes {
     fn slot(&self, handle: &str) -> &AtomicU64 {
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(handle);
-        &self.last[h as usize % SLOTS]
+        &self.last[slot(handle, SLOTS)]
     }
 
     /// Taken before a load.
